@@ -1,0 +1,36 @@
+"""The `sftune` command line: thin parsers that call into the package.
+
+    sftune train    --config configs/demo.yaml          # fine-tune (see sftune.train)
+    sftune eval     --model DIR --data FILE             # token-weighted loss and perplexity
+    sftune generate --model DIR --prompt "..."          # Alpaca-rendered prompt -> response
+    sftune prepare  DATA --tokenizer TOK --seq-length N # build and cache a packed dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sftune.errors import SftuneError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sftune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    from sftune import prepare
+
+    prepare.add_arguments(sub.add_parser("prepare", help="build and cache a packed dataset"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SftuneError as e:
+        print(f"sftune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sftune: interrupted", file=sys.stderr)
+        return 130
