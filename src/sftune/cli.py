@@ -17,8 +17,11 @@ from sftune.errors import SftuneError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from sftune import prepare
+    from sftune import commands, prepare
 
+    commands.add_train(sub.add_parser("train", help="fine-tune a model (see sftune.train.loop)"))
+    commands.add_eval(sub.add_parser("eval", help="token-weighted loss and perplexity of a model on a file"))
+    commands.add_generate(sub.add_parser("generate", help="greedy response to an Alpaca-rendered prompt"))
     prepare.add_arguments(sub.add_parser("prepare", help="build and cache a packed dataset"))
     return parser
 

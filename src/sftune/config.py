@@ -1,0 +1,311 @@
+"""One typed config tree for a run.
+
+Every field is a CLI flag (`--field-name`) and a key of a YAML config file (`--config run.yaml`),
+either flat (`lr: 1e-4`) or under its section (`optim: {lr: 1e-4}`). Field names are unique
+across sections so that a flat key is never ambiguous. Precedence: defaults < config file <
+flags. The resolved config is saved as `config.yaml` in the run directory and in every
+checkpoint.
+
+    sftune train --model smollm2-135m --train-data train.jsonl --lr 1e-4 --max-steps 100
+    sftune train --config configs/demo.yaml --max-steps 10     # a flag overrides the file
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sftune.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    model: str = _f(
+        "smollm2-135m", "a local Hugging Face model directory or a preset: smollm2-135m, gemma3-270m"
+    )
+    dtype: str = _f(
+        "auto",
+        "auto (bf16 on CUDA, fp32 on CPU), bf16 (pure bf16 weights and optimizer state), "
+        "bf16-mixed (fp32 weights, bf16 autocast), fp32",
+    )
+    attn: str = _f("auto", "attention: auto (flash_attention_2 if installed, else sdpa), sdpa, eager, flex_attention")
+    compile: str = _f("auto", "torch.compile each decoder layer: auto (on for CUDA), on, off")
+    fused_loss: str = _f(
+        "auto", "chunked linear+cross-entropy that never holds the full logits: auto (on for CUDA), on, off"
+    )
+    activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward (saves memory)")
+    device: str = _f("auto", "auto, cpu, cuda")
+
+
+@dataclass
+class DataConfig:
+    train_data: str | None = _f(None, "training JSON Lines file (.jsonl / .jsonl.gz); default: the embedded demo set")
+    val_data: str | None = _f(None, "validation file; default: hold out --val-fraction of the training documents")
+    val_fraction: float = _f(0.05, "fraction of training documents held out when there is no --val-data")
+    fields: str | None = _f(None, "field mapping, e.g. 'prompt=question,response=answer' (GSM8K)")
+    seq_length: int = _f(512, "tokens per packed sequence")
+    response_only: bool = _f(False, "train on response tokens only (prompt and template labels are -100)")
+    doc_mask: str = _f(
+        "auto",
+        "document-aware packing (no attention across documents): auto (on where the attention "
+        "implementation supports it: flash_attention_2, flex_attention), on, off",
+    )
+    shuffle: bool = _f(True, "shuffle documents before packing and sequences every epoch")
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = _f(32, "sequences per optimizer step (all ranks together)")
+    micro_batch_size: int = _f(0, "sequences per forward pass per rank; 0: largest that fits (GPU) or up to 8 (CPU)")
+    epochs: float = _f(1.0, "passes over the training set (ignored when --max-steps > 0)")
+    max_steps: int = _f(0, "optimizer steps; 0: from --epochs")
+    lr: float = _f(2e-5, "peak learning rate")
+    min_lr_ratio: float = _f(0.0, "cosine decay ends at min_lr_ratio * lr")
+    warmup_ratio: float = _f(0.03, "fraction of the steps with linear warmup")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    seed: int = _f(0, "seed for data order, held-out split and initialisation")
+
+
+@dataclass
+class LogConfig:
+    output_dir: str | None = _f(None, "run directory; default runs/<timestamp>")
+    log_every: int = _f(10, "optimizer steps between train-loss log lines")
+    eval_every: int = _f(0, "optimizer steps between validation passes (0: only at start and end)")
+    num_samples: int = _f(2, "generations from validation prompts at each evaluation")
+    max_new_tokens: int = _f(64, "tokens generated per sample")
+    report_to: str = _f("", "comma-separated: wandb, tensorboard")
+    run_name: str | None = _f(None, "name for wandb / tensorboard")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = _f(0, "optimizer steps between checkpoints (0: only on interrupt and at the end)")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    resume: str | None = _f(None, "'latest' (in --output-dir) or a checkpoint directory")
+    save_final: bool = _f(True, "save model and tokenizer to <output-dir>/final")
+
+
+@dataclass
+class DistConfig:
+    fsdp: str = _f("auto", "FSDP2 sharding: auto (on when world size > 1), on, off")
+    reduce_fp32: bool = _f(False, "FSDP: reduce gradients in fp32")
+    cpu_offload: bool = _f(False, "FSDP: keep parameters and optimizer state on the CPU")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> RunConfig:
+        _validate(self)
+        return self
+
+
+SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
+_CHOICES = {
+    "dtype": {"auto", "bf16", "bf16-mixed", "fp32", "fp16"},
+    "attn": {"auto", "sdpa", "eager", "flash_attention_2", "flex_attention"},
+    "compile": {"auto", "on", "off"},
+    "fused_loss": {"auto", "on", "off"},
+    "device": {"auto", "cpu", "cuda"},
+    "doc_mask": {"auto", "on", "off"},
+    "fsdp": {"auto", "on", "off"},
+}
+
+
+def _section_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """field name -> (section, dataclass field)."""
+    out = {}
+    for sec in dataclasses.fields(RunConfig):
+        for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
+            assert f.name not in out, f"duplicate config field {f.name}"
+            out[f.name] = (sec.name, f)
+    return out
+
+
+FIELDS = _section_fields()
+
+
+def _base_type(tp: Any) -> type:
+    """`int | None` -> int; `str` -> str."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"__builtins__": __builtins__})  # annotations are strings (PEP 563)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _coerce(name: str, value: Any) -> Any:
+    section, f = FIELDS[name]
+    tp = _base_type(f.type)
+    if value is None:
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in {"true", "false", "1", "0", "yes", "no", "on", "off"}:
+                    raise ValueError(value)
+                return low in {"true", "1", "yes", "on"}
+            return bool(value)
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; unset flags stay None so that files and defaults apply."""
+    parser.add_argument("--config", help="YAML config file (flat or sectioned keys)")
+    for name, (section, f) in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        tp = _base_type(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default}) [{section}]"
+        if tp is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=tp.__name__.upper(), help=help_text)
+
+
+def _flatten_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key).replace("-", "_")
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, v in value.items():
+                sub = str(sub).replace("-", "_")
+                if sub not in FIELDS or FIELDS[sub][0] != key:
+                    raise ConfigError(f"{path}: unknown setting {key}.{sub}")
+                flat[sub] = v
+        elif key in FIELDS:
+            flat[key] = value
+        else:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+    return flat
+
+
+def from_flat(values: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig()
+    for name, value in values.items():
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        section, _ = FIELDS[name]
+        setattr(getattr(cfg, section), name, _coerce(name, value))
+    return cfg.validate()
+
+
+def from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults < --config file < flags."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(_flatten_file(args.config))
+    for name in FIELDS:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    return from_flat(values)
+
+
+def from_dict(d: dict[str, Any]) -> RunConfig:
+    """Inverse of RunConfig.to_dict (nested); used when resuming from a checkpoint."""
+    flat = {k: v for sec in d.values() if isinstance(sec, dict) for k, v in sec.items()}
+    return from_flat(flat)
+
+
+def save(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _validate(cfg: RunConfig) -> None:
+    for name, allowed in _CHOICES.items():
+        section, _ = FIELDS[name]
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not one of {sorted(allowed)}")
+    positive = {
+        "seq_length": cfg.data.seq_length,
+        "batch_size": cfg.optim.batch_size,
+        "log_every": cfg.log.log_every,
+        "keep_checkpoints": cfg.checkpoint.keep_checkpoints,
+    }
+    for name, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    non_negative = {
+        "micro_batch_size": cfg.optim.micro_batch_size,
+        "max_steps": cfg.optim.max_steps,
+        "eval_every": cfg.log.eval_every,
+        "save_every": cfg.checkpoint.save_every,
+        "lr": cfg.optim.lr,
+        "weight_decay": cfg.optim.weight_decay,
+        "grad_clip": cfg.optim.grad_clip,
+        "epochs": cfg.optim.epochs,
+        "num_samples": cfg.log.num_samples,
+    }
+    for name, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if cfg.optim.max_steps == 0 and cfg.optim.epochs <= 0:
+        raise ConfigError("--epochs must be > 0 when --max-steps is 0")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    for name in cfg.log.report_to.split(","):
+        if name.strip() and name.strip() not in {"wandb", "tensorboard"}:
+            raise ConfigError(f"--report-to: unknown backend {name.strip()!r} (wandb, tensorboard)")
+
+
+def parse_fields(spec: str | None) -> dict[str, str] | None:
+    """'prompt=question,response=answer' -> {'prompt': 'question', 'response': 'answer'}."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        if "=" not in part:
+            raise ConfigError(f"--fields: expected ours=theirs pairs like prompt=question, got {part!r}")
+        ours, theirs = (s.strip() for s in part.split("=", 1))
+        if ours not in {"prompt", "response"}:
+            raise ConfigError(f"--fields: {ours!r} must be 'prompt' or 'response'")
+        out[ours] = theirs
+    return out

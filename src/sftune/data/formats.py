@@ -1,0 +1,212 @@
+"""Read SFT records from JSON Lines (plain or gzip) or a JSON list, validated with line numbers.
+
+Three record shapes are recognised from the first record, or forced with a field mapping:
+
+    {"prompt": "What is 2+2?", "response": "4"}                     prompt/response (default)
+    {"instruction": "Add.", "input": "2+2", "output": "4"}          Alpaca
+    {"messages": [{"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}]}            chat, rendered by the
+                                                                     tokenizer's chat template
+
+For Alpaca records the prompt is `instruction + "\\n\\n" + input` when `input` is non-empty,
+and just `instruction` otherwise (the choice of Stanford Alpaca's own "with input" prompt,
+folded into our single `{prompt}` slot).
+
+Anything else is read through a mapping from our names to the file's names, e.g. GSM8K:
+
+    >>> recs = read_records("gsm8k/train.jsonl", fields={"prompt": "question", "response": "answer"})  # doctest: +SKIP
+    >>> recs[0].prompt[:16], recs[0].line  # doctest: +SKIP
+    ('Natalia sold cli', 1)
+
+Every problem raises `DataError` naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sftune.errors import DataError
+
+PROMPT_RESPONSE = "prompt/response"
+ALPACA = "alpaca"
+MESSAGES = "messages"
+CANONICAL_FIELDS = ("prompt", "response", "messages")
+
+
+class Record(NamedTuple):
+    """One training example. `messages` is set (and prompt/response are empty) for chat records.
+
+    `line` is the 1-based line in the file (the record's index for a `.json` list), for errors.
+    """
+
+    prompt: str
+    response: str
+    messages: tuple[dict[str, str], ...] | None = None
+    line: int = 0
+
+
+def read_records(path: str | Path, fields: Mapping[str, str] | None = None) -> list[Record]:
+    """All records of `path` as a list (see `iter_records` for the streaming form)."""
+    return list(iter_records(path, fields))
+
+
+def iter_records(path: str | Path, fields: Mapping[str, str] | None = None) -> Iterator[Record]:
+    """Yield the records of `path` one by one, so a large file is never held in memory.
+
+    `fields` maps our names (`prompt`, `response` or `messages`) to the file's keys. Without
+    it, the shape is detected from the first record. Raises `DataError` for a missing or
+    empty file and for any bad line (the records before it have been yielded already).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such file")
+    parse = None
+    count = 0
+    for line_no, obj in _iter_objects(path):
+        if parse is None:
+            parse = _parser_for(path, line_no, obj, fields)
+        yield parse(obj, line_no)
+        count += 1
+    if count == 0:
+        raise DataError(path, "no records (the file is empty or has only blank lines)")
+
+
+def _iter_objects(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line, or each item of a `.json` list."""
+    if path.suffix == ".json":
+        yield from _iter_json_list(path)
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):  # noqa: B007 (line_no is read in except)
+                if raw.isspace():
+                    continue
+                yield line_no, _parse_line(path, line_no, raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        # A truncated or corrupt gzip stream: report where reading stopped.
+        raise DataError(path, f"corrupt or truncated gzip data ({e})", line=line_no + 1) from None
+
+
+def _parse_line(path: Path, line_no: int, raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not valid UTF-8 (byte {e.start})", line=line_no) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=line_no) from None
+
+
+def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
+    """Items of a `.json` file holding one list; the item's 1-based index stands in for a line."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
+    if not isinstance(data, list):
+        raise DataError(
+            path, f"a .json file must hold a list of records, not {type(data).__name__}"
+        )
+    yield from enumerate(data, start=1)
+
+
+def detect_format(obj: Any, fields: Mapping[str, str] | None = None) -> str:
+    """The record shape: `fields` decides if given, else the keys of the first record."""
+    keys = set(fields) if fields else set(obj) if isinstance(obj, dict) else set()
+    if "messages" in keys:
+        return MESSAGES
+    if not fields and "prompt" not in keys and "response" not in keys and "instruction" in keys:
+        return ALPACA
+    return PROMPT_RESPONSE
+
+
+def _parser_for(path: Path, line_no: int, first: Any, fields: Mapping[str, str] | None):
+    """A function (obj, line) -> Record for the shape of the first record."""
+    fields = _check_fields(path, fields)
+    if not isinstance(first, dict):
+        raise DataError(path, f"a record must be a JSON object, not {_kind(first)}", line=line_no)
+    if not fields and not {"prompt", "response", "instruction", "messages"} & set(first):
+        raise DataError(
+            path,
+            "cannot tell the record format: expected keys prompt/response, "
+            "instruction/output or messages (or a field mapping)",
+            line=line_no,
+        )
+    shape = detect_format(first, fields)
+    fields = fields or {}
+    if shape == MESSAGES:
+        key = fields.get("messages", "messages")
+        return lambda obj, line: _messages_record(path, obj, line, key)
+    if shape == ALPACA:
+        return lambda obj, line: _alpaca_record(path, obj, line)
+    p_key, r_key = fields.get("prompt", "prompt"), fields.get("response", "response")
+    return lambda obj, line: Record(
+        _string(path, obj, line, p_key), _string(path, obj, line, r_key), None, line
+    )
+
+
+def _check_fields(path: Path, fields: Mapping[str, str] | None) -> dict[str, str] | None:
+    if not fields:
+        return None
+    unknown = set(fields) - set(CANONICAL_FIELDS)
+    if unknown:
+        raise DataError(path, f"unknown target field(s) {sorted(unknown)} in the field mapping")
+    if "messages" not in fields and set(fields) != {"prompt", "response"}:
+        fields = {"prompt": "prompt", "response": "response", **fields}
+    return dict(fields)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _string(path: Path, obj: Any, line: int, key: str, required: bool = True) -> str:
+    """obj[key] as a string, or a DataError naming the line and field."""
+    if not isinstance(obj, dict):
+        raise DataError(path, f"a record must be a JSON object, not {_kind(obj)}", line=line)
+    value = obj.get(key)
+    if value is None and key not in obj:
+        if not required:
+            return ""
+        raise DataError(path, "missing", line=line, field=key)
+    if not isinstance(value, str):
+        raise DataError(path, f"must be a string, not {_kind(value)}", line=line, field=key)
+    return value
+
+
+def _alpaca_record(path: Path, obj: Any, line: int) -> Record:
+    instruction = _string(path, obj, line, "instruction")
+    extra = _string(path, obj, line, "input", required=False)
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    return Record(prompt, _string(path, obj, line, "output"), None, line)
+
+
+def _messages_record(path: Path, obj: Any, line: int, key: str) -> Record:
+    """A chat: a list of {role, content} strings whose last message is the assistant's."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataError(path, "missing", line=line, field=key)
+    messages = obj[key]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(path, "must be a non-empty list of messages", line=line, field=key)
+    for i, m in enumerate(messages):
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise DataError(
+                path, f"message {i} needs string 'role' and 'content'", line=line, field=key
+            )
+    if messages[-1]["role"] != "assistant":
+        raise DataError(path, "the last message must be the assistant's", line=line, field=key)
+    return Record("", "", tuple(messages), line)

@@ -1,0 +1,86 @@
+"""Helpers for the test suite: a tiny byte-level tokenizer and a tiny model directory.
+
+    tok = byte_tokenizer()
+    model_dir = tiny_model_dir(tmp_path / "tiny", tok)
+    model, tok2, info = load_model_and_tokenizer(str(model_dir), device=torch.device("cpu"))
+
+Both are built in code in milliseconds, so no test needs a download or a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from sftune.models import build_tiny_model
+
+BOS = "<|begin_of_text|>"
+EOS = "<|end_of_text|>"
+PAD = "<|pad|>"
+
+
+def _byte_level_core() -> Tokenizer:
+    """A BPE over the 256 byte symbols with no merges: one token per byte, ids 0..255."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    # Sort by the byte each symbol stands for, so token id == byte value (easy to reason about).
+    byte_of = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
+    vocab = {ch: byte_of[ch] for ch in sorted(alphabet, key=byte_of.__getitem__)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # use_regex=False: no GPT-2 word splitting is needed when every byte is its own token.
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([BOS, EOS, PAD])
+    bos_id = core.token_to_id(BOS)
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return core
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's printable stand-ins for the bytes 0..255, indexed by byte value."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def byte_tokenizer(tmpdir: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """A 259-token byte-level tokenizer: bytes 0..255, then bos, eos, pad.
+
+    Encoding prepends bos; eos is never added (packing appends it). With `tmpdir`, the
+    tokenizer is also saved there with save_pretrained (loadable with AutoTokenizer).
+    """
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_byte_level_core(), bos_token=BOS, eos_token=EOS, pad_token=PAD
+    )
+    if tmpdir is not None:
+        tokenizer.save_pretrained(str(tmpdir))
+    return tokenizer
+
+
+def tiny_model_dir(path: str | Path, tokenizer: PreTrainedTokenizerFast, **model_kwargs) -> Path:
+    """Save a tiny random Llama sized to `tokenizer` plus the tokenizer into `path`."""
+    path = Path(path)
+    model = build_tiny_model(len(tokenizer), **model_kwargs)
+    # The config carries the special ids so generate() stops at eos without extra arguments.
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,155 @@
+"""Checkpoints that survive a crash mid-save and resume exactly, on any number of ranks.
+
+    <output-dir>/checkpoints/step_00000100/
+        model_optim/      torch.distributed.checkpoint (sharded under FSDP, reshardable)
+        trainer.pt        step counters, sampler position, LR scheduler
+        rng_rank{r}.pt    each rank's Python, NumPy, torch (and CUDA) RNG states
+        config.yaml       the resolved run config
+
+Every checkpoint is written into `.tmp_step_...` and renamed when complete, so a crash
+during a save leaves the previous checkpoints untouched and never a broken `step_*`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from sftune import config as config_mod
+from sftune.errors import SftuneError
+from sftune.train import distributed
+from sftune.train.distributed import World
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# One process without a process group is a supported case of DCP, not a mistake.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path:
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise SftuneError(f"{output_dir}: --resume latest, but there is no checkpoint in {output_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "trainer.pt").is_file():
+        raise SftuneError(f"{path}: not a checkpoint directory (no trainer.pt)")
+    return path
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(
+    output_dir: Path,
+    step: int,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    cfg: config_mod.RunConfig,
+    world: World,
+    keep: int,
+) -> Path:
+    """Writes checkpoint `step` atomically (all ranks call this) and prunes old ones."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(".tmp_" + final.name)
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "model_optim"))
+    torch.save(_rng_state(), tmp / f"rng_rank{world.rank}.pt")
+    if world.is_main:
+        torch.save({**trainer_state, "world_size": world.world_size}, tmp / "trainer.pt")
+        config_mod.save(cfg, tmp / "config.yaml")
+    distributed.barrier()
+    if world.is_main:
+        if final.exists():  # the same step saved again (e.g. interrupt right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def load(
+    path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
+) -> dict:
+    """Restores model, optimizer and this rank's RNG; returns the trainer state dict."""
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path / "model_optim"))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer = torch.load(path / "trainer.pt", weights_only=False)
+    rng_file = path / f"rng_rank{world.rank}.pt"
+    # Same world size: each rank gets its own RNG back. Other world sizes: rank 0's.
+    if trainer["world_size"] != world.world_size or not rng_file.is_file():
+        rng_file = path / "rng_rank0.pt"
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer
+
+
+def full_model_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) model on the CPU, on rank 0 (empty on other ranks)."""
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    prefix = "lm."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def save_final(output_dir: Path, module: torch.nn.Module, hf_model, tokenizer, world: World) -> Path:
+    """`save_pretrained` model + tokenizer into <output-dir>/final, atomically (all ranks call)."""
+    state_dict = full_model_state_dict(module)
+    final = output_dir / "final"
+    if world.is_main:
+        tmp = output_dir / ".tmp_final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        old = output_dir / ".old_final"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final

@@ -1,0 +1,338 @@
+"""The training loop: `sftune train`, the same code on a CPU, one GPU or many (torchrun + FSDP2).
+
+    sftune train --config configs/demo.yaml
+    sftune train --model DIR --train-data train.jsonl --val-data val.jsonl --lr 2e-5
+    torchrun --standalone --nproc-per-node 8 -m sftune train --model DIR --train-data train.jsonl
+
+Per optimizer step (see `train_step`): every rank counts the trained tokens of its micro-batches,
+one all-reduce gives the step's global count N, and each micro-batch contributes
+sum(CE) / N to the loss, so accumulation and the number of ranks never change the gradient.
+No `.item()` inside a step: the host synchronises only when it logs, evaluates or saves.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sftune import config as config_mod
+from sftune.config import RunConfig
+from sftune.data.sampler import StepSampler
+from sftune.errors import SftuneError
+from sftune.train import checkpoint, distributed
+from sftune.train.loss import IGNORE_INDEX
+from sftune.train.optim import build_optimizer
+from sftune.train.setup import Setup, build
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # input tokens seen, all ranks
+    trained_tokens: int = 0  # label tokens trained on (not -100), all ranks
+    elapsed: float = 0.0  # training seconds before this process
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None
+    steps: int
+    val_loss_start: float | None
+    val_loss_end: float | None
+    interrupted: bool = False
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM ask the loop to save a checkpoint and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a worker thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
+    if cfg.optim.max_steps > 0:
+        return cfg.optim.max_steps
+    return max(1, math.ceil(cfg.optim.epochs * steps_per_epoch))
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def flatten_for_varlen(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(B, T) -> (1, B*T): flash-attn's variable-length path reads documents off position_ids."""
+    return {k: v.reshape(1, -1) for k, v in batch.items()}
+
+
+def micro_batches(s: Setup, indices) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for lo in range(0, len(indices), s.micro_batch_size):
+        batch = to_device(s.train_data.get_batch(indices[lo : lo + s.micro_batch_size]), s.device)
+        out.append(flatten_for_varlen(batch) if s.varlen else batch)
+    return out
+
+
+def train_step(s: Setup, optimizer, scheduler, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step. Returns (global mean loss, grad norm, global trained tokens) as tensors."""
+    count = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).float()
+    global_count = distributed.all_reduce_sum(count.clone())
+    # Each rank's gradient is averaged over ranks by FSDP/all-reduce, hence the world size.
+    scale = s.world.world_size / global_count.clamp(min=1.0)
+    loss_sum = torch.zeros((), device=s.device)
+    for i, b in enumerate(batches):
+        distributed.set_grad_sync(s.module, i == len(batches) - 1)
+        loss = s.module(b["input_ids"], b["labels"], b.get("position_ids"), scale)
+        loss.backward()
+        loss_sum += loss.detach()
+    max_norm = s.cfg.optim.grad_clip if s.cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.module.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / s.world.world_size, grad_norm, global_count
+
+
+@torch.no_grad()
+def evaluate(s: Setup) -> float:
+    """Token-weighted validation loss over the whole validation set (all ranks together)."""
+    s.module.eval()
+    n = len(s.val_data)
+    mine = list(range(s.world.rank, n, s.world.world_size))
+    loss_sum = torch.zeros((), device=s.device)
+    count = torch.zeros((), device=s.device)
+    for lo in range(0, max(len(mine), 1), s.micro_batch_size):
+        chunk = mine[lo : lo + s.micro_batch_size]
+        if not chunk:  # this rank has no items but must join the collective forwards
+            chunk = [0]
+            weight = 0.0
+        else:
+            weight = 1.0
+        b = to_device(s.val_data.get_batch(chunk), s.device)
+        if s.varlen:
+            b = flatten_for_varlen(b)
+        loss_sum += s.module(b["input_ids"], b["labels"], b.get("position_ids"), 1.0) * weight
+        count += (b["labels"] != IGNORE_INDEX).sum() * weight
+    if s.world.distributed:
+        # Ranks may run different numbers of forwards: pad so FSDP collectives line up.
+        steps = torch.tensor([math.ceil(len(mine) / s.micro_batch_size)], device=s.device)
+        most = int(distributed.all_reduce_max(steps.clone()).item())
+        for _ in range(most - int(steps.item())):
+            b = to_device(s.val_data.get_batch([0]), s.device)
+            s.module(b["input_ids"], b["labels"], b.get("position_ids"), 1.0)
+    totals = distributed.all_reduce_sum(torch.stack([loss_sum, count]))
+    s.module.train()
+    return float(totals[0] / totals[1].clamp(min=1.0))
+
+
+def generate_samples(s: Setup, step: int) -> None:
+    from sftune.train.lm import greedy_generate
+
+    if not s.sample_prompts:
+        return
+    s.module.eval()
+    rows = []
+    for prompt, rendered in s.sample_prompts:
+        ids = s.tokenizer(rendered)["input_ids"]
+        out = greedy_generate(
+            s.module, ids, s.cfg.log.max_new_tokens, s.tokenizer.eos_token_id, s.sharded
+        )
+        text = s.tokenizer.decode(out, skip_special_tokens=True)
+        rows.append((prompt, text))
+        s.progress.write(f"  sample | {prompt[:60]!r} -> {text[:120]!r}")
+    s.logger.log_text(step, "samples", rows)
+    s.module.train()
+
+
+def _run_eval(s: Setup, state: TrainState, *, samples: bool = True) -> float:
+    start = time.perf_counter()
+    val = evaluate(s)
+    s.logger.log(state.step, {"val_loss": val, "tokens": state.tokens, "eval_seconds": time.perf_counter() - start})
+    s.progress.write(f"step {state.step:>6} | val_loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}")
+    if samples:
+        generate_samples(s, state.step)
+    s.logger.plot()
+    return val
+
+
+def _save(s: Setup, state: TrainState, optimizer, scheduler, sampler) -> Path:
+    trainer_state = {
+        "train": asdict(state),
+        "sampler": sampler.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+    path = checkpoint.save(
+        s.output_dir, state.step, s.module, optimizer, trainer_state, s.cfg, s.world,
+        s.cfg.checkpoint.keep_checkpoints,
+    )
+    s.progress.write(f"step {state.step:>6} | checkpoint {path}")
+    return path
+
+
+def _resume(s: Setup, optimizer, scheduler, sampler) -> TrainState:
+    path = checkpoint.resolve_resume(s.cfg.checkpoint.resume, s.output_dir)
+    saved = checkpoint.load(path, s.module, optimizer, s.world)
+    scheduler.load_state_dict(saved["scheduler"])
+    try:
+        sampler.load_state_dict(saved["sampler"])
+    except ValueError as e:
+        raise SftuneError(f"{path}: cannot resume: {e}") from None
+    state = TrainState(**saved["train"])
+    s.logger.truncate_after(state.step)
+    s.notes.append(f"resumed from {path} at step {state.step}")
+    return state
+
+
+def _log_train(s: Setup, state: TrainState, window: list, lr: float, seconds: float, tokens: int) -> None:
+    """Synchronises once for the whole window of steps; checks every loss for NaN/inf."""
+    values = torch.stack([torch.stack([loss, norm]) for loss, norm in window]).tolist()
+    first = state.step - len(window) + 1
+    for k, (loss, norm) in enumerate(values):
+        if not math.isfinite(loss):
+            raise SftuneError(
+                f"non-finite loss ({loss}) at step {first + k}: stopping; the last good checkpoint "
+                f"is kept in {s.output_dir / 'checkpoints'} (try a lower --lr)"
+            )
+    loss, norm = values[-1]
+    tok_s = tokens / max(seconds, 1e-9)
+    metrics = {"train_loss": loss, "lr": lr, "grad_norm": norm, "tokens": state.tokens,
+               "tokens_per_s": tok_s, "epoch": state.tokens / max(s.tokens_per_epoch, 1)}
+    if s.flops_per_token and s.peak_flops:
+        metrics["mfu"] = tok_s * s.flops_per_token / (s.peak_flops * s.world.world_size)
+    if s.device.type == "cuda":
+        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
+    # Every step of the window goes to metrics.jsonl so curves have full resolution.
+    for k, (l_k, n_k) in enumerate(values[:-1]):
+        s.logger.log(first + k, {"train_loss": l_k, "grad_norm": n_k})
+    s.logger.log(state.step, metrics)
+    s.progress.update(len(window), loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+
+
+def _stop_requested(s: Setup, stop: _StopFlag, state: TrainState) -> bool:
+    if not s.world.distributed:
+        return stop.signum is not None
+    if state.step % s.cfg.log.log_every:  # agree across ranks at log steps only (a collective)
+        return False
+    flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=s.device)
+    return bool(distributed.all_reduce_max(flag).item())
+
+
+def run(s: Setup) -> TrainResult:
+    cfg = s.cfg
+    sampler = StepSampler(
+        len(s.train_data), cfg.optim.batch_size, shuffle=cfg.data.shuffle, seed=cfg.optim.seed,
+        rank=s.world.rank, world_size=s.world.world_size,
+    )
+    steps = total_steps(cfg, sampler.steps_per_epoch)
+    optimizer, scheduler = build_optimizer(list(s.module.parameters()), cfg.optim, steps, s.device)
+    s.prepare_optimizer(optimizer)
+    state = _resume(s, optimizer, scheduler, sampler) if cfg.checkpoint.resume else TrainState()
+    s.progress = s.make_progress(steps, state.step)
+    s.progress.write(s.describe(steps, sampler.steps_per_epoch))
+    val_start = _run_eval(s, state) if state.step == 0 else None
+    val_end = None
+    window: list = []
+    t0, tok0, interrupted = time.perf_counter(), state.tokens, False
+    last_saved = state.step if cfg.checkpoint.resume else -1
+    with _StopFlag() as stop:
+        while state.step < steps:
+            batches = micro_batches(s, sampler.next_indices())
+            loss, norm, trained = train_step(s, optimizer, scheduler, batches)
+            state.step += 1
+            state.tokens += cfg.optim.batch_size * cfg.data.seq_length
+            window.append((loss, norm))
+            if s.device.type == "cpu" or state.step % cfg.log.log_every == 0 or state.step == steps:
+                now = time.perf_counter()
+                state.elapsed += now - t0
+                _log_train(s, state, window, scheduler.get_last_lr()[0], now - t0, state.tokens - tok0)
+                window, t0, tok0 = [], now, state.tokens
+            if cfg.log.eval_every and state.step % cfg.log.eval_every == 0 and state.step < steps:
+                val_end = _run_eval(s, state)
+                t0 = time.perf_counter()
+            if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
+                _log_pending(s, state, window, scheduler, t0, tok0)
+                window, t0, tok0 = [], time.perf_counter(), state.tokens
+                _save(s, state, optimizer, scheduler, sampler)
+                last_saved = state.step
+            if _stop_requested(s, stop, state):
+                interrupted = True
+                break
+    if window:
+        _log_pending(s, state, window, scheduler, t0, tok0)
+    if interrupted:
+        if last_saved != state.step:
+            _save(s, state, optimizer, scheduler, sampler)
+        s.progress.write(f"interrupted at step {state.step}; resume with --resume latest --output-dir {s.output_dir}")
+        s.progress.close()
+        return TrainResult(s.output_dir, None, state.step, val_start, None, interrupted=True)
+    if last_saved != state.step:
+        _save(s, state, optimizer, scheduler, sampler)
+    val_end = _run_eval(s, state)
+    final = None
+    if cfg.checkpoint.save_final:
+        final = checkpoint.save_final(s.output_dir, s.module, s.hf_model, s.tokenizer, s.world)
+    s.progress.close()
+    return TrainResult(s.output_dir, final, state.step, val_start, val_end)
+
+
+def _log_pending(s: Setup, state: TrainState, window, scheduler, t0: float, tok0: int) -> None:
+    if window:
+        now = time.perf_counter()
+        state.elapsed += now - t0
+        _log_train(s, state, window, scheduler.get_last_lr()[0], now - t0, state.tokens - tok0)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Runs `sftune train` for a validated config; returns where things were written."""
+    s = build(cfg)
+    try:
+        result = run(s)
+    except torch.cuda.OutOfMemoryError:
+        raise SftuneError(
+            f"out of GPU memory at micro-batch {s.micro_batch_size} x {cfg.data.seq_length} tokens: "
+            "lower --micro-batch-size or --seq-length, or add --activation-checkpointing"
+        ) from None
+    finally:
+        s.close()
+    if s.world.is_main:
+        _print_summary(s, result)
+    return result
+
+
+def _print_summary(s: Setup, r: TrainResult) -> None:
+    out = s.output_dir
+    print(f"run directory : {out}")
+    if r.val_loss_start is not None and r.val_loss_end is not None:
+        print(f"val loss      : {r.val_loss_start:.4f} -> {r.val_loss_end:.4f}")
+    elif r.val_loss_end is not None:
+        print(f"val loss      : {r.val_loss_end:.4f}")
+    if r.final_dir:
+        print(f"model         : {r.final_dir}")
+    print(f"metrics       : {out / 'metrics.jsonl'}")
+    print(f"learning curve: {out / 'learning_curve.png'}")
+

@@ -1,0 +1,50 @@
+"""Shared fixtures: the shared data folder, the Llama 3 tokenizer (built once), a tmp cache."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+# The project's read-only data lives beside the repository: ../shared relative to its root.
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The shared data folder (`../shared` from the repository root)."""
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the Llama 3 tokenizer, built once per session from llama-models."""
+    pytest.importorskip("tiktoken")
+    from sftune.llama3_tokenizer import build_llama3_tokenizer
+
+    out = tmp_path_factory.mktemp("llama3-tokenizer")
+    build_llama3_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(llama3_tokenizer_dir: Path):
+    """The Meta-Llama-3-8B tokenizer (shared: do not mutate; copy it first)."""
+    from sftune.llama3_tokenizer import build_llama3_tokenizer
+
+    return build_llama3_tokenizer(llama3_tokenizer_dir)
+
+
+@pytest.fixture
+def llama3_copy(llama3_tokenizer):
+    """A private copy of the Llama 3 tokenizer that a test may change (chat template, EOS)."""
+    return copy.deepcopy(llama3_tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test gets its own SFTUNE_CACHE_DIR, so no test reads another's cache."""
+    monkeypatch.setenv("SFTUNE_CACHE_DIR", str(tmp_path_factory.mktemp("sftune-cache")))

@@ -1,0 +1,167 @@
+"""Reading records: shapes, field mappings, compression and every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from sftune.data.formats import Record, read_records
+from sftune.errors import DataError
+
+
+def write_jsonl(path: Path, rows: list, compress: bool = False) -> Path:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_bytes(gzip.compress(text.encode()) if compress else text.encode())
+    return path
+
+
+def test_prompt_response_plain_and_gzip(tmp_path):
+    rows = [{"prompt": "p1", "response": "r1", "extra": 3}, {"prompt": "p2", "response": "r2"}]
+    for compress, name in [(False, "a.jsonl"), (True, "a.jsonl.gz")]:
+        records = read_records(write_jsonl(tmp_path / name, rows, compress))
+        assert records == [Record("p1", "r1", None, 1), Record("p2", "r2", None, 2)]
+
+
+def test_blank_lines_skipped_and_line_numbers_kept(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('\n{"prompt": "p", "response": "r"}\n  \n\n{"prompt": "q", "response": "s"}\n')
+    assert [(r.prompt, r.line) for r in read_records(path)] == [("p", 2), ("q", 5)]
+
+
+def test_json_list(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"prompt": "p", "response": "r"}]))
+    assert read_records(path) == [Record("p", "r", None, 1)]
+
+
+def test_alpaca_prompt_joins_instruction_and_input(tmp_path):
+    rows = [
+        {"instruction": "Add.", "input": "2+2", "output": "4"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+        {"instruction": "Say yo.", "output": "yo"},
+    ]
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", rows))
+    assert [(r.prompt, r.response) for r in records] == [
+        ("Add.\n\n2+2", "4"),
+        ("Say hi.", "hi"),
+        ("Say yo.", "yo"),
+    ]
+
+
+def test_field_mapping_on_gsm8k(shared):
+    path = shared / "data/gsm8k/test.jsonl"
+    records = read_records(path, fields={"prompt": "question", "response": "answer"})
+    assert len(records) == 1319
+    first = json.loads(path.read_text().splitlines()[0])
+    assert records[0].prompt == first["question"]
+    assert records[0].response == first["answer"]
+
+
+def test_messages(tmp_path):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (record,) = read_records(write_jsonl(tmp_path / "a.jsonl", [{"messages": chat}]))
+    assert record.messages == tuple(chat)
+
+
+def test_messages_field_mapping(tmp_path):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"conv": chat}])
+    (record,) = read_records(path, fields={"messages": "conv"})
+    assert record.messages == tuple(chat)
+
+
+# --- bad input: DataError, one line, naming the file and (where there is one) the line ---
+
+
+def assert_data_error(path: Path, match: str, line: int | None = None, **kwargs) -> DataError:
+    with pytest.raises(DataError, match=match) as info:
+        read_records(path, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path) if line is None else f"{path}:{line}:")
+    return info.value
+
+
+def test_missing_file(tmp_path):
+    assert_data_error(tmp_path / "nope.jsonl", "no such file")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_file(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    assert_data_error(path, "no records")
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": \n')
+    assert_data_error(path, "invalid JSON", line=2)
+
+
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        ({"prompt": "p"}, "response", "missing"),
+        ({"response": "r"}, "prompt", "missing"),
+        ({"prompt": 3, "response": "r"}, "prompt", "must be a string, not int"),
+        ({"prompt": "p", "response": None}, "response", "must be a string, not null"),
+    ],
+)
+def test_missing_or_non_string_field(tmp_path, row, field, problem):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "ok", "response": "ok"}, row])
+    error = assert_data_error(path, problem, line=2)
+    assert error.field == field and f"field {field!r}" in str(error)
+
+
+def test_missing_mapped_field(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q"}])
+    error = assert_data_error(
+        path, "missing", line=1, fields={"prompt": "question", "response": "answer"}
+    )
+    assert error.field == "answer"
+
+
+def test_unknown_shape(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello"}])
+    assert_data_error(path, "cannot tell the record format", line=1)
+
+
+def test_not_an_object(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "r"}, [1, 2]])
+    assert_data_error(path, "JSON object", line=2)
+
+
+def test_bad_messages(tmp_path):
+    chat = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "bye"}]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": chat}])
+    assert_data_error(path, "last message must be the assistant", line=1)
+    path = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user"}]}])
+    assert_data_error(path, "needs string 'role' and 'content'", line=1)
+
+
+def test_not_utf8_reports_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "\xff\xfe", "response": "r"}\n')
+    assert_data_error(path, "not valid UTF-8", line=2)
+
+
+def test_truncated_gzip(tmp_path):
+    rows = [{"prompt": f"p{i}" * 50, "response": "r" * 100} for i in range(200)]
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    path = tmp_path / "a.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated gzip") as info:
+        read_records(path)
+    # Reading stops inside the stream: the error names the line it could not finish.
+    assert info.value.line is not None and info.value.line > 1
+    assert str(info.value).startswith(f"{path}:{info.value.line}:")
+
+
+def test_not_gzip_at_all(tmp_path):
+    path = tmp_path / "a.jsonl.gz"
+    path.write_bytes(b'{"prompt": "p", "response": "r"}\n')
+    assert_data_error(path, "gzip", line=1)

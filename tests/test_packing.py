@@ -1,0 +1,251 @@
+"""PackedSFTDataset: the course fixture token for token, options, cache and bad input."""
+
+from __future__ import annotations
+
+import doctest
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sftune import prepare
+from sftune.data import ALPACA_TEMPLATE, IGNORE_INDEX, PackedSFTDataset, render_alpaca
+from sftune.data import batches, packing, templates
+from sftune.data.packing import DocumentEncoder
+from sftune.errors import DataError
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.fixture
+def sample(shared) -> Path:
+    return shared / "fixtures/cs336/sft_sample.jsonl"
+
+
+def pack(tokenizer, path, seq_length=32, shuffle=False, **kwargs) -> PackedSFTDataset:
+    return PackedSFTDataset(tokenizer, path, seq_length, shuffle, verbose=False, **kwargs)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_alpaca_template_is_exact():
+    assert ALPACA_TEMPLATE == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n{response}"
+    )
+    prompt_part, text = render_alpaca("P {x}", "R")
+    assert text == ALPACA_TEMPLATE.format(prompt="P {x}", response="R")
+    assert text == prompt_part + "R"
+
+
+def test_matches_course_fixture(llama3_tokenizer, sample):
+    expected = json.loads((sample.parent / "tokenized_sft_sample.json").read_text())
+    ds = pack(llama3_tokenizer, sample)
+    assert len(ds) == len(expected) == 75
+    for i, want in enumerate(expected):
+        item = ds[i]
+        assert item["input_ids"].dtype == item["labels"].dtype == torch.long
+        assert item["input_ids"].tolist() == want["input_ids"], i
+        assert item["labels"].tolist() == want["labels"], i
+    assert ds.stats.items == 75 and ds.stats.documents == 5
+    assert ds.stats.tokens_kept_fraction == pytest.approx(75 * 32 / ds.stats.tokens)
+    assert ds.num_trained_tokens == 75 * 32
+    with pytest.raises(IndexError):
+        ds[75]
+    assert ds[-1]["labels"].tolist() == expected[-1]["labels"]
+
+
+def test_shuffle_is_seeded_permutation_of_documents(llama3_tokenizer, sample):
+    plain = pack(llama3_tokenizer, sample)
+    shuffled = pack(llama3_tokenizer, sample, shuffle=True, seed=1)
+    again = pack(llama3_tokenizer, sample, shuffle=True, seed=1)
+    other = pack(llama3_tokenizer, sample, shuffle=True, seed=2)
+    assert [shuffled[i]["input_ids"].tolist() for i in range(len(shuffled))] != [
+        plain[i]["input_ids"].tolist() for i in range(len(plain))
+    ]
+    assert np.array_equal(shuffled.tokens, again.tokens)
+    assert not np.array_equal(shuffled.tokens, other.tokens)
+    assert Counter(shuffled.tokens.tolist()) == Counter(plain.tokens.tolist())
+    assert sorted(_documents(shuffled)) == sorted(_documents(plain))
+
+
+def _documents(ds: PackedSFTDataset) -> list[tuple[int, ...]]:
+    bounds = [*ds.doc_starts.tolist(), len(ds.tokens)]
+    return [tuple(ds.tokens[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def test_backend_encoding_equals_tokenizer_call(llama3_tokenizer, shared):
+    lines = (shared / "data/gsm8k/test.jsonl").read_text().splitlines()[:300]
+    texts = [render_alpaca(r["question"], r["answer"])[1] for r in map(json.loads, lines)]
+    tokens, lengths, _ = DocumentEncoder(llama3_tokenizer, False).encode(texts, [0] * len(texts))
+    expected = [ids + [llama3_tokenizer.eos_token_id] for ids in llama3_tokenizer(texts).input_ids]
+    assert tokens.tolist() == [t for ids in expected for t in ids]
+    assert lengths.tolist() == [len(ids) for ids in expected]
+
+
+def test_response_only_trains_exactly_response_and_eos(llama3_tokenizer, tmp_path):
+    tok = llama3_tokenizer
+    rows = [
+        {"prompt": "Add 2 and 2.", "response": "Four, since 2 + 2 = 4."},
+        {"prompt": "Name a colour.", "response": "Blue is one."},
+        {"prompt": "Say nothing.", "response": ""},
+    ]
+    path = write_jsonl(tmp_path / "tiny.jsonl", rows)
+    expected_stream, expected_trained = [], []
+    for row in rows:
+        prompt_part, text = render_alpaca(row["prompt"], row["response"])
+        prompt_ids = tok(prompt_part).input_ids
+        response_ids = tok(row["response"], add_special_tokens=False).input_ids
+        assert tok(text).input_ids == prompt_ids + response_ids  # a clean boundary
+        expected_stream += prompt_ids + response_ids + [tok.eos_token_id]
+        expected_trained += [False] * len(prompt_ids) + [True] * (len(response_ids) + 1)
+
+    masked = pack(tok, path, seq_length=7, response_only=True)
+    plain = pack(tok, path, seq_length=7)
+    assert masked.tokens.tolist() == expected_stream
+    for i in range(len(plain)):
+        assert masked[i]["input_ids"].tolist() == plain[i]["input_ids"].tolist()
+        trained = expected_trained[i * 7 + 1 : (i + 1) * 7 + 1]
+        want = [
+            t if keep else IGNORE_INDEX
+            for t, keep in zip(plain[i]["labels"].tolist(), trained, strict=True)
+        ]
+        assert masked[i]["labels"].tolist() == want
+    assert masked.num_trained_tokens == sum(expected_trained[1 : len(masked) * 7 + 1])
+
+
+def test_position_ids_restart_at_documents_and_items(llama3_tokenizer, sample):
+    ds = pack(llama3_tokenizer, sample, position_ids=True)
+    starts = set(ds.doc_starts.tolist())
+    for i in range(len(ds)):
+        positions = ds[i]["position_ids"]
+        assert positions.dtype == torch.long and positions.shape == (32,)
+        want, p = [], 0
+        for j in range(32):
+            p = 0 if j == 0 or i * 32 + j in starts else p + 1
+            want.append(p)
+        assert positions.tolist() == want
+    # Item 28 starts in the middle of the first document and the second starts inside it.
+    assert 0 in ds[28]["position_ids"].tolist()[1:]
+
+
+def test_holdout_splits_documents_complementarily(llama3_tokenizer, tmp_path):
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(40)]
+    path = write_jsonl(tmp_path / "docs.jsonl", rows)
+    full = pack(llama3_tokenizer, path, seq_length=8)
+    train = pack(llama3_tokenizer, path, seq_length=8, holdout_fraction=0.25, seed=3)
+    held = pack(llama3_tokenizer, path, seq_length=8, holdout_fraction=0.25, holdout=True, seed=3)
+    assert (train.stats.documents, held.stats.documents) == (30, 10)
+    assert sorted(_documents(train) + _documents(held)) == sorted(_documents(full))
+    held_other = pack(llama3_tokenizer, path, seq_length=8, holdout_fraction=0.25, holdout=True)
+    assert sorted(_documents(held_other)) != sorted(_documents(held))
+
+
+def test_cache_hit_and_key(llama3_tokenizer, tmp_path, sample, capsys):
+    path = tmp_path / "sample.jsonl"
+    path.write_bytes(sample.read_bytes())
+    cache = tmp_path / "cache"
+    first = PackedSFTDataset(llama3_tokenizer, path, 32, False, cache_dir=cache)
+    second = PackedSFTDataset(llama3_tokenizer, path, 32, True, cache_dir=cache)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "built" in lines[0] and "from cache" in lines[1]
+    assert "5 documents" in lines[0] and "75 items" in lines[0]
+    assert (first.stats.from_cache, second.stats.from_cache) == (False, True)
+    third = pack(llama3_tokenizer, path, cache_dir=cache)
+    assert third.stats.from_cache and np.array_equal(third.tokens, first.tokens)
+    assert [p.name for p in cache.iterdir()] == [f"sample.jsonl-{_key(cache)}"]
+
+    path.write_bytes(sample.read_bytes().replace(b"George", b"Georgia"))
+    changed = pack(llama3_tokenizer, path, cache_dir=cache)
+    assert not changed.stats.from_cache and len(list(cache.iterdir())) == 2
+    masked = pack(llama3_tokenizer, path, cache_dir=cache, response_only=True)
+    assert not masked.stats.from_cache and len(list(cache.iterdir())) == 3
+
+
+def _key(cache: Path) -> str:
+    return next(cache.iterdir()).name.rsplit("-", 1)[1]
+
+
+def test_default_cache_dir_and_no_cache(llama3_tokenizer, sample, monkeypatch, tmp_path):
+    monkeypatch.setenv("SFTUNE_CACHE_DIR", str(tmp_path / "root"))
+    pack(llama3_tokenizer, sample)
+    assert len(list((tmp_path / "root" / "packed").iterdir())) == 1
+    pack(llama3_tokenizer, sample, cache_dir=tmp_path / "off", use_cache=False)
+    assert not (tmp_path / "off").exists()
+
+
+def test_messages_records_use_chat_template(llama3_copy, tmp_path):
+    tok = llama3_copy
+    tok.chat_template = CHAT_TEMPLATE
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there"},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}] * 3)
+    ds = pack(tok, path, seq_length=4, response_only=True)
+    header = tok("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)
+    response = tok("Hello there<|eot_id|>", add_special_tokens=False).input_ids
+    doc = ds.tokens[: ds.doc_starts[1]].tolist()
+    assert doc[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<|start_header_id|>")]
+    assert doc.count(tok.bos_token_id) == 1  # the template's BOS is not doubled
+    assert doc[-len(response) - 1 :] == response + [tok.eos_token_id]
+    assert doc[-len(response) - 1 - len(header.input_ids) : -len(response) - 1] == header.input_ids
+    trained = [t for i in range(len(ds)) for t in ds[i]["labels"].tolist() if t != IGNORE_INDEX]
+    assert trained[: len(response) + 1] == response + [tok.eos_token_id]
+
+
+def test_messages_without_chat_template_is_data_error(llama3_tokenizer, tmp_path):
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}])
+    with pytest.raises(DataError, match=r"chat.jsonl:1: .*chat template"):
+        pack(llama3_tokenizer, path)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq_length", [0, -3, "32", 2.5, True])
+def test_bad_seq_length(llama3_tokenizer, sample, seq_length):
+    with pytest.raises(DataError, match="seq_length must be an integer >= 1"):
+        pack(llama3_tokenizer, sample, seq_length=seq_length)
+
+
+def test_too_small_for_one_item(llama3_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "small.jsonl", [{"prompt": "Hi", "response": "Yo"}])
+    n = len(llama3_tokenizer(render_alpaca("Hi", "Yo")[1]).input_ids) + 1
+    with pytest.raises(DataError, match=rf"small.jsonl: too small .*{n} tokens.* needs {n + 1}"):
+        pack(llama3_tokenizer, path, seq_length=n)
+    assert len(pack(llama3_tokenizer, path, seq_length=n - 1)) == 1
+
+
+def test_tokenizer_without_eos(llama3_copy, sample):
+    tok = llama3_copy
+    tok.eos_token = None
+    with pytest.raises(DataError, match="no EOS token"):
+        pack(tok, sample)
+
+
+def test_bad_file_leaves_nothing_in_cache(llama3_tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p"\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+        pack(llama3_tokenizer, path, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    with pytest.raises(DataError, match="no such file"):
+        pack(llama3_tokenizer, tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("module", [templates, packing, batches, prepare])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
