@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from sftune import prepare
-from sftune.data import ALPACA_TEMPLATE, IGNORE_INDEX, PackedSFTDataset, render_alpaca
-from sftune.data import batches, packing, templates
+from sftune.data import (
+    ALPACA_TEMPLATE,
+    IGNORE_INDEX,
+    PackedSFTDataset,
+    batches,
+    packing,
+    render_alpaca,
+    templates,
+)
 from sftune.data.packing import DocumentEncoder
 from sftune.errors import DataError
 

@@ -241,7 +241,7 @@ def select_documents(count: int, fraction: float, holdout: bool, seed: int) -> n
     At least one document is held out when `fraction > 0`.
 
         >>> select_documents(10, 0.3, True, seed=0), select_documents(10, 0.3, False, seed=0)
-        (array([0, 4, 8]), array([1, 2, 3, 5, 6, 7, 9]))
+        (array([1, 3, 9]), array([0, 2, 4, 5, 6, 7, 8]))
     """
     if fraction <= 0:
         return np.arange(count)

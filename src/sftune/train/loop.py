@@ -97,7 +97,8 @@ def micro_batches(s: Setup, indices) -> list[dict[str, torch.Tensor]]:
 
 
 def train_step(s: Setup, optimizer, scheduler, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step. Returns (global mean loss, grad norm, global trained tokens) as tensors."""
+    """One optimizer step. Returns (this rank's share of the step loss, grad norm, global trained
+    tokens) as tensors; the shares of all ranks sum to the step's token-weighted mean loss."""
     count = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).float()
     global_count = distributed.all_reduce_sum(count.clone())
     # Each rank's gradient is averaged over ranks by FSDP/all-reduce, hence the world size.
@@ -115,7 +116,7 @@ def train_step(s: Setup, optimizer, scheduler, batches) -> tuple[torch.Tensor, t
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / s.world.world_size, grad_norm, global_count
+    return loss_sum / s.world.world_size, grad_norm, global_count  # loss: this rank's share
 
 
 @torch.no_grad()
@@ -210,7 +211,10 @@ def _resume(s: Setup, optimizer, scheduler, sampler) -> TrainState:
 
 def _log_train(s: Setup, state: TrainState, window: list, lr: float, seconds: float, tokens: int) -> None:
     """Synchronises once for the whole window of steps; checks every loss for NaN/inf."""
-    values = torch.stack([torch.stack([loss, norm]) for loss, norm in window]).tolist()
+    stacked = torch.stack([torch.stack([loss, norm]) for loss, norm in window])
+    # Each rank holds its share of every step's loss; the gradient norm is already global.
+    losses = distributed.all_reduce_sum(stacked[:, 0].contiguous())
+    values = torch.stack([losses, stacked[:, 1]], dim=1).tolist()
     first = state.step - len(window) + 1
     for k, (loss, norm) in enumerate(values):
         if not math.isfinite(loss):

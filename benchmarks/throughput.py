@@ -1,0 +1,239 @@
+"""Single-GPU training throughput: the course's loop against sftune's trainer, same model and data.
+
+Each run starts from the same random init (seed 0) and sees the same token batches, so the
+per-step losses of the baseline and of sftune are comparable step by step.
+
+    # on the H200 (device tool), the Llama 3.1 8B config (random init, no download):
+    python benchmarks/throughput.py --runs baseline,sftune --steps 20 --out $OUT/throughput.json
+    # CPU smoke test with a tiny Llama:
+    python benchmarks/throughput.py --config tiny --runs baseline,sftune,lean --steps 3 --device cpu
+
+Runs (comma-separated --runs):
+    baseline     the course loop: micro-batch 2 x 16 accumulation, plain AdamW, full logits, .item() per step
+    sftune       sftune's trainer step with its GPU defaults: largest micro-batch that fits (probed),
+                 per-layer torch.compile, fused chunked linear+CE, fused AdamW, no host sync
+    sftune-mbN   the same with micro-batch N (e.g. sftune-mb16)
+    plain-mbN    sftune's step with compile and fused loss off (isolates those two levers)
+    lean         memory-lean: micro-batch 4, compile, fused loss (fits an 80 GB GPU?)
+    lean-ac      micro-batch 8 with activation checkpointing
+    docN         document-aware packing at sequence length N (same tokens per step), SDPA masks
+    flexN        the same with FlexAttention
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from course_loop import CONFIGS, build_model, make_config, mfu, run_course_loop  # noqa: E402
+
+from sftune import config as config_mod  # noqa: E402
+from sftune.models import model_flops_per_token  # noqa: E402
+from sftune.train import setup as setup_mod  # noqa: E402
+from sftune.train.distributed import World  # noqa: E402
+from sftune.train.loop import train_step  # noqa: E402
+from sftune.train.optim import build_optimizer  # noqa: E402
+
+
+def global_batches(vocab: int, batch: int, seq: int, steps: int, seed: int = 0, docs: bool = False):
+    """`steps` global batches {input_ids, labels[, position_ids]} of (batch, seq), on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        stream = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+        b = {"input_ids": stream[:, :-1].contiguous(), "labels": stream[:, 1:].contiguous()}
+        if docs:
+            b["position_ids"] = _doc_positions(batch, seq, g)
+        out.append(b)
+    return out
+
+
+def _doc_positions(batch: int, seq: int, g: torch.Generator) -> torch.Tensor:
+    """Position ids of packed documents of 64..1024 tokens (GSM8K/Alpaca-like), restarting at 0."""
+    pos = torch.empty(batch, seq, dtype=torch.long)
+    for r in range(batch):
+        i = 0
+        while i < seq:
+            n = min(int(torch.randint(64, 1024, (1,), generator=g)), seq - i)
+            pos[r, i : i + n] = torch.arange(n)
+            i += n
+    return pos
+
+
+def _split(b: dict, micro: int, device) -> list[dict]:
+    n = b["input_ids"].shape[0]
+    return [
+        {k: v[i : i + micro].pin_memory().to(device, non_blocking=True) for k, v in b.items()}
+        for i in range(0, n, micro)
+    ]
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def run_baseline(args, device) -> dict:
+    cfg = make_config(args.config)
+    model = build_model(cfg, device, args.dtype, seed=0)
+    batches = global_batches(cfg.vocab_size, args.batch, args.seq, args.steps)
+    micro = [(m["input_ids"], m["labels"]) for b in batches for m in _split(b, 2, device)]
+    res = run_course_loop(model, micro, micro_batch=2, accum=args.batch // 2, steps=args.steps,
+                          lr=args.lr, fused_adamw=False, device=device, warmup_steps_excluded=args.warmup)
+    del model
+    return res
+
+
+def run_sftune(args, device, *, micro: int = 0, compile_: str = "on", fused: str = "on",
+               ac: bool = False, seq: int | None = None, batch: int | None = None,
+               docs: bool = False, attn: str = "sdpa") -> dict:
+    seq = seq or args.seq
+    batch = batch or args.batch
+    mcfg = make_config(args.config)
+    mcfg._attn_implementation = attn
+    model = build_model(mcfg, device, args.dtype, seed=0)
+    if attn != "sdpa":
+        model.set_attn_implementation(attn)
+    cfg = config_mod.from_flat(dict(
+        seq_length=seq, batch_size=batch, micro_batch_size=micro, lr=args.lr, max_steps=args.steps,
+        compile=compile_, fused_loss=fused, activation_checkpointing=ac, device=device.type,
+    ))
+    notes: list[str] = []
+    module, _ = setup_mod.build_module(cfg, model, device, World(), notes)
+    s = SimpleNamespace(cfg=cfg, world=World(), device=device, module=module, hf_model=model)
+    optimizer, scheduler = build_optimizer(list(module.parameters()), cfg.optim, args.steps, device)
+    t_probe = time.perf_counter()
+    if micro == 0:
+        setup_mod.materialize_optimizer_state(optimizer)
+        micro = setup_mod.probe_micro_batch(s, optimizer)
+    s.micro_batch_size = micro
+    probe_s = time.perf_counter() - t_probe
+    batches = global_batches(mcfg.vocab_size, batch, seq, args.steps, docs=docs)
+    torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for i, b in enumerate(batches):
+        if i == args.warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        if i < args.warmup:
+            w0 = time.perf_counter()
+        loss, norm, _ = train_step(s, optimizer, scheduler, _split(b, micro, device))
+        losses.append(loss)
+        if i < args.warmup:
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - w0)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    timed = args.steps - args.warmup
+    res = dict(
+        losses=torch.stack(losses).tolist(), micro_batch=micro, accum=batch // micro, seq_len=seq,
+        batch=batch, tokens_per_s=batch * seq * timed / elapsed, timed_steps=timed,
+        warmup_step_times_s=times, probe_s=probe_s, notes=notes,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(), docs=docs, attn=attn,
+    )
+    del module, model, optimizer, s
+    return res
+
+
+def dispatch(name: str, args, device) -> dict:
+    if name == "baseline":
+        return run_baseline(args, device)
+    if name == "sftune":
+        return run_sftune(args, device)
+    if name.startswith("sftune-mb"):
+        return run_sftune(args, device, micro=int(name.removeprefix("sftune-mb")))
+    if name.startswith("plain-mb"):
+        return run_sftune(args, device, micro=int(name.removeprefix("plain-mb")), compile_="off", fused="off")
+    if name == "lean":
+        return run_sftune(args, device, micro=4)
+    if name == "lean-ac":
+        return run_sftune(args, device, micro=8, ac=True)
+    for prefix, attn in (("doc", "sdpa"), ("flex", "flex_attention")):
+        if name.startswith(prefix) and name.removeprefix(prefix).isdigit():
+            seq = int(name.removeprefix(prefix))
+            batch = max(1, args.batch * args.seq // seq)
+            return run_sftune(args, device, seq=seq, batch=batch, docs=True, attn=attn, micro=batch)
+    raise SystemExit(f"unknown run {name!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="llama3.1-8b", choices=sorted(CONFIGS))
+    ap.add_argument("--runs", default="baseline,sftune")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--peak-flops", type=float, default=989e12)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":  # the harness' CUDA calls become no-ops for the smoke test
+        torch.cuda.synchronize = lambda *a, **k: None
+        torch.cuda.empty_cache = lambda *a, **k: None
+        torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
+        torch.cuda.max_memory_allocated = lambda *a, **k: 0
+        torch.Tensor.pin_memory = lambda self, *a, **k: self
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "config": args.config, "runs": {}}
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    for name in args.runs.split(","):
+        if device.type == "cuda":
+            _free()
+            if torch.cuda.memory_allocated() > 2**30:  # compiled graphs may pin the last model
+                torch._dynamo.reset()
+                _free()
+            print(f"[{name}] start, {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
+        start = time.perf_counter()
+        try:
+            res = dispatch(name, args, device)
+        except Exception as e:  # one failed lever must not lose the other measurements
+            traceback.print_exc()
+            res = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        res["wall_s"] = time.perf_counter() - start
+        if "tokens_per_s" in res:
+            fpt = model_flops_per_token(make_config(args.config), res["seq_len"])
+            res["mfu"] = mfu(res["tokens_per_s"], fpt, args.peak_flops)
+            res["peak_gib"] = (res["peak_memory_bytes"] or 0) / 2**30
+            print(f"{name:>14}: {res['tokens_per_s']:>9,.0f} tok/s  MFU {100 * res['mfu']:5.1f}%  "
+                  f"peak {res['peak_gib']:6.1f} GiB  micro {res['micro_batch']} x {res['accum']}  "
+                  f"seq {res['seq_len']}  losses {' '.join(f'{x:.4f}' for x in res['losses'][:6])} ...",
+                  flush=True)
+        else:
+            print(f"{name:>14}: FAILED {res['error']}", flush=True)
+        results["runs"][name] = res
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    base = results["runs"].get("baseline", {})
+    for name, res in results["runs"].items():
+        if name != "baseline" and "tokens_per_s" in res and "tokens_per_s" in base:
+            n = min(len(res["losses"]), len(base["losses"]))
+            diff = max(abs(a - b) for a, b in zip(res["losses"][:n], base["losses"][:n]))
+            res["speedup_vs_baseline"] = res["tokens_per_s"] / base["tokens_per_s"]
+            res["max_loss_diff_vs_baseline"] = diff if res["seq_len"] == base["seq_len"] else None
+            print(f"{name:>14}: {res['speedup_vs_baseline']:.2f}x the course loop; "
+                  f"max |loss - baseline| over {n} steps = {diff:.4f}" if res["seq_len"] == base["seq_len"]
+                  else f"{name:>14}: {res['speedup_vs_baseline']:.2f}x (different sequence length)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""GPU fast path keeps the loss of the plain path (skipped without CUDA).
+
+On a CUDA machine: `python -m pytest -q tests/test_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sftune import config as config_mod
+from sftune.models import build_tiny_model
+from sftune.train import setup as setup_mod
+from sftune.train.distributed import World
+from sftune.train.loop import train_step
+from sftune.train.optim import build_optimizer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+VOCAB, SEQ, BATCH, STEPS = 2048, 256, 8, 6
+
+
+def _batches(docs: bool):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(STEPS):
+        stream = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+        b = {"input_ids": stream[:, :-1], "labels": stream[:, 1:].clone()}
+        b["labels"][:, :40] = -100  # uneven trained-token counts per micro-batch
+        b["labels"][::3, :100] = -100
+        if docs:
+            pos = torch.arange(SEQ).repeat(BATCH, 1)
+            pos[:, 100:] -= 100
+            pos[:, 180:] -= 80
+            b["position_ids"] = pos
+        out.append(b)
+    return out
+
+
+def _losses(micro: int, compile_: str, fused: str, attn: str = "sdpa", docs: bool = False) -> list[float]:
+    device = torch.device("cuda")
+    model = build_tiny_model(VOCAB, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=512, seed=0)
+    model = model.to(device=device, dtype=torch.bfloat16)
+    if attn != "sdpa":
+        model.set_attn_implementation(attn)
+    cfg = config_mod.from_flat(dict(seq_length=SEQ, batch_size=BATCH, micro_batch_size=micro, lr=1e-3,
+                                    compile=compile_, fused_loss=fused, device="cuda"))
+    module, _ = setup_mod.build_module(cfg, model, device, World(), [])
+    opt, sched = build_optimizer(list(module.parameters()), cfg.optim, STEPS, device)
+
+    class S:
+        pass
+
+    s = S()
+    s.cfg, s.world, s.device, s.module, s.micro_batch_size = cfg, World(), device, module, micro
+    out = []
+    for b in _batches(docs):
+        mbs = [{k: v[i : i + micro].to(device) for k, v in b.items()} for i in range(0, BATCH, micro)]
+        loss, _, _ = train_step(s, opt, sched, mbs)
+        out.append(float(loss))
+    return out
+
+
+def test_fast_path_matches_plain_path():
+    plain = _losses(micro=2, compile_="off", fused="off")
+    fast = _losses(micro=8, compile_="on", fused="on")
+    assert fast == pytest.approx(plain, rel=2e-2), (plain, fast)
+
+
+def test_document_mask_sdpa_and_flex_agree():
+    sdpa = _losses(micro=4, compile_="off", fused="on", docs=True)
+    flex = _losses(micro=4, compile_="off", fused="on", attn="flex_attention", docs=True)
+    assert flex == pytest.approx(sdpa, rel=2e-2), (sdpa, flex)
+    nodoc = _losses(micro=4, compile_="off", fused="on", docs=False)
+    assert nodoc[0] != pytest.approx(sdpa[0], rel=1e-6)  # the mask changes the first loss
