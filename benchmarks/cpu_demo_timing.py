@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cpu_demo_timing.py --part all --json out.json
     .venv/bin/python benchmarks/cpu_demo_timing.py --part steps --micro-batches 1 2 4 --seq-lengths 128 256 512
-    .venv/bin/python benchmarks/cpu_demo_timing.py --part demo --seq-length 256 --micro-batch 4 --accum 2 --steps 40
+    .venv/bin/python benchmarks/cpu_demo_timing.py --part demo --seq-length 256 --micro-batch 2 --accum 1 --steps 30 --n-val 80
 
 Parts:
   load   convert the smollm2-135m preset from its GGUF into a fresh cache dir, then reload it
@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from sftune.demo_data import write_demo_dataset  # noqa: E402
+from sftune.demo_data import DEFAULT_N_TRAIN, DEFAULT_N_VAL, write_demo_dataset  # noqa: E402
 from sftune.models import load_model_and_tokenizer, model_flops_per_token  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -190,14 +190,14 @@ def main() -> None:
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--timed-steps", type=int, default=3)
     parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--accum", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-val", type=int, default=120)
+    parser.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN)
+    parser.add_argument("--n-val", type=int, default=DEFAULT_N_VAL)
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

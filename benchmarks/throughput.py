@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from course_loop import CONFIGS, build_model, make_config, mfu, run_course_loop  # noqa: E402
-
 from sftune import config as config_mod  # noqa: E402
 from sftune.models import model_flops_per_token  # noqa: E402
 from sftune.train import setup as setup_mod  # noqa: E402
@@ -90,15 +89,34 @@ def run_baseline(args, device) -> dict:
     model = build_model(cfg, device, args.dtype, seed=0)
     batches = global_batches(cfg.vocab_size, args.batch, args.seq, args.steps)
     micro = [(m["input_ids"], m["labels"]) for b in batches for m in _split(b, 2, device)]
-    res = run_course_loop(model, micro, micro_batch=2, accum=args.batch // 2, steps=args.steps,
-                          lr=args.lr, fused_adamw=False, device=device, warmup_steps_excluded=args.warmup)
+    res = run_course_loop(
+        model,
+        micro,
+        micro_batch=2,
+        accum=args.batch // 2,
+        steps=args.steps,
+        lr=args.lr,
+        fused_adamw=False,
+        device=device,
+        warmup_steps_excluded=args.warmup,
+    )
     del model
     return res
 
 
-def run_sftune(args, device, *, micro: int = 0, compile_: str = "on", fused: str = "on",
-               ac: bool = False, seq: int | None = None, batch: int | None = None,
-               docs: bool = False, attn: str = "sdpa") -> dict:
+def run_sftune(
+    args,
+    device,
+    *,
+    micro: int = 0,
+    compile_: str = "on",
+    fused: str = "on",
+    ac: bool = False,
+    seq: int | None = None,
+    batch: int | None = None,
+    docs: bool = False,
+    attn: str = "sdpa",
+) -> dict:
     seq = seq or args.seq
     batch = batch or args.batch
     mcfg = make_config(args.config)
@@ -106,10 +124,19 @@ def run_sftune(args, device, *, micro: int = 0, compile_: str = "on", fused: str
     model = build_model(mcfg, device, args.dtype, seed=0)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
-    cfg = config_mod.from_flat(dict(
-        seq_length=seq, batch_size=batch, micro_batch_size=micro, lr=args.lr, max_steps=args.steps,
-        compile=compile_, fused_loss=fused, activation_checkpointing=ac, device=device.type,
-    ))
+    cfg = config_mod.from_flat(
+        dict(
+            seq_length=seq,
+            batch_size=batch,
+            micro_batch_size=micro,
+            lr=args.lr,
+            max_steps=args.steps,
+            compile=compile_,
+            fused_loss=fused,
+            activation_checkpointing=ac,
+            device=device.type,
+        )
+    )
     notes: list[str] = []
     module, _ = setup_mod.build_module(cfg, model, device, World(), notes)
     s = SimpleNamespace(cfg=cfg, world=World(), device=device, module=module, hf_model=model)
@@ -138,10 +165,19 @@ def run_sftune(args, device, *, micro: int = 0, compile_: str = "on", fused: str
     elapsed = time.perf_counter() - t0
     timed = args.steps - args.warmup
     res = dict(
-        losses=torch.stack(losses).tolist(), micro_batch=micro, accum=batch // micro, seq_len=seq,
-        batch=batch, tokens_per_s=batch * seq * timed / elapsed, timed_steps=timed,
-        warmup_step_times_s=times, probe_s=probe_s, notes=notes,
-        peak_memory_bytes=torch.cuda.max_memory_allocated(), docs=docs, attn=attn,
+        losses=torch.stack(losses).tolist(),
+        micro_batch=micro,
+        accum=batch // micro,
+        seq_len=seq,
+        batch=batch,
+        tokens_per_s=batch * seq * timed / elapsed,
+        timed_steps=timed,
+        warmup_step_times_s=times,
+        probe_s=probe_s,
+        notes=notes,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(),
+        docs=docs,
+        attn=attn,
     )
     del module, model, optimizer, s
     return res
@@ -155,7 +191,9 @@ def dispatch(name: str, args, device) -> dict:
     if name.startswith("sftune-mb"):
         return run_sftune(args, device, micro=int(name.removeprefix("sftune-mb")))
     if name.startswith("plain-mb"):
-        return run_sftune(args, device, micro=int(name.removeprefix("plain-mb")), compile_="off", fused="off")
+        return run_sftune(
+            args, device, micro=int(name.removeprefix("plain-mb")), compile_="off", fused="off"
+        )
     if name == "lean":
         return run_sftune(args, device, micro=4)
     if name == "lean-ac":
@@ -169,7 +207,9 @@ def dispatch(name: str, args, device) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", default="llama3.1-8b", choices=sorted(CONFIGS))
     ap.add_argument("--runs", default="baseline,sftune")
     ap.add_argument("--steps", type=int, default=20)
@@ -189,8 +229,12 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
         torch.cuda.max_memory_allocated = lambda *a, **k: 0
         torch.Tensor.pin_memory = lambda self, *a, **k: self
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "config": args.config, "runs": {}}
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "config": args.config,
+        "runs": {},
+    }
     import transformers
 
     results["transformers"] = transformers.__version__
@@ -200,7 +244,10 @@ def main() -> None:
             if torch.cuda.memory_allocated() > 2**30:  # compiled graphs may pin the last model
                 torch._dynamo.reset()
                 _free()
-            print(f"[{name}] start, {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
+            print(
+                f"[{name}] start, {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated",
+                flush=True,
+            )
         start = time.perf_counter()
         try:
             res = dispatch(name, args, device)
@@ -212,10 +259,12 @@ def main() -> None:
             fpt = model_flops_per_token(make_config(args.config), res["seq_len"])
             res["mfu"] = mfu(res["tokens_per_s"], fpt, args.peak_flops)
             res["peak_gib"] = (res["peak_memory_bytes"] or 0) / 2**30
-            print(f"{name:>14}: {res['tokens_per_s']:>9,.0f} tok/s  MFU {100 * res['mfu']:5.1f}%  "
-                  f"peak {res['peak_gib']:6.1f} GiB  micro {res['micro_batch']} x {res['accum']}  "
-                  f"seq {res['seq_len']}  losses {' '.join(f'{x:.4f}' for x in res['losses'][:6])} ...",
-                  flush=True)
+            print(
+                f"{name:>14}: {res['tokens_per_s']:>9,.0f} tok/s  MFU {100 * res['mfu']:5.1f}%  "
+                f"peak {res['peak_gib']:6.1f} GiB  micro {res['micro_batch']} x {res['accum']}  "
+                f"seq {res['seq_len']}  losses {' '.join(f'{x:.4f}' for x in res['losses'][:6])} ...",
+                flush=True,
+            )
         else:
             print(f"{name:>14}: FAILED {res['error']}", flush=True)
         results["runs"][name] = res
@@ -225,12 +274,17 @@ def main() -> None:
     for name, res in results["runs"].items():
         if name != "baseline" and "tokens_per_s" in res and "tokens_per_s" in base:
             n = min(len(res["losses"]), len(base["losses"]))
-            diff = max(abs(a - b) for a, b in zip(res["losses"][:n], base["losses"][:n]))
+            diff = max(
+                abs(a - b) for a, b in zip(res["losses"][:n], base["losses"][:n], strict=True)
+            )
             res["speedup_vs_baseline"] = res["tokens_per_s"] / base["tokens_per_s"]
             res["max_loss_diff_vs_baseline"] = diff if res["seq_len"] == base["seq_len"] else None
-            print(f"{name:>14}: {res['speedup_vs_baseline']:.2f}x the course loop; "
-                  f"max |loss - baseline| over {n} steps = {diff:.4f}" if res["seq_len"] == base["seq_len"]
-                  else f"{name:>14}: {res['speedup_vs_baseline']:.2f}x (different sequence length)")
+            print(
+                f"{name:>14}: {res['speedup_vs_baseline']:.2f}x the course loop; "
+                f"max |loss - baseline| over {n} steps = {diff:.4f}"
+                if res["seq_len"] == base["seq_len"]
+                else f"{name:>14}: {res['speedup_vs_baseline']:.2f}x (different sequence length)"
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 

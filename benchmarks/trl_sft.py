@@ -48,6 +48,8 @@ def read_jsonl(path: str) -> list[dict]:
 def _prompt_response(r: dict) -> tuple[str, str]:
     if "prompt" in r:
         return r["prompt"], r["response"]
+    if "question" in r:  # GSM8K
+        return r["question"], r["answer"]
     prompt = r["instruction"]
     if r.get("input"):
         prompt = f"{prompt}\n\n{r['input']}"

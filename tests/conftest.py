@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,25 @@ def llama3_copy(llama3_tokenizer):
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Every test gets its own SFTUNE_CACHE_DIR, so no test reads another's cache."""
     monkeypatch.setenv("SFTUNE_CACHE_DIR", str(tmp_path_factory.mktemp("sftune-cache")))
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (2 layers, width 64) with a byte tokenizer, and an arithmetic SFT file."""
+    root = tmp_path_factory.mktemp("train")
+    from sftune.testing import byte_tokenizer, tiny_model_dir
+
+    tiny_model_dir(root / "model", byte_tokenizer())
+    rng = random.Random(0)
+    with open(root / "train.jsonl", "w") as f:
+        for _ in range(160):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            # Prompts of varied length, so response-only micro-batches differ in trained tokens.
+            pad = " please" * rng.randint(0, 6)
+            f.write(
+                json.dumps(
+                    {"prompt": f"Add {a} and {b}{pad}.", "response": f"The answer is {a + b}."}
+                )
+                + "\n"
+            )
+    return root

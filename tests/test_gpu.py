@@ -15,7 +15,10 @@ from sftune.train.distributed import World
 from sftune.train.loop import train_step
 from sftune.train.optim import build_optimizer
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 VOCAB, SEQ, BATCH, STEPS = 2048, 256, 8, 6
 
@@ -37,14 +40,27 @@ def _batches(docs: bool):
     return out
 
 
-def _losses(micro: int, compile_: str, fused: str, attn: str = "sdpa", docs: bool = False) -> list[float]:
+def _losses(
+    micro: int, compile_: str, fused: str, attn: str = "sdpa", docs: bool = False
+) -> list[float]:
     device = torch.device("cuda")
-    model = build_tiny_model(VOCAB, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=512, seed=0)
+    model = build_tiny_model(
+        VOCAB, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=512, seed=0
+    )
     model = model.to(device=device, dtype=torch.bfloat16)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
-    cfg = config_mod.from_flat(dict(seq_length=SEQ, batch_size=BATCH, micro_batch_size=micro, lr=1e-3,
-                                    compile=compile_, fused_loss=fused, device="cuda"))
+    cfg = config_mod.from_flat(
+        dict(
+            seq_length=SEQ,
+            batch_size=BATCH,
+            micro_batch_size=micro,
+            lr=1e-3,
+            compile=compile_,
+            fused_loss=fused,
+            device="cuda",
+        )
+    )
     module, _ = setup_mod.build_module(cfg, model, device, World(), [])
     opt, sched = build_optimizer(list(module.parameters()), cfg.optim, STEPS, device)
 
@@ -55,7 +71,9 @@ def _losses(micro: int, compile_: str, fused: str, attn: str = "sdpa", docs: boo
     s.cfg, s.world, s.device, s.module, s.micro_batch_size = cfg, World(), device, module, micro
     out = []
     for b in _batches(docs):
-        mbs = [{k: v[i : i + micro].to(device) for k, v in b.items()} for i in range(0, BATCH, micro)]
+        mbs = [
+            {k: v[i : i + micro].to(device) for k, v in b.items()} for i in range(0, BATCH, micro)
+        ]
         loss, _, _ = train_step(s, opt, sched, mbs)
         out.append(float(loss))
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sftune.cli import main
-from sftune.prepare import parse_fields
+from sftune.data.formats import parse_fields
 
 
 @pytest.fixture

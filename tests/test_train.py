@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,45 +11,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sftune import config as config_mod
-from sftune.testing import byte_tokenizer, tiny_model_dir
 from sftune.train.logging import read_metrics
 from sftune.train.loop import train
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A tiny Llama (2 layers, width 64) with a byte tokenizer, and an arithmetic SFT file."""
-    root = tmp_path_factory.mktemp("train")
-    tiny_model_dir(root / "model", byte_tokenizer())
-    rng = random.Random(0)
-    with open(root / "train.jsonl", "w") as f:
-        for _ in range(160):
-            a, b = rng.randint(0, 99), rng.randint(0, 99)
-            # Prompts of varied length, so response-only micro-batches differ in trained tokens.
-            pad = " please" * rng.randint(0, 6)
-            f.write(json.dumps({"prompt": f"Add {a} and {b}{pad}.", "response": f"The answer is {a + b}."}) + "\n")
-    return root
+from trainutil import losses, weights
 
 
 def _cfg(workdir: Path, out: Path, **over) -> config_mod.RunConfig:
     values = dict(
-        model=str(workdir / "model"), train_data=str(workdir / "train.jsonl"), seq_length=32,
-        batch_size=8, max_steps=4, lr=3e-3, log_every=1, output_dir=str(out), num_samples=0,
+        model=str(workdir / "model"),
+        train_data=str(workdir / "train.jsonl"),
+        seq_length=32,
+        batch_size=8,
+        max_steps=4,
+        lr=3e-3,
+        log_every=1,
+        output_dir=str(out),
+        num_samples=0,
         seed=1,
     )
     values.update(over)
     return config_mod.from_flat(values)
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in read_metrics(run) if "train_loss" in r}
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "final" / "model.safetensors")
 
 
 @pytest.mark.parametrize("response_only", [False, True])
@@ -59,30 +40,59 @@ def test_accumulation_does_not_change_the_step(workdir, tmp_path, response_only)
     """Batch 8 as 1 x 8 and as 4 x 2 (accumulation x micro-batch): same losses, same weights."""
     a = train(_cfg(workdir, tmp_path / "a", micro_batch_size=8, response_only=response_only))
     b = train(_cfg(workdir, tmp_path / "b", micro_batch_size=2, response_only=response_only))
-    la, lb = _losses(a.output_dir), _losses(b.output_dir)
+    la, lb = losses(a.output_dir), losses(b.output_dir)
     assert sorted(la) == [1, 2, 3, 4]
     for step in la:
         assert la[step] == pytest.approx(lb[step], rel=1e-5)
-    wa, wb = _weights(a.output_dir), _weights(b.output_dir)
+    wa, wb = weights(a.output_dir), weights(b.output_dir)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
     assert a.val_loss_end < a.val_loss_start
 
 
 def _cli(*args: str, env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sftune", *args], capture_output=True, text=True,
-                          env=env or os.environ.copy(), timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "sftune", *args],
+        capture_output=True,
+        text=True,
+        env=env or os.environ.copy(),
+        timeout=300,
+        **kw,
+    )
 
 
 def _train_args(workdir: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(workdir / "model"), "--train-data", str(workdir / "train.jsonl"),
-            "--seq-length", "32", "--batch-size", "8", "--micro-batch-size", "4", "--lr", "3e-3",
-            "--log-every", "1", "--num-samples", "0", "--output-dir", str(out), *extra]
+    return [
+        "train",
+        "--model",
+        str(workdir / "model"),
+        "--train-data",
+        str(workdir / "train.jsonl"),
+        "--seq-length",
+        "32",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--log-every",
+        "1",
+        "--num-samples",
+        "0",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sftune", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sftune", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -108,8 +118,8 @@ def test_sigkill_and_resume_is_exact(workdir, tmp_path):
     resumed = _cli(*_train_args(workdir, tmp_path / "cut", *steps, "--resume", "latest"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr + resumed.stdout
-    assert _losses(tmp_path / "cut") == _losses(tmp_path / "ref")  # exact, every step
-    w_ref, w_cut = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref")  # exact, every step
+    w_ref, w_cut = weights(tmp_path / "ref"), weights(tmp_path / "cut")
     assert all(torch.equal(w_ref[k], w_cut[k]) for k in w_ref)
     kept = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert kept == ["step_00000009", "step_00000012"]  # --keep-checkpoints 2
@@ -127,8 +137,22 @@ def test_sigterm_saves_a_checkpoint_and_stops(workdir, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(workdir, tmp_path):
-    r = _cli(*_train_args(workdir, tmp_path / "run", "--max-steps", "8", "--save-every", "1",
-                          "--lr", "1e30", "--grad-clip", "0", "--warmup-ratio", "0"))
+    r = _cli(
+        *_train_args(
+            workdir,
+            tmp_path / "run",
+            "--max-steps",
+            "8",
+            "--save-every",
+            "1",
+            "--lr",
+            "1e30",
+            "--grad-clip",
+            "0",
+            "--warmup-ratio",
+            "0",
+        )
+    )
     assert r.returncode == 2
     assert "non-finite loss" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()[-1]) > 0
@@ -168,8 +192,20 @@ def test_cli_end_to_end(workdir, tmp_path):
     run = tmp_path / "run"
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {{model: {workdir / 'model'}}}\ndata: {{seq_length: 32}}\nlr: 3e-3\n")
-    common = ["--config", str(cfg), "--train-data", str(workdir / "train.jsonl"), "--batch-size", "8",
-              "--output-dir", str(run), "--num-samples", "1", "--max-new-tokens", "8"]
+    common = [
+        "--config",
+        str(cfg),
+        "--train-data",
+        str(workdir / "train.jsonl"),
+        "--batch-size",
+        "8",
+        "--output-dir",
+        str(run),
+        "--num-samples",
+        "1",
+        "--max-new-tokens",
+        "8",
+    ]
     first = _cli("train", *common, "--max-steps", "3", "--save-every", "2")
     assert first.returncode == 0, first.stderr
     assert "val loss" in first.stdout and (run / "learning_curve.png").stat().st_size > 1000
@@ -188,8 +224,24 @@ def test_cli_end_to_end(workdir, tmp_path):
     tok = AutoTokenizer.from_pretrained(run / "final")
     assert model.config.num_hidden_layers == 2 and tok.eos_token_id is not None
 
-    ev = _cli("eval", "--model", str(run / "final"), "--data", str(workdir / "train.jsonl"), "--seq-length", "32")
+    ev = _cli(
+        "eval",
+        "--model",
+        str(run / "final"),
+        "--data",
+        str(workdir / "train.jsonl"),
+        "--seq-length",
+        "32",
+    )
     assert ev.returncode == 0, ev.stderr
     assert "perplexity" in ev.stdout
-    gen = _cli("generate", "--model", str(run / "final"), "--prompt", "Add 1 and 2.", "--max-new-tokens", "5")
+    gen = _cli(
+        "generate",
+        "--model",
+        str(run / "final"),
+        "--prompt",
+        "Add 1 and 2.",
+        "--max-new-tokens",
+        "5",
+    )
     assert gen.returncode == 0, gen.stderr

@@ -8,7 +8,7 @@ import math
 import torch
 
 from sftune import config as config_mod
-from sftune.config import parse_fields
+from sftune.data.formats import parse_fields
 
 
 def add_train(parser: argparse.ArgumentParser) -> None:
@@ -67,18 +67,26 @@ def run_eval(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, tokenizer, _ = load_model_and_tokenizer(args.model, device=device, dtype=args.dtype)
     ds = PackedSFTDataset(
-        tokenizer, args.data, args.seq_length, False,
-        fields=parse_fields(args.fields), response_only=args.response_only,
+        tokenizer,
+        args.data,
+        args.seq_length,
+        False,
+        fields=parse_fields(args.fields),
+        response_only=args.response_only,
     )
     module = CausalLMWithLoss(model, fused=False)
     loss, count = evaluate_model(module, ds, args.batch_size, device)
-    print(f"loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | {count} tokens | {args.data}")
+    print(
+        f"loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | {count} tokens | {args.data}"
+    )
     return 0
 
 
 def add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory or preset")
-    parser.add_argument("--prompt", required=True, help="the instruction; rendered with the Alpaca template")
+    parser.add_argument(
+        "--prompt", required=True, help="the instruction; rendered with the Alpaca template"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")

@@ -32,30 +32,45 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     model: str = _f(
-        "smollm2-135m", "a local Hugging Face model directory or a preset: smollm2-135m, gemma3-270m"
+        "smollm2-135m",
+        "a local Hugging Face model directory or a preset: smollm2-135m, gemma3-270m",
     )
     dtype: str = _f(
         "auto",
         "auto (bf16 on CUDA, fp32 on CPU), bf16 (pure bf16 weights and optimizer state), "
         "bf16-mixed (fp32 weights, bf16 autocast), fp32",
     )
-    attn: str = _f("auto", "attention: auto (flash_attention_2 if installed, else sdpa), sdpa, eager, flex_attention")
+    attn: str = _f(
+        "auto",
+        "attention: auto (flash_attention_2 if installed, else sdpa), sdpa, eager, flex_attention",
+    )
     compile: str = _f("auto", "torch.compile each decoder layer: auto (on for CUDA), on, off")
     fused_loss: str = _f(
-        "auto", "chunked linear+cross-entropy that never holds the full logits: auto (on for CUDA), on, off"
+        "auto",
+        "chunked linear+cross-entropy that never holds the full logits: auto (on for CUDA), on, off",
     )
-    activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward (saves memory)")
+    activation_checkpointing: bool = _f(
+        False, "recompute each decoder layer in backward (saves memory)"
+    )
     device: str = _f("auto", "auto, cpu, cuda")
 
 
 @dataclass
 class DataConfig:
-    train_data: str | None = _f(None, "training JSON Lines file (.jsonl / .jsonl.gz); default: the embedded demo set")
-    val_data: str | None = _f(None, "validation file; default: hold out --val-fraction of the training documents")
-    val_fraction: float = _f(0.05, "fraction of training documents held out when there is no --val-data")
+    train_data: str | None = _f(
+        None, "training JSON Lines file (.jsonl / .jsonl.gz); default: the embedded demo set"
+    )
+    val_data: str | None = _f(
+        None, "validation file; default: hold out --val-fraction of the training documents"
+    )
+    val_fraction: float = _f(
+        0.05, "fraction of training documents held out when there is no --val-data"
+    )
     fields: str | None = _f(None, "field mapping, e.g. 'prompt=question,response=answer' (GSM8K)")
     seq_length: int = _f(512, "tokens per packed sequence")
-    response_only: bool = _f(False, "train on response tokens only (prompt and template labels are -100)")
+    response_only: bool = _f(
+        False, "train on response tokens only (prompt and template labels are -100)"
+    )
     doc_mask: str = _f(
         "auto",
         "document-aware packing (no attention across documents): auto (on where the attention "
@@ -67,7 +82,9 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     batch_size: int = _f(32, "sequences per optimizer step (all ranks together)")
-    micro_batch_size: int = _f(0, "sequences per forward pass per rank; 0: largest that fits (GPU) or up to 8 (CPU)")
+    micro_batch_size: int = _f(
+        0, "sequences per forward pass per rank; 0: largest that fits (GPU) or up to 8 (CPU)"
+    )
     epochs: float = _f(1.0, "passes over the training set (ignored when --max-steps > 0)")
     max_steps: int = _f(0, "optimizer steps; 0: from --epochs")
     lr: float = _f(2e-5, "peak learning rate")
@@ -94,7 +111,9 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_every: int = _f(0, "optimizer steps between checkpoints (0: only on interrupt and at the end)")
+    save_every: int = _f(
+        0, "optimizer steps between checkpoints (0: only on interrupt and at the end)"
+    )
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     resume: str | None = _f(None, "'latest' (in --output-dir) or a checkpoint directory")
     save_final: bool = _f(True, "save model and tokenizer to <output-dir>/final")
@@ -189,9 +208,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{f.metadata.get('help', '')} (default: {default}) [{section}]"
         if tp is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar=tp.__name__.upper(), help=help_text)
+            parser.add_argument(
+                flag, dest=name, default=None, metavar=tp.__name__.upper(), help=help_text
+            )
 
 
 def _flatten_file(path: str) -> dict[str, Any]:
@@ -259,7 +282,9 @@ def _validate(cfg: RunConfig) -> None:
         section, _ = FIELDS[name]
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not one of {sorted(allowed)}")
+            raise ConfigError(
+                f"--{name.replace('_', '-')}: {value!r} is not one of {sorted(allowed)}"
+            )
     positive = {
         "seq_length": cfg.data.seq_length,
         "batch_size": cfg.optim.batch_size,
@@ -294,18 +319,3 @@ def _validate(cfg: RunConfig) -> None:
     for name in cfg.log.report_to.split(","):
         if name.strip() and name.strip() not in {"wandb", "tensorboard"}:
             raise ConfigError(f"--report-to: unknown backend {name.strip()!r} (wandb, tensorboard)")
-
-
-def parse_fields(spec: str | None) -> dict[str, str] | None:
-    """'prompt=question,response=answer' -> {'prompt': 'question', 'response': 'answer'}."""
-    if not spec:
-        return None
-    out = {}
-    for part in spec.split(","):
-        if "=" not in part:
-            raise ConfigError(f"--fields: expected ours=theirs pairs like prompt=question, got {part!r}")
-        ours, theirs = (s.strip() for s in part.split("=", 1))
-        if ours not in {"prompt", "response"}:
-            raise ConfigError(f"--fields: {ours!r} must be 'prompt' or 'response'")
-        out[ours] = theirs
-    return out

@@ -4,7 +4,7 @@ Every response has one shape, "The answer is X.", and each task has a few wordin
 135M instruct model picks up the format (and much of the content) within a few dozen
 optimizer steps on a CPU and the validation loss drops clearly. Same seed, same files.
 
-    train, val = write_demo_dataset("out/", n_train=2000, n_val=120, seed=0)
+    train, val = write_demo_dataset("out/", n_train=2000, n_val=100, seed=0)
     train, val = ensure_demo_dataset(cache_root())   # created once, reused afterwards
 
 Each line is {"prompt": ..., "response": ...}.
@@ -23,7 +23,7 @@ from pathlib import Path
 # Bump when the generator changes, so cached copies from an older version are not reused.
 DEMO_VERSION = 1
 DEFAULT_N_TRAIN = 2000
-DEFAULT_N_VAL = 120
+DEFAULT_N_VAL = 100  # ~20 packed sequences of 256 SmolLM2 tokens: a cheap validation pass
 
 WORDS = [
     "apple",

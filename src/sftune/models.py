@@ -260,8 +260,14 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a preset or model directory, with an EOS token (the packing delimiter)."""
-    source, _ = resolve_source(name_or_path)
+    """The tokenizer of a preset, a model directory or a tokenizer-only directory.
+
+    It must have an EOS token: packing uses it as the document delimiter.
+    """
+    path = Path(name_or_path).expanduser()
+    source = (
+        path if name_or_path not in PRESETS and path.is_dir() else resolve_source(name_or_path)[0]
+    )
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     if tokenizer.eos_token_id is None:
         raise SftuneError(f"the tokenizer in {source} has no eos_token; packing needs one")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sftune.data.formats import CANONICAL_FIELDS
-from sftune.errors import ConfigError, DataError, SftuneError
+from sftune.data.formats import parse_fields
+from sftune.errors import DataError, SftuneError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
     parser.add_argument(
         "--fields",
-        type=parse_fields,
         default=None,
         help="map the file's keys to ours, SOURCE=TARGET pairs, e.g. question=prompt,answer=response",
     )
@@ -40,39 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_fields(text: str) -> dict[str, str]:
-    """`question=prompt,answer=response` -> {"prompt": "question", "response": "answer"}.
-
-    Each pair names one of our fields (prompt, response, messages) on either side; the
-    other side is the file's key.
-
-        >>> parse_fields("question=prompt,answer=response")
-        {'prompt': 'question', 'response': 'answer'}
-    """
-    mapping: dict[str, str] = {}
-    for pair in filter(None, (p.strip() for p in text.split(","))):
-        left, sep, right = (s.strip() for s in pair.partition("="))
-        if not sep or not left or not right:
-            raise argparse.ArgumentTypeError(f"expected SOURCE=TARGET, got {pair!r}")
-        if right in CANONICAL_FIELDS:
-            mapping[right] = left
-        elif left in CANONICAL_FIELDS:
-            mapping[left] = right
-        else:
-            raise argparse.ArgumentTypeError(
-                f"{pair!r} names none of our fields {', '.join(CANONICAL_FIELDS)}"
-            )
-    return mapping
-
-
 def load_tokenizer(name: str):
-    """`AutoTokenizer.from_pretrained(name)` for a local directory, failures as one line."""
-    from transformers import AutoTokenizer
+    """The tokenizer of a local directory or preset; failures as one line."""
+    from sftune.models import load_tokenizer as _load
 
-    if not Path(name).is_dir():
-        raise ConfigError(f"--tokenizer {name}: not a directory")
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return _load(name)
+    except SftuneError:
+        raise
     except Exception as e:  # transformers raises many kinds; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SftuneError(f"cannot load the tokenizer from {name}: {first}") from e
@@ -91,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         args.seq_length,
         args.shuffle,
         seed=args.seed,
-        fields=args.fields,
+        fields=parse_fields(args.fields),
         response_only=args.response_only,
         cache_dir=args.cache_dir,
         verbose=True,

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sftune.errors import DataError
+from sftune.errors import ConfigError, DataError
 
 PROMPT_RESPONSE = "prompt/response"
 ALPACA = "alpaca"
@@ -210,3 +210,30 @@ def _messages_record(path: Path, obj: Any, line: int, key: str) -> Record:
     if messages[-1]["role"] != "assistant":
         raise DataError(path, "the last message must be the assistant's", line=line, field=key)
     return Record("", "", tuple(messages), line)
+
+
+def parse_fields(text: str | None) -> dict[str, str] | None:
+    """`question=prompt,answer=response` -> {"prompt": "question", "response": "answer"}.
+
+    Each pair names one of our fields (prompt, response, messages) on either side; the
+    other side is the file's key.
+
+        >>> parse_fields("question=prompt,answer=response")
+        {'prompt': 'question', 'response': 'answer'}
+    """
+    if not text:
+        return None
+    mapping: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        left, sep, right = (s.strip() for s in pair.partition("="))
+        if not sep or not left or not right:
+            raise ConfigError(f"--fields: expected SOURCE=TARGET, got {pair!r}")
+        if right in CANONICAL_FIELDS:
+            mapping[right] = left
+        elif left in CANONICAL_FIELDS:
+            mapping[left] = right
+        else:
+            raise ConfigError(
+                f"--fields: {pair!r} names none of our fields {', '.join(CANONICAL_FIELDS)}"
+            )
+    return mapping

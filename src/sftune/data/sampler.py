@@ -20,11 +20,19 @@ import numpy as np
 
 class StepSampler:
     def __init__(
-        self, num_items: int, global_batch: int, *, shuffle: bool, seed: int,
-        rank: int = 0, world_size: int = 1,
+        self,
+        num_items: int,
+        global_batch: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+            raise ValueError(
+                f"global batch {global_batch} is not divisible by world size {world_size}"
+            )
         if num_items < global_batch:
             raise ValueError(
                 f"the training set has {num_items} sequences, fewer than one batch of {global_batch}"

@@ -36,7 +36,9 @@ from sftune.train.distributed import World
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # One process without a process group is a supported case of DCP, not a mistake.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+)
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -48,7 +50,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -56,7 +62,9 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise SftuneError(f"{output_dir}: --resume latest, but there is no checkpoint in {output_dir / 'checkpoints'}")
+            raise SftuneError(
+                f"{output_dir}: --resume latest, but there is no checkpoint in {output_dir / 'checkpoints'}"
+            )
         return found[-1]
     path = Path(resume)
     if not (path / "trainer.pt").is_file():
@@ -65,7 +73,11 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -120,7 +132,9 @@ def load(
     model_sd, optim_sd = get_state_dict(module, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path / "model_optim"))
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     rng_file = path / f"rng_rank{world.rank}.pt"
     # Same world size: each rank gets its own RNG back. Other world sizes: rank 0's.
@@ -132,12 +146,16 @@ def load(
 
 def full_model_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole (unsharded) model on the CPU, on rank 0 (empty on other ranks)."""
-    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(
+        module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     prefix = "lm."
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
-def save_final(output_dir: Path, module: torch.nn.Module, hf_model, tokenizer, world: World) -> Path:
+def save_final(
+    output_dir: Path, module: torch.nn.Module, hf_model, tokenizer, world: World
+) -> Path:
     """`save_pretrained` model + tokenizer into <output-dir>/final, atomically (all ranks call)."""
     state_dict = full_model_state_dict(module)
     final = output_dir / "final"

@@ -115,7 +115,9 @@ def apply_fsdp(
     kwargs: dict = {}
     if param_dtype is not None:
         reduce_dtype = torch.float32 if cfg.reduce_fp32 else param_dtype
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=reduce_dtype
+        )
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     layers = decoder_layers(hf_model)

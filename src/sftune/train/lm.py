@@ -32,8 +32,14 @@ class CausalLMWithLoss(nn.Module):
     through the same sharded module).
     """
 
-    def __init__(self, lm: nn.Module, *, fused: bool, autocast_dtype: torch.dtype | None = None,
-                 chunk_size: int = 4096):
+    def __init__(
+        self,
+        lm: nn.Module,
+        *,
+        fused: bool,
+        autocast_dtype: torch.dtype | None = None,
+        chunk_size: int = 4096,
+    ):
         super().__init__()
         self.lm = lm
         self.fused = fused
@@ -53,7 +59,9 @@ class CausalLMWithLoss(nn.Module):
             if self.fused:
                 return self._fused_loss(input_ids, labels, position_ids, scale)
             logits = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-            return cross_entropy_sum(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)) * scale
+            return (
+                cross_entropy_sum(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)) * scale
+            )
 
     def _fused_loss(self, input_ids, labels, position_ids, scale):
         base = getattr(self.lm, self.lm.base_model_prefix)

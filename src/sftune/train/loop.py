@@ -12,6 +12,7 @@ No `.item()` inside a step: the host synchronises only when it logs, evaluates o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from sftune import config as config_mod
 from sftune.config import RunConfig
 from sftune.data.sampler import StepSampler
 from sftune.errors import SftuneError
@@ -57,10 +57,9 @@ class _StopFlag:
 
     def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # signal.signal raises ValueError outside the main thread (e.g. a worker thread).
+            with contextlib.suppress(ValueError):
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a worker thread)
-                pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -96,7 +95,9 @@ def micro_batches(s: Setup, indices) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def train_step(s: Setup, optimizer, scheduler, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def train_step(
+    s: Setup, optimizer, scheduler, batches
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step. Returns (this rank's share of the step loss, grad norm, global trained
     tokens) as tensors; the shares of all ranks sum to the step's token-weighted mean loss."""
     count = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).float()
@@ -173,8 +174,13 @@ def generate_samples(s: Setup, step: int) -> None:
 def _run_eval(s: Setup, state: TrainState, *, samples: bool = True) -> float:
     start = time.perf_counter()
     val = evaluate(s)
-    s.logger.log(state.step, {"val_loss": val, "tokens": state.tokens, "eval_seconds": time.perf_counter() - start})
-    s.progress.write(f"step {state.step:>6} | val_loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}")
+    s.logger.log(
+        state.step,
+        {"val_loss": val, "tokens": state.tokens, "eval_seconds": time.perf_counter() - start},
+    )
+    s.progress.write(
+        f"step {state.step:>6} | val_loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}"
+    )
     if samples:
         generate_samples(s, state.step)
     s.logger.plot()
@@ -188,7 +194,13 @@ def _save(s: Setup, state: TrainState, optimizer, scheduler, sampler) -> Path:
         "scheduler": scheduler.state_dict(),
     }
     path = checkpoint.save(
-        s.output_dir, state.step, s.module, optimizer, trainer_state, s.cfg, s.world,
+        s.output_dir,
+        state.step,
+        s.module,
+        optimizer,
+        trainer_state,
+        s.cfg,
+        s.world,
         s.cfg.checkpoint.keep_checkpoints,
     )
     s.progress.write(f"step {state.step:>6} | checkpoint {path}")
@@ -209,14 +221,16 @@ def _resume(s: Setup, optimizer, scheduler, sampler) -> TrainState:
     return state
 
 
-def _log_train(s: Setup, state: TrainState, window: list, lr: float, seconds: float, tokens: int) -> None:
+def _log_train(
+    s: Setup, state: TrainState, window: list, lr: float, seconds: float, tokens: int
+) -> None:
     """Synchronises once for the whole window of steps; checks every loss for NaN/inf."""
     stacked = torch.stack([torch.stack([loss, norm]) for loss, norm in window])
     # Each rank holds its share of every step's loss; the gradient norm is already global.
     losses = distributed.all_reduce_sum(stacked[:, 0].contiguous())
     values = torch.stack([losses, stacked[:, 1]], dim=1).tolist()
     first = state.step - len(window) + 1
-    for k, (loss, norm) in enumerate(values):
+    for k, (loss, _) in enumerate(values):
         if not math.isfinite(loss):
             raise SftuneError(
                 f"non-finite loss ({loss}) at step {first + k}: stopping; the last good checkpoint "
@@ -224,8 +238,14 @@ def _log_train(s: Setup, state: TrainState, window: list, lr: float, seconds: fl
             )
     loss, norm = values[-1]
     tok_s = tokens / max(seconds, 1e-9)
-    metrics = {"train_loss": loss, "lr": lr, "grad_norm": norm, "tokens": state.tokens,
-               "tokens_per_s": tok_s, "epoch": state.tokens / max(s.tokens_per_epoch, 1)}
+    metrics = {
+        "train_loss": loss,
+        "lr": lr,
+        "grad_norm": norm,
+        "tokens": state.tokens,
+        "tokens_per_s": tok_s,
+        "epoch": state.tokens / max(s.tokens_per_epoch, 1),
+    }
     if s.flops_per_token and s.peak_flops:
         metrics["mfu"] = tok_s * s.flops_per_token / (s.peak_flops * s.world.world_size)
     if s.device.type == "cuda":
@@ -249,8 +269,12 @@ def _stop_requested(s: Setup, stop: _StopFlag, state: TrainState) -> bool:
 def run(s: Setup) -> TrainResult:
     cfg = s.cfg
     sampler = StepSampler(
-        len(s.train_data), cfg.optim.batch_size, shuffle=cfg.data.shuffle, seed=cfg.optim.seed,
-        rank=s.world.rank, world_size=s.world.world_size,
+        len(s.train_data),
+        cfg.optim.batch_size,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.optim.seed,
+        rank=s.world.rank,
+        world_size=s.world.world_size,
     )
     steps = total_steps(cfg, sampler.steps_per_epoch)
     optimizer, scheduler = build_optimizer(list(s.module.parameters()), cfg.optim, steps, s.device)
@@ -273,7 +297,9 @@ def run(s: Setup) -> TrainResult:
             if s.device.type == "cpu" or state.step % cfg.log.log_every == 0 or state.step == steps:
                 now = time.perf_counter()
                 state.elapsed += now - t0
-                _log_train(s, state, window, scheduler.get_last_lr()[0], now - t0, state.tokens - tok0)
+                _log_train(
+                    s, state, window, scheduler.get_last_lr()[0], now - t0, state.tokens - tok0
+                )
                 window, t0, tok0 = [], now, state.tokens
             if cfg.log.eval_every and state.step % cfg.log.eval_every == 0 and state.step < steps:
                 val_end = _run_eval(s, state)
@@ -291,7 +317,9 @@ def run(s: Setup) -> TrainResult:
     if interrupted:
         if last_saved != state.step:
             _save(s, state, optimizer, scheduler, sampler)
-        s.progress.write(f"interrupted at step {state.step}; resume with --resume latest --output-dir {s.output_dir}")
+        s.progress.write(
+            f"interrupted at step {state.step}; resume with --resume latest --output-dir {s.output_dir}"
+        )
         s.progress.close()
         return TrainResult(s.output_dir, None, state.step, val_start, None, interrupted=True)
     if last_saved != state.step:
@@ -339,4 +367,3 @@ def _print_summary(s: Setup, r: TrainResult) -> None:
         print(f"model         : {r.final_dir}")
     print(f"metrics       : {out / 'metrics.jsonl'}")
     print(f"learning curve: {out / 'learning_curve.png'}")
-

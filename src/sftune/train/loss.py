@@ -21,9 +21,7 @@ IGNORE_INDEX = -100
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of the fp32 cross-entropies of the trained tokens. logits (N, V), labels (N,)."""
-    return F.cross_entropy(
-        logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -56,7 +54,13 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+        return (
+            grad_h * grad_out.to(grad_h.dtype),
+            grad_w * grad_out.to(grad_w.dtype),
+            None,
+            None,
+            None,
+        )
 
 
 def fused_linear_cross_entropy(

@@ -1,7 +1,7 @@
 """AdamW with linear warmup and cosine decay.
 
-    lr(s) = lr * (s + 1) / W                                   for s < W (W = ceil(warmup_ratio * total))
-    lr(s) = lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)        after, p = (s - W) / (total - W), m = min_lr_ratio
+lr(s) = lr * (s + 1) / W                                   for s < W (W = ceil(warmup_ratio * total))
+lr(s) = lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)        after, p = (s - W) / (total - W), m = min_lr_ratio
 """
 
 from __future__ import annotations

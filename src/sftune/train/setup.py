@@ -7,8 +7,6 @@ its loss, compiled and sharded as asked), tokenizer, packed datasets, micro-batc
 from __future__ import annotations
 
 import datetime
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +14,9 @@ from typing import Any
 import torch
 
 from sftune import config as config_mod
-from sftune.config import RunConfig, parse_fields
+from sftune.config import RunConfig
 from sftune.data import PackedSFTDataset, read_records, render_record, select_documents
+from sftune.data.formats import parse_fields
 from sftune.errors import ConfigError, SftuneError
 from sftune.models import load_model_and_tokenizer, model_flops_per_token
 from sftune.train import distributed
@@ -130,12 +129,17 @@ def build_datasets(cfg: RunConfig, tokenizer, world: World, doc_mask: bool):
         distributed.barrier()
         train_path, default_val = map(str, ensure_demo_dataset(cache_root()))
         val_path = val_path or default_val
-    common = dict(seed=cfg.optim.seed, fields=fields, response_only=cfg.data.response_only,
-                  position_ids=doc_mask)
+    common = dict(
+        seed=cfg.optim.seed,
+        fields=fields,
+        response_only=cfg.data.response_only,
+        position_ids=doc_mask,
+    )
 
     def make(path, shuffle, **kw):
-        return PackedSFTDataset(tokenizer, path, cfg.data.seq_length, shuffle,
-                                verbose=world.is_main, **common, **kw)
+        return PackedSFTDataset(
+            tokenizer, path, cfg.data.seq_length, shuffle, verbose=world.is_main, **common, **kw
+        )
 
     for turn in ("main", "others"):
         if (turn == "main") == world.is_main:
@@ -152,7 +156,9 @@ def build_datasets(cfg: RunConfig, tokenizer, world: World, doc_mask: bool):
     return train, val, train_path, val_path, fields
 
 
-def sample_prompts(cfg: RunConfig, tokenizer, train_path, val_path, fields) -> list[tuple[str, str]]:
+def sample_prompts(
+    cfg: RunConfig, tokenizer, train_path, val_path, fields
+) -> list[tuple[str, str]]:
     """(prompt, rendered prompt part) of the first --num-samples validation documents."""
     n = cfg.log.num_samples
     if n == 0:
@@ -166,7 +172,9 @@ def sample_prompts(cfg: RunConfig, tokenizer, train_path, val_path, fields) -> l
     out = []
     for r in records[:n]:
         prompt_part, _ = render_record(r, tokenizer)
-        shown = r.prompt or (r.messages[-2]["content"] if r.messages and len(r.messages) > 1 else "")
+        shown = r.prompt or (
+            r.messages[-2]["content"] if r.messages and len(r.messages) > 1 else ""
+        )
         out.append((shown, prompt_part))
     return out
 
@@ -184,7 +192,9 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World, n
     autocast = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
     module = CausalLMWithLoss(hf_model, fused=fused, autocast_dtype=autocast)
     if cfg.model.activation_checkpointing:
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
         hf_model.config.use_cache = False
     if _choose(cfg.model.compile, device.type == "cuda"):
         for layer in distributed.decoder_layers(hf_model):
@@ -256,7 +266,7 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
     optimizer.step()
-    for g, lr in zip(optimizer.param_groups, lrs):
+    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
         g["lr"] = lr
     for st in optimizer.state.values():
         if "step" in st:
@@ -273,7 +283,9 @@ def _peak_flops(device: torch.device) -> float | None:
 
 def build(cfg: RunConfig) -> Setup:
     cfg.validate()
-    world = distributed.init("cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu")
+    world = distributed.init(
+        "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu"
+    )
     device = resolve_device(cfg.model.device, world)
     torch.manual_seed(cfg.optim.seed)
     output_dir = build_output_dir(cfg, world)
@@ -300,13 +312,27 @@ def build(cfg: RunConfig) -> Setup:
         tokens_per_step=cfg.optim.batch_size * cfg.data.seq_length,
         resume=cfg.checkpoint.resume is not None,
     )
-    flops = model_flops_per_token(hf_model.config, cfg.data.seq_length) if device.type == "cuda" else None
-    return Setup(
-        cfg=cfg, world=world, device=device, output_dir=output_dir, hf_model=hf_model,
-        tokenizer=tokenizer, module=module, train_data=train, val_data=val,
-        micro_batch_size=micro, varlen=doc_mask and info.attn_implementation == "flash_attention_2",
-        sharded=sharded, logger=logger, notes=notes,
-        sample_prompts=sample_prompts(cfg, tokenizer, train_path, val_path, fields),
-        flops_per_token=flops, peak_flops=_peak_flops(device),
+    flops = (
+        model_flops_per_token(hf_model.config, cfg.data.seq_length)
+        if device.type == "cuda"
+        else None
     )
-
+    return Setup(
+        cfg=cfg,
+        world=world,
+        device=device,
+        output_dir=output_dir,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        module=module,
+        train_data=train,
+        val_data=val,
+        micro_batch_size=micro,
+        varlen=doc_mask and info.attn_implementation == "flash_attention_2",
+        sharded=sharded,
+        logger=logger,
+        notes=notes,
+        sample_prompts=sample_prompts(cfg, tokenizer, train_path, val_path, fields),
+        flops_per_token=flops,
+        peak_flops=_peak_flops(device),
+    )
