@@ -87,8 +87,10 @@ def greedy_generate(
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     if not sharded:
         lm = module.lm
-        ctx = module._autocast(device.type)
-        with ctx:
+        # Compiled decoder layers would recompile for every KV-cache length: decode eagerly.
+        eager = getattr(torch.compiler, "set_stance", None)
+        stance = eager("force_eager") if eager else contextlib.nullcontext()
+        with stance, module._autocast(device.type):
             out = lm.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
