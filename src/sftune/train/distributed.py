@@ -113,7 +113,7 @@ def apply_fsdp(
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs: dict = {}
-    if param_dtype is not None:
+    if param_dtype is not None or cfg.reduce_fp32:
         reduce_dtype = torch.float32 if cfg.reduce_fp32 else param_dtype
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=param_dtype, reduce_dtype=reduce_dtype

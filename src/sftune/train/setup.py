@@ -7,6 +7,7 @@ its loss, compiled and sharded as asked), tokenizer, packed datasets, micro-batc
 from __future__ import annotations
 
 import datetime
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,22 @@ def build_output_dir(cfg: RunConfig, world: World) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         config_mod.save(cfg, out / "config.yaml")
     return out
+
+
+def attention_request(cfg: RunConfig, device: torch.device) -> str:
+    """--attn, except that document masks on a GPU without flash-attn get FlexAttention.
+
+    SDPA with a block-diagonal mask falls back from the flash kernel; FlexAttention skips the
+    masked blocks (measured 25% faster at 4,096 tokens, docs/BENCHMARKS.md).
+    """
+    if (
+        cfg.model.attn == "auto"
+        and cfg.data.doc_mask == "on"
+        and device.type == "cuda"
+        and importlib.util.find_spec("flash_attn") is None
+    ):
+        return "flex_attention"
+    return cfg.model.attn
 
 
 def _doc_mask(cfg: RunConfig, attn: str) -> bool:
@@ -292,7 +309,10 @@ def build(cfg: RunConfig) -> Setup:
     notes: list[str] = []
     load_dtype = "fp32" if cfg.model.dtype == "bf16-mixed" else cfg.model.dtype
     hf_model, tokenizer, info = load_model_and_tokenizer(
-        cfg.model.model, device=device, dtype=load_dtype, attn_implementation=cfg.model.attn
+        cfg.model.model,
+        device=device,
+        dtype=load_dtype,
+        attn_implementation=attention_request(cfg, device),
     )
     notes.append(
         f"model {cfg.model.model} ({info.num_params / 1e6:.1f}M params, {info.dtype}"
