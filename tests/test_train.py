@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -223,6 +224,9 @@ def test_cli_end_to_end(workdir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     tok = AutoTokenizer.from_pretrained(run / "final")
     assert model.config.num_hidden_layers == 2 and tok.eos_token_id is not None
+    # transformers 4.x cannot load v5's "TokenizersBackend" class name.
+    tok_cfg = json.loads((run / "final" / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
 
     ev = _cli(
         "eval",

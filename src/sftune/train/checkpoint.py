@@ -12,6 +12,7 @@ during a save leaves the previous checkpoints untouched and never a broken `step
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -153,6 +154,18 @@ def full_model_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
+def _portable_tokenizer_class(model_dir: Path) -> None:
+    """transformers 5 writes tokenizer_class "TokenizersBackend", which 4.x cannot load; both
+    load the same tokenizer.json as "PreTrainedTokenizerFast" (checked with 4.57 and 5.24)."""
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
 def save_final(
     output_dir: Path, module: torch.nn.Module, hf_model, tokenizer, world: World
 ) -> Path:
@@ -164,6 +177,7 @@ def save_final(
         shutil.rmtree(tmp, ignore_errors=True)
         hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_class(tmp)
         old = output_dir / ".old_final"
         if final.exists():
             os.replace(final, old)
