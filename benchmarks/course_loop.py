@@ -23,12 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+# Shared with the trainer so both loops use one schedule and one FLOPs formula.
+from sftune.models import count_params, model_flops_per_token  # noqa: E402
+from sftune.train.optim import lr_factor  # noqa: E402
 
 # Llama 3.1 8B (meta-llama/Llama-3.1-8B config.json), random init for throughput/memory.
 LLAMA31_8B = dict(
@@ -144,24 +151,6 @@ def random_batches(
 # ----------------------------------------------------------------------------- FLOPs / MFU
 
 
-def count_non_embedding_params(model: torch.nn.Module) -> int:
-    """All parameters minus the input embedding and the (untied) lm_head; tied counted once."""
-    emb = set()
-    for m in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if m is not None:
-            emb.update(id(p) for p in m.parameters())
-    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
-
-
-def flops_per_token(config, seq_len: int) -> float:
-    """6 * non_embedding_params + 12 * layers * hidden * seq_len (PaLM appendix B; the same
-    formula as sftune.models.model_flops_per_token). Params counted on the meta device."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    n = count_non_embedding_params(model)
-    return 6.0 * n + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
-
-
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float = 989e12) -> float:
     """Model FLOPs utilization; 989e12 = H100/H200 SXM dense bf16 datasheet peak (the measured
     8192^3 bf16 matmul ceiling on the lent H200 was ~790e12)."""
@@ -169,13 +158,6 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float = 989e12)
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-def lr_factor(step: int, total_steps: int, warmup: int, min_lr_ratio: float = 0.0) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _sync(device: torch.device) -> None:
@@ -320,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(cfg, device, dtype, seed=a.seed)
     _sync(device)
     init_s = time.perf_counter() - t0
-    fpt = flops_per_token(cfg, a.seq_len)
+    fpt = model_flops_per_token(cfg, a.seq_len)
     batches = random_batches(
         cfg.vocab_size, a.micro_batch, a.seq_len, a.steps * a.accum, a.seed, device
     )
@@ -341,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         init_time_s=init_s,
         flops_per_token=fpt,
-        non_embedding_params=count_non_embedding_params(model),
+        non_embedding_params=count_params(model)[1],
         mfu=mfu(res["tokens_per_s"], fpt, a.peak_flops),
         peak_flops=a.peak_flops,
         torch=torch.__version__,

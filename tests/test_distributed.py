@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from trainutil import losses, weights
+from trainutil import losses, train_args, weights
 
 pytestmark = pytest.mark.slow
 
@@ -25,28 +25,7 @@ def _run(workdir, out, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     args = [
         "-m",
         "sftune",
-        "train",
-        "--model",
-        str(workdir / "model"),
-        "--train-data",
-        str(workdir / "train.jsonl"),
-        "--seq-length",
-        "32",
-        "--batch-size",
-        "8",
-        "--micro-batch-size",
-        "2",
-        "--lr",
-        "3e-3",
-        "--log-every",
-        "1",
-        "--num-samples",
-        "0",
-        "--output-dir",
-        str(out),
-        "--fsdp",
-        "on",
-        *extra,
+        *train_args(workdir, out, "--micro-batch-size", "2", "--fsdp", "on", *extra),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(launcher + args, capture_output=True, text=True, timeout=600, env=env)

@@ -16,7 +16,7 @@ import torch
 from sftune import config as config_mod
 from sftune.train.logging import read_metrics
 from sftune.train.loop import train
-from trainutil import losses, weights
+from trainutil import losses, train_args, weights
 
 
 def _cfg(workdir: Path, out: Path, **over) -> config_mod.RunConfig:
@@ -63,28 +63,7 @@ def _cli(*args: str, env=None, **kw) -> subprocess.CompletedProcess:
 
 
 def _train_args(workdir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(workdir / "model"),
-        "--train-data",
-        str(workdir / "train.jsonl"),
-        "--seq-length",
-        "32",
-        "--batch-size",
-        "8",
-        "--micro-batch-size",
-        "4",
-        "--lr",
-        "3e-3",
-        "--log-every",
-        "1",
-        "--num-samples",
-        "0",
-        "--output-dir",
-        str(out),
-        *extra,
-    ]
+    return train_args(workdir, out, "--micro-batch-size", "4", *extra)
 
 
 def _start(args: list[str]) -> subprocess.Popen:

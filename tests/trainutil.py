@@ -16,3 +16,27 @@ def losses(run: Path) -> dict[int, float]:
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "final" / "model.safetensors")
+
+
+def train_args(workdir: Path, out: Path, *extra: str) -> list[str]:
+    """`sftune train` arguments for the tiny model and arithmetic file of the `workdir` fixture."""
+    return [
+        "train",
+        "--model",
+        str(workdir / "model"),
+        "--train-data",
+        str(workdir / "train.jsonl"),
+        "--seq-length",
+        "32",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--log-every",
+        "1",
+        "--num-samples",
+        "0",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]

@@ -176,7 +176,7 @@ def build_datasets(cfg: RunConfig, tokenizer, world: World, doc_mask: bool):
 def sample_prompts(
     cfg: RunConfig, tokenizer, train_path, val_path, fields
 ) -> list[tuple[str, str]]:
-    """(prompt, rendered prompt part) of the first --num-samples validation documents."""
+    """(prompt, rendered prompt part) of --num-samples validation documents."""
     n = cfg.log.num_samples
     if n == 0:
         return []
@@ -186,8 +186,10 @@ def sample_prompts(
         records = read_records(train_path, fields)
         keep = select_documents(len(records), cfg.data.val_fraction, True, cfg.optim.seed)
         records = [records[i] for i in keep]
+    # Evenly spaced through the file, so the samples cover more than its first task or topic.
+    picked = [records[i * len(records) // n] for i in range(min(n, len(records)))]
     out = []
-    for r in records[:n]:
+    for r in picked:
         prompt_part, _ = render_record(r, tokenizer)
         shown = r.prompt or (
             r.messages[-2]["content"] if r.messages and len(r.messages) > 1 else ""
