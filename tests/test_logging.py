@@ -229,7 +229,6 @@ def test_wandb_receives_metrics_and_keeps_run_id_on_resume(tmp_path, monkeypatch
             logged.append("finish")
 
     fake = types.ModuleType("wandb")
-    fake.util = types.SimpleNamespace(generate_id=lambda: "abc123")
     fake.init = lambda **kw: inits.append(kw) or FakeRun()
     fake.Table = lambda columns, data: ("table", columns, data)
     monkeypatch.setitem(sys.modules, "wandb", fake)
@@ -241,14 +240,16 @@ def test_wandb_receives_metrics_and_keeps_run_id_on_resume(tmp_path, monkeypatch
     logger.close()
     assert inits[0]["project"] == "sftune" and inits[0]["mode"] == "offline"
     assert inits[0]["name"] == "r" and inits[0]["config"] == {"a": 1}
-    assert inits[0]["resume"] == "allow" and inits[0]["id"] == "abc123"
+    run_id = inits[0]["id"]
+    assert inits[0]["resume"] == "allow" and len(run_id) == 12
     assert logged[0] == ({"train_loss": 1.25}, 5)
     assert logged[1] == ({"samples": ("table", ["prompt", "output"], [["p", "o"]])}, 5)
     assert logged[2] == "finish"
 
-    fake.util.generate_id = lambda: "different"
     MetricsLogger(tmp_path, report_to=["wandb"], resume=True).close()
-    assert inits[1]["id"] == "abc123"
+    assert inits[1]["id"] == run_id  # a resumed run continues the same wandb run
+    MetricsLogger(tmp_path / "other", report_to=["wandb"]).close()
+    assert inits[2]["id"] != run_id
 
 
 def test_console_progress_shows_postfix_and_writes(capsys):

@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ class MetricsLogger:
         if self.resume and id_path.exists():
             run_id = id_path.read_text(encoding="utf-8").strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]  # wandb's own id helper moved between releases
             id_path.write_text(run_id + "\n", encoding="utf-8")
         self._wandb = wandb
         self._wandb_run = wandb.init(
