@@ -124,30 +124,22 @@ def train_step(
 def evaluate(s: Setup) -> float:
     """Token-weighted validation loss over the whole validation set (all ranks together)."""
     s.module.eval()
-    n = len(s.val_data)
-    mine = list(range(s.world.rank, n, s.world.world_size))
-    loss_sum = torch.zeros((), device=s.device)
-    count = torch.zeros((), device=s.device)
-    for lo in range(0, max(len(mine), 1), s.micro_batch_size):
-        chunk = mine[lo : lo + s.micro_batch_size]
-        if not chunk:  # this rank has no items but must join the collective forwards
-            chunk = [0]
-            weight = 0.0
-        else:
-            weight = 1.0
-        b = to_device(s.val_data.get_batch(chunk), s.device)
+    mine = list(range(s.world.rank, len(s.val_data), s.world.world_size))
+    mb = s.micro_batch_size
+    forwards = torch.tensor([math.ceil(len(mine) / mb)], device=s.device)
+    # Under FSDP every rank must run the same number of forwards (they gather parameters
+    # together): ranks with fewer items run padding forwards whose loss is weighted 0.
+    forwards = int(distributed.all_reduce_max(forwards).item())
+    totals = torch.zeros(2, device=s.device)  # summed loss, trained tokens
+    for i in range(forwards):
+        chunk = mine[i * mb : (i + 1) * mb]
+        weight = 1.0 if chunk else 0.0
+        b = to_device(s.val_data.get_batch(chunk or [0]), s.device)
         if s.varlen:
             b = flatten_for_varlen(b)
-        loss_sum += s.module(b["input_ids"], b["labels"], b.get("position_ids"), 1.0) * weight
-        count += (b["labels"] != IGNORE_INDEX).sum() * weight
-    if s.world.distributed:
-        # Ranks may run different numbers of forwards: pad so FSDP collectives line up.
-        steps = torch.tensor([math.ceil(len(mine) / s.micro_batch_size)], device=s.device)
-        most = int(distributed.all_reduce_max(steps.clone()).item())
-        for _ in range(most - int(steps.item())):
-            b = to_device(s.val_data.get_batch([0]), s.device)
-            s.module(b["input_ids"], b["labels"], b.get("position_ids"), 1.0)
-    totals = distributed.all_reduce_sum(torch.stack([loss_sum, count]))
+        loss = s.module(b["input_ids"], b["labels"], b.get("position_ids"), 1.0)
+        totals += torch.stack([loss, (b["labels"] != IGNORE_INDEX).sum().float()]) * weight
+    totals = distributed.all_reduce_sum(totals)
     s.module.train()
     return float(totals[0] / totals[1].clamp(min=1.0))
 
@@ -171,7 +163,7 @@ def generate_samples(s: Setup, step: int) -> None:
     s.module.train()
 
 
-def _run_eval(s: Setup, state: TrainState, *, samples: bool = True) -> float:
+def _run_eval(s: Setup, state: TrainState) -> float:
     start = time.perf_counter()
     val = evaluate(s)
     s.logger.log(
@@ -181,8 +173,7 @@ def _run_eval(s: Setup, state: TrainState, *, samples: bool = True) -> float:
     s.progress.write(
         f"step {state.step:>6} | val_loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}"
     )
-    if samples:
-        generate_samples(s, state.step)
+    generate_samples(s, state.step)
     s.logger.plot()
     return val
 
@@ -221,28 +212,47 @@ def _resume(s: Setup, optimizer, scheduler, sampler) -> TrainState:
     return state
 
 
-def _log_train(
-    s: Setup, state: TrainState, window: list, lr: float, seconds: float, tokens: int
-) -> None:
-    """Synchronises once for the whole window of steps; checks every loss for NaN/inf."""
-    stacked = torch.stack([torch.stack([loss, norm]) for loss, norm in window])
-    # Each rank holds its share of every step's loss; the gradient norm is already global.
-    losses = distributed.all_reduce_sum(stacked[:, 0].contiguous())
-    values = torch.stack([losses, stacked[:, 1]], dim=1).tolist()
-    first = state.step - len(window) + 1
-    for k, (loss, _) in enumerate(values):
+class _Window:
+    """The steps since the last log line: one (loss share, grad norm, trained tokens) tensor each."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.reset(state)
+
+    def reset(self, state: TrainState) -> None:
+        self.steps: list[torch.Tensor] = []
+        self.start = time.perf_counter()
+        self.start_tokens = state.tokens
+
+    def add(self, loss: torch.Tensor, norm: torch.Tensor, trained: torch.Tensor) -> None:
+        self.steps.append(torch.stack([loss.float(), norm.float(), trained.float()]))
+
+
+def _flush(s: Setup, state: TrainState, window: _Window, lr: float) -> None:
+    """Logs the window's steps with one host synchronisation; stops on a non-finite loss."""
+    if not window.steps:
+        return
+    seconds = time.perf_counter() - window.start
+    state.elapsed += seconds
+    stacked = torch.stack(window.steps)
+    # Each rank holds its share of every step's loss; norm and token counts are already global.
+    stacked[:, 0] = distributed.all_reduce_sum(stacked[:, 0].contiguous())
+    values = stacked.tolist()
+    first = state.step - len(values) + 1
+    for k, (loss, _, _) in enumerate(values):
         if not math.isfinite(loss):
             raise SftuneError(
                 f"non-finite loss ({loss}) at step {first + k}: stopping; the last good checkpoint "
                 f"is kept in {s.output_dir / 'checkpoints'} (try a lower --lr)"
             )
-    loss, norm = values[-1]
-    tok_s = tokens / max(seconds, 1e-9)
+    state.trained_tokens += int(sum(v[2] for v in values))
+    tok_s = (state.tokens - window.start_tokens) / max(seconds, 1e-9)
+    loss, norm, _ = values[-1]
     metrics = {
         "train_loss": loss,
         "lr": lr,
         "grad_norm": norm,
         "tokens": state.tokens,
+        "trained_tokens": state.trained_tokens,
         "tokens_per_s": tok_s,
         "epoch": state.tokens / max(s.tokens_per_epoch, 1),
     }
@@ -251,10 +261,11 @@ def _log_train(
     if s.device.type == "cuda":
         metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
     # Every step of the window goes to metrics.jsonl so curves have full resolution.
-    for k, (l_k, n_k) in enumerate(values[:-1]):
+    for k, (l_k, n_k, _) in enumerate(values[:-1]):
         s.logger.log(first + k, {"train_loss": l_k, "grad_norm": n_k})
     s.logger.log(state.step, metrics)
-    s.progress.update(len(window), loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+    s.progress.update(len(values), loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+    window.reset(state)
 
 
 def _stop_requested(s: Setup, stop: _StopFlag, state: TrainState) -> bool:
@@ -283,60 +294,48 @@ def run(s: Setup) -> TrainResult:
     s.progress = s.make_progress(steps, state.step)
     s.progress.write(s.describe(steps, sampler.steps_per_epoch))
     val_start = _run_eval(s, state) if state.step == 0 else None
-    val_end = None
-    window: list = []
-    t0, tok0, interrupted = time.perf_counter(), state.tokens, False
     last_saved = state.step if cfg.checkpoint.resume else -1
+    window = _Window(state)
     with _StopFlag() as stop:
         while state.step < steps:
             batches = micro_batches(s, sampler.next_indices())
-            loss, norm, trained = train_step(s, optimizer, scheduler, batches)
+            window.add(*train_step(s, optimizer, scheduler, batches))
             state.step += 1
             state.tokens += cfg.optim.batch_size * cfg.data.seq_length
-            window.append((loss, norm))
-            if s.device.type == "cpu" or state.step % cfg.log.log_every == 0 or state.step == steps:
-                now = time.perf_counter()
-                state.elapsed += now - t0
-                _log_train(
-                    s, state, window, scheduler.get_last_lr()[0], now - t0, state.tokens - tok0
-                )
-                window, t0, tok0 = [], now, state.tokens
-            if cfg.log.eval_every and state.step % cfg.log.eval_every == 0 and state.step < steps:
-                val_end = _run_eval(s, state)
-                t0 = time.perf_counter()
-            if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
-                _log_pending(s, state, window, scheduler, t0, tok0)
-                window, t0, tok0 = [], time.perf_counter(), state.tokens
+            eval_now = bool(cfg.log.eval_every) and state.step % cfg.log.eval_every == 0
+            save_now = (
+                bool(cfg.checkpoint.save_every) and state.step % cfg.checkpoint.save_every == 0
+            )
+            # The CPU has no asynchronous work to lose by syncing: log every step there.
+            if (
+                s.device.type == "cpu"
+                or state.step % cfg.log.log_every == 0
+                or eval_now
+                or save_now
+            ):
+                _flush(s, state, window, scheduler.get_last_lr()[0])
+            if eval_now and state.step < steps:
+                _run_eval(s, state)
+            if save_now:
                 _save(s, state, optimizer, scheduler, sampler)
                 last_saved = state.step
+            if eval_now or save_now:  # evaluation and saving are not training time
+                window.reset(state)
             if _stop_requested(s, stop, state):
-                interrupted = True
                 break
-    if window:
-        _log_pending(s, state, window, scheduler, t0, tok0)
-    if interrupted:
-        if last_saved != state.step:
-            _save(s, state, optimizer, scheduler, sampler)
+    _flush(s, state, window, scheduler.get_last_lr()[0])
+    if last_saved != state.step:
+        _save(s, state, optimizer, scheduler, sampler)
+    if state.step < steps:  # stopped by SIGINT / SIGTERM
         s.progress.write(
             f"interrupted at step {state.step}; resume with --resume latest --output-dir {s.output_dir}"
         )
-        s.progress.close()
         return TrainResult(s.output_dir, None, state.step, val_start, None, interrupted=True)
-    if last_saved != state.step:
-        _save(s, state, optimizer, scheduler, sampler)
     val_end = _run_eval(s, state)
     final = None
     if cfg.checkpoint.save_final:
         final = checkpoint.save_final(s.output_dir, s.module, s.hf_model, s.tokenizer, s.world)
-    s.progress.close()
     return TrainResult(s.output_dir, final, state.step, val_start, val_end)
-
-
-def _log_pending(s: Setup, state: TrainState, window, scheduler, t0: float, tok0: int) -> None:
-    if window:
-        now = time.perf_counter()
-        state.elapsed += now - t0
-        _log_train(s, state, window, scheduler.get_last_lr()[0], now - t0, state.tokens - tok0)
 
 
 def train(cfg: RunConfig) -> TrainResult:
