@@ -158,18 +158,20 @@ def build_datasets(cfg: RunConfig, tokenizer, world: World, doc_mask: bool):
             tokenizer, path, cfg.data.seq_length, shuffle, verbose=world.is_main, **common, **kw
         )
 
-    for turn in ("main", "others"):
-        if (turn == "main") == world.is_main:
-            if val_path:
-                train = make(train_path, cfg.data.shuffle)
-                val = make(val_path, False)
-            else:
-                if cfg.data.val_fraction <= 0:
-                    raise ConfigError("no --val-data and --val-fraction 0: nothing to validate on")
-                split = dict(holdout_fraction=cfg.data.val_fraction)
-                train = make(train_path, cfg.data.shuffle, holdout=False, **split)
-                val = make(train_path, False, holdout=True, **split)
-        distributed.barrier()
+    if not val_path and cfg.data.val_fraction <= 0:
+        raise ConfigError("no --val-data and --val-fraction 0: nothing to validate on")
+    split = {} if val_path else dict(holdout_fraction=cfg.data.val_fraction)
+
+    def make_both():
+        train = make(train_path, cfg.data.shuffle, **split)
+        val = make(val_path, False) if val_path else make(train_path, False, holdout=True, **split)
+        return train, val
+
+    if world.is_main:
+        train, val = make_both()
+    distributed.barrier()  # the others load what rank 0 just cached
+    if not world.is_main:
+        train, val = make_both()
     return train, val, train_path, val_path, fields
 
 
