@@ -1,0 +1,94 @@
+"""Config tree, micro-batch and attention choices, the optimizer-state probe."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from sftune import config as config_mod
+from sftune.errors import ConfigError
+from sftune.models import build_tiny_model
+from sftune.train import setup as setup_mod
+from sftune.train.distributed import World
+from sftune.train.optim import build_optimizer
+
+
+def _parse(argv: list[str]) -> config_mod.RunConfig:
+    parser = argparse.ArgumentParser()
+    config_mod.add_arguments(parser)
+    return config_mod.from_args(parser.parse_args(argv))
+
+
+def test_defaults_file_flags_precedence(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("optim:\n  lr: 1.0e-4\n  batch_size: 16\nseq_length: 256\nresponse_only: true\n")
+    cfg = _parse(["--config", str(f), "--lr", "3e-4"])
+    assert cfg.optim.lr == 3e-4  # flag beats file
+    assert cfg.optim.batch_size == 16 and cfg.data.seq_length == 256  # file beats default
+    assert cfg.data.response_only is True and cfg.optim.warmup_ratio == 0.03  # default
+    again = config_mod.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lrr: 1\n", "unknown setting 'lrr'"),
+        ("optim: {seq_length: 3}\n", "unknown setting optim.seq_length"),
+        ("lr: [1\n", "invalid YAML"),
+        ("batch_size: 0\n", "--batch-size must be >= 1"),
+        ("warmup_ratio: 1.5\n", "--warmup-ratio"),
+        ("report_to: mlflow\n", "unknown backend 'mlflow'"),
+    ],
+)
+def test_bad_config_files_name_the_problem(tmp_path, text, message):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        _parse(["--config", str(f)])
+
+
+def test_micro_batch_choice_and_errors():
+    cpu = torch.device("cpu")
+    cfg = config_mod.from_flat({"batch_size": 32})
+    assert setup_mod.choose_micro_batch(cfg, World(), cpu) == 8  # CPU auto: largest divisor <= 8
+    assert setup_mod.choose_micro_batch(cfg, World(0, 4, 0), cpu) == 8
+    cfg = config_mod.from_flat({"batch_size": 12, "micro_batch_size": 0})
+    assert setup_mod.choose_micro_batch(cfg, World(0, 2, 0), cpu) == 6
+    with pytest.raises(ConfigError, match="multiple of --micro-batch-size 3 x world size 2"):
+        setup_mod.choose_micro_batch(
+            config_mod.from_flat({"batch_size": 20, "micro_batch_size": 3}), World(0, 2, 0), cpu
+        )
+    with pytest.raises(ConfigError, match="not a multiple of the world size 3"):
+        setup_mod.choose_micro_batch(config_mod.from_flat({"batch_size": 8}), World(0, 3, 0), cpu)
+
+
+def test_document_masks_pick_flex_attention_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(setup_mod.importlib.util, "find_spec", lambda name: None)  # no flash-attn
+    on = config_mod.from_flat({"doc_mask": "on"})
+    assert setup_mod.attention_request(on, torch.device("cuda")) == "flex_attention"
+    assert setup_mod.attention_request(on, torch.device("cpu")) == "auto"
+    assert setup_mod.attention_request(config_mod.RunConfig(), torch.device("cuda")) == "auto"
+    explicit = config_mod.from_flat({"doc_mask": "on", "attn": "sdpa"})
+    assert setup_mod.attention_request(explicit, torch.device("cuda")) == "sdpa"
+
+
+def test_probe_state_leaves_training_unchanged():
+    """Allocating AdamW's state up front (for the micro-batch probe) changes no step."""
+    cfg = config_mod.from_flat({"lr": 1e-2, "weight_decay": 0.1, "max_steps": 3})
+    x = torch.randint(0, 32, (4, 16))
+    params = []
+    for materialize in (False, True):
+        model = build_tiny_model(32, seed=3)
+        opt, sched = build_optimizer(list(model.parameters()), cfg.optim, 3, torch.device("cpu"))
+        if materialize:
+            setup_mod.materialize_optimizer_state(opt)
+        for _ in range(3):
+            model(x, labels=x).loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        params.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*params, strict=True))
