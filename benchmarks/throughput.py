@@ -7,6 +7,8 @@ per-step losses of the baseline and of sftune are comparable step by step.
     python benchmarks/throughput.py --runs baseline,sftune --steps 20 --out $OUT/throughput.json
     # CPU smoke test with a tiny Llama:
     python benchmarks/throughput.py --config tiny --runs baseline,sftune,lean --steps 3 --device cpu
+    # many GPUs (FSDP2; the same global batch split over the ranks; the baseline is skipped):
+    torchrun --standalone --nproc-per-node 8 benchmarks/throughput.py --runs sftune --out $OUT/tp8.json
 
 Runs (comma-separated --runs):
     baseline     the course loop: micro-batch 2 x 16 accumulation, plain AdamW, full logits, .item() per step
@@ -39,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from course_loop import CONFIGS, build_model, make_config, mfu, run_course_loop  # noqa: E402
 from sftune import config as config_mod  # noqa: E402
 from sftune.models import model_flops_per_token  # noqa: E402
+from sftune.train import distributed  # noqa: E402
 from sftune.train import setup as setup_mod  # noqa: E402
-from sftune.train.distributed import World  # noqa: E402
 from sftune.train.loop import train_step  # noqa: E402
 from sftune.train.optim import build_optimizer  # noqa: E402
 
@@ -109,7 +111,7 @@ def run_sftune(
     device,
     *,
     micro: int = 0,
-    compile_: str = "on",
+    compile_: str | None = None,
     fused: str = "on",
     ac: bool = False,
     seq: int | None = None,
@@ -119,6 +121,7 @@ def run_sftune(
 ) -> dict:
     seq = seq or args.seq
     batch = batch or args.batch
+    compile_ = compile_ or args.compile
     mcfg = make_config(args.config)
     mcfg._attn_implementation = attn
     model = build_model(mcfg, device, args.dtype, seed=0)
@@ -138,8 +141,9 @@ def run_sftune(
         )
     )
     notes: list[str] = []
-    module, _ = setup_mod.build_module(cfg, model, device, World(), notes)
-    s = SimpleNamespace(cfg=cfg, world=World(), device=device, module=module, hf_model=model)
+    world = args.world  # FSDP2 shards the model when world_size > 1 (fsdp "auto")
+    module, _ = setup_mod.build_module(cfg, model, device, world, notes)
+    s = SimpleNamespace(cfg=cfg, world=world, device=device, module=module, hf_model=model)
     optimizer, scheduler = build_optimizer(list(module.parameters()), cfg.optim, args.steps, device)
     t_probe = time.perf_counter()
     if micro == 0:
@@ -156,7 +160,9 @@ def run_sftune(
             t0 = time.perf_counter()
         if i < args.warmup:
             w0 = time.perf_counter()
-        loss, norm, _ = train_step(s, optimizer, scheduler, _split(b, micro, device))
+        per_rank = batch // world.world_size  # this rank's slice of the global batch
+        mine = {k: v[world.rank * per_rank : (world.rank + 1) * per_rank] for k, v in b.items()}
+        loss, norm, _ = train_step(s, optimizer, scheduler, _split(mine, micro, device))
         losses.append(loss)
         if i < args.warmup:
             torch.cuda.synchronize()
@@ -164,10 +170,15 @@ def run_sftune(
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     timed = args.steps - args.warmup
+    step_losses = distributed.all_reduce_sum(torch.stack(losses))  # ranks hold shares
+    peak = distributed.all_reduce_max(
+        torch.tensor([float(torch.cuda.max_memory_allocated())], device=device)
+    )
     res = dict(
-        losses=torch.stack(losses).tolist(),
+        losses=step_losses.tolist(),
+        world_size=world.world_size,
         micro_batch=micro,
-        accum=batch // micro,
+        accum=batch // world.world_size // micro,
         seq_len=seq,
         batch=batch,
         tokens_per_s=batch * seq * timed / elapsed,
@@ -175,7 +186,7 @@ def run_sftune(
         warmup_step_times_s=times,
         probe_s=probe_s,
         notes=notes,
-        peak_memory_bytes=torch.cuda.max_memory_allocated(),
+        peak_memory_bytes=int(peak.item()),  # the largest of any GPU
         docs=docs,
         attn=attn,
     )
@@ -218,10 +229,16 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--peak-flops", type=float, default=989e12)
+    ap.add_argument("--peak-flops", type=float, default=989e12, help="per GPU")
+    ap.add_argument("--compile", default="on", choices=["on", "off"], help="for sftune runs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    device = torch.device(args.device)
+    args.world = distributed.init(args.device)
+    device = (
+        torch.device(args.device, args.world.local_rank)
+        if args.device == "cuda"
+        else torch.device("cpu")
+    )
     args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":  # the harness' CUDA calls become no-ops for the smoke test
         torch.cuda.synchronize = lambda *a, **k: None
@@ -238,37 +255,44 @@ def main() -> None:
     import transformers
 
     results["transformers"] = transformers.__version__
-    for name in args.runs.split(","):
+    main_rank = args.world.is_main
+    runs = args.runs.split(",")
+    if args.world.distributed and "baseline" in runs:
+        runs.remove("baseline")  # the course loop is single-GPU
+    report = print if main_rank else (lambda *a, **k: None)
+    for name in runs:
         if device.type == "cuda":
             _free()
             if torch.cuda.memory_allocated() > 2**30:  # compiled graphs may pin the last model
                 torch._dynamo.reset()
                 _free()
-            print(
-                f"[{name}] start, {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated",
-                flush=True,
-            )
+            if main_rank:
+                print(
+                    f"[{name}] start, {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True
+                )
         start = time.perf_counter()
         try:
             res = dispatch(name, args, device)
         except Exception as e:  # one failed lever must not lose the other measurements
-            traceback.print_exc()
+            if main_rank:
+                traceback.print_exc()
             res = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
         res["wall_s"] = time.perf_counter() - start
         if "tokens_per_s" in res:
             fpt = model_flops_per_token(make_config(args.config), res["seq_len"])
-            res["mfu"] = mfu(res["tokens_per_s"], fpt, args.peak_flops)
+            res["tokens_per_s_per_gpu"] = res["tokens_per_s"] / args.world.world_size
+            res["mfu"] = mfu(res["tokens_per_s_per_gpu"], fpt, args.peak_flops)
             res["peak_gib"] = (res["peak_memory_bytes"] or 0) / 2**30
-            print(
+            report(
                 f"{name:>14}: {res['tokens_per_s']:>9,.0f} tok/s  MFU {100 * res['mfu']:5.1f}%  "
                 f"peak {res['peak_gib']:6.1f} GiB  micro {res['micro_batch']} x {res['accum']}  "
                 f"seq {res['seq_len']}  losses {' '.join(f'{x:.4f}' for x in res['losses'][:6])} ...",
                 flush=True,
             )
         else:
-            print(f"{name:>14}: FAILED {res['error']}", flush=True)
+            report(f"{name:>14}: FAILED {res['error']}", flush=True)
         results["runs"][name] = res
-        if args.out:
+        if args.out and main_rank:
             Path(args.out).write_text(json.dumps(results, indent=1))
     base = results["runs"].get("baseline", {})
     for name, res in results["runs"].items():
@@ -279,14 +303,15 @@ def main() -> None:
             )
             res["speedup_vs_baseline"] = res["tokens_per_s"] / base["tokens_per_s"]
             res["max_loss_diff_vs_baseline"] = diff if res["seq_len"] == base["seq_len"] else None
-            print(
+            report(
                 f"{name:>14}: {res['speedup_vs_baseline']:.2f}x the course loop; "
                 f"max |loss - baseline| over {n} steps = {diff:.4f}"
                 if res["seq_len"] == base["seq_len"]
                 else f"{name:>14}: {res['speedup_vs_baseline']:.2f}x (different sequence length)"
             )
-    if args.out:
+    if args.out and main_rank:
         Path(args.out).write_text(json.dumps(results, indent=1))
+    distributed.shutdown()
 
 
 if __name__ == "__main__":
