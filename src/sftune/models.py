@@ -35,8 +35,8 @@ from transformers import (
 )
 
 from sftune.errors import ConfigError, SftuneError
+from sftune.paths import cache_root
 
-CACHE_ENV = "SFTUNE_CACHE_DIR"
 DEFAULT_PRESET = "smollm2-135m"
 
 _DTYPES = {
@@ -104,15 +104,6 @@ PRESETS: dict[str, Preset] = {
         locate=_gemma3_gguf,
     ),
 }
-
-
-def cache_root() -> Path:
-    """Where sftune keeps converted models and the demo data: `$SFTUNE_CACHE_DIR` if set."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("sftune"))
 
 
 def preset_cache_dir(name: str) -> Path:

@@ -70,6 +70,7 @@ import torch
 from sftune.data.formats import Record, iter_records
 from sftune.data.templates import render_record, template_fingerprint
 from sftune.errors import ConfigError, DataError, SftuneError
+from sftune.paths import cache_root
 
 IGNORE_INDEX = -100
 CACHE_VERSION = 1
@@ -433,13 +434,8 @@ def _pack_chunk(
 
 
 def default_cache_dir() -> Path:
-    """`$SFTUNE_CACHE_DIR/packed`, else `platformdirs.user_cache_dir("sftune")/packed`."""
-    root = os.environ.get("SFTUNE_CACHE_DIR")
-    if not root:
-        import platformdirs
-
-        root = platformdirs.user_cache_dir("sftune")
-    return Path(root) / "packed"
+    """`<cache root>/packed`: `$SFTUNE_CACHE_DIR/packed`, else the user's cache dir for sftune."""
+    return cache_root() / "packed"
 
 
 def file_digest(path: Path) -> str:

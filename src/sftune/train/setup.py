@@ -20,6 +20,7 @@ from sftune.data import PackedSFTDataset, read_records, render_record, select_do
 from sftune.data.formats import parse_fields
 from sftune.errors import ConfigError, SftuneError
 from sftune.models import load_model_and_tokenizer, model_flops_per_token
+from sftune.paths import cache_root
 from sftune.train import distributed
 from sftune.train.distributed import World
 from sftune.train.lm import CausalLMWithLoss, supports_fused_loss
@@ -133,8 +134,6 @@ def _doc_mask(cfg: RunConfig, attn: str) -> bool:
 
 def build_datasets(cfg: RunConfig, tokenizer, world: World, doc_mask: bool):
     """Train and validation sets; rank 0 builds the token cache first, the others read it."""
-    from sftune.models import cache_root
-
     fields = parse_fields(cfg.data.fields)
     train_path = cfg.data.train_data
     val_path = cfg.data.val_data
