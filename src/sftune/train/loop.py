@@ -35,7 +35,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # input tokens seen, all ranks
     trained_tokens: int = 0  # label tokens trained on (not -100), all ranks
-    elapsed: float = 0.0  # training seconds before this process
+    elapsed: float = 0.0  # seconds spent in training steps (not evals or saves), all processes
 
 
 @dataclass
@@ -254,6 +254,7 @@ def _flush(s: Setup, state: TrainState, window: _Window, lr: float) -> None:
         "tokens": state.tokens,
         "trained_tokens": state.trained_tokens,
         "tokens_per_s": tok_s,
+        "train_seconds": state.elapsed,  # training steps only, summed across resumes
         "epoch": state.tokens / max(s.tokens_per_epoch, 1),
     }
     if s.flops_per_token and s.peak_flops:
