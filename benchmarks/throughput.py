@@ -6,20 +6,33 @@ per-step losses of the baseline and of sftune are comparable step by step.
     # on the H200 (device tool), the Llama 3.1 8B config (random init, no download):
     python benchmarks/throughput.py --runs baseline,sftune --steps 20 --out $OUT/throughput.json
     # CPU smoke test with a tiny Llama:
-    python benchmarks/throughput.py --config tiny --runs baseline,sftune,lean --steps 3 --device cpu
+    python benchmarks/throughput.py --config tiny --runs baseline,sftune-mb4,lean --steps 5 --warmup 1 --device cpu
     # many GPUs (FSDP2; the same global batch split over the ranks; the baseline is skipped):
     torchrun --standalone --nproc-per-node 8 benchmarks/throughput.py --runs sftune --out $OUT/tp8.json
 
 Runs (comma-separated --runs):
     baseline     the course loop: micro-batch 2 x 16 accumulation, plain AdamW, full logits, .item() per step
     sftune       sftune's trainer step with its GPU defaults: largest micro-batch that fits (probed),
-                 per-layer torch.compile, fused chunked linear+CE, fused AdamW, no host sync
+                 per-layer torch.compile, fused chunked linear+CE (compiled chunk math),
+                 fused AdamW, no host sync
     sftune-mbN   the same with micro-batch N (e.g. sftune-mb16)
     plain-mbN    sftune's step with compile and fused loss off (isolates those two levers)
-    lean         memory-lean: micro-batch 4, compile, fused loss (fits an 80 GB GPU?)
+    lean         memory-lean (fits an 80 GB GPU): micro-batch 8 x 4 accumulation, compile's
+                 activation memory budget 0.8 (recomputes the cheapest activations)
     lean-ac      micro-batch 8 with activation checkpointing
     docN         document-aware packing at sequence length N (same tokens per step), SDPA masks
     flexN        the same with FlexAttention
+
+Modifiers, appended with "+" to any sftune run (e.g. sftune-mb8+budget0.5+cudnn):
+    +cudnn, +flash   restrict SDPA to that kernel (--sdpa-backend)
+    +autotune        compile the layers with max-autotune-no-cudagraphs (--compile-mode)
+    +budgetX         compile's activation memory budget X (--activation-memory-budget)
+    +ce0             fused loss with its per-chunk softmax/gradient math left eager (uncompiled)
+    +cstep           clipping + AdamW compiled together (--compile-step) instead of fused AdamW
+
+--profile NAME[,NAME] profiles two more steps of those runs after the timing: a kernel table by
+category (GEMM, attention, compiled Triton, optimizer, ...) and GPU idle time, in
+<out dir>/profile_<NAME>.txt.
 """
 
 from __future__ import annotations
@@ -118,6 +131,8 @@ def run_sftune(
     batch: int | None = None,
     docs: bool = False,
     attn: str = "sdpa",
+    mods: tuple[str, ...] = (),
+    name: str = "",
 ) -> dict:
     seq = seq or args.seq
     batch = batch or args.batch
@@ -127,24 +142,39 @@ def run_sftune(
     model = build_model(mcfg, device, args.dtype, seed=0)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
-    cfg = config_mod.from_flat(
-        dict(
-            seq_length=seq,
-            batch_size=batch,
-            micro_batch_size=micro,
-            lr=args.lr,
-            max_steps=args.steps,
-            compile=compile_,
-            fused_loss=fused,
-            activation_checkpointing=ac,
-            device=device.type,
-        )
+    flat = dict(
+        seq_length=seq,
+        batch_size=batch,
+        micro_batch_size=micro,
+        lr=args.lr,
+        max_steps=args.steps,
+        compile=compile_,
+        fused_loss=fused,
+        activation_checkpointing=ac,
+        device=device.type,
     )
+    for m in mods:
+        if m in ("cudnn", "flash"):
+            flat["sdpa_backend"] = m
+        elif m == "autotune":
+            flat["compile_mode"] = "max-autotune-no-cudagraphs"
+        elif m.startswith("budget"):
+            flat["activation_memory_budget"] = float(m.removeprefix("budget"))
+        elif m == "cstep":
+            flat["compile_step"] = True
+        elif m != "ce0":
+            raise SystemExit(f"unknown modifier +{m}")
+    cfg = config_mod.from_flat(flat)
     notes: list[str] = []
     world = args.world  # FSDP2 shards the model when world_size > 1 (fsdp "auto")
     module, _ = setup_mod.build_module(cfg, model, device, world, notes)
+    if "ce0" in mods:
+        module.compiled_loss = False
     s = SimpleNamespace(cfg=cfg, world=world, device=device, module=module, hf_model=model)
-    optimizer, scheduler = build_optimizer(list(module.parameters()), cfg.optim, args.steps, device)
+    compiled_step = setup_mod.choose_compile_step(cfg, world.distributed)
+    optimizer, scheduler = build_optimizer(
+        list(module.parameters()), cfg.optim, args.steps, device, compiled=compiled_step
+    )
     t_probe = time.perf_counter()
     if micro == 0:
         setup_mod.materialize_optimizer_state(optimizer)
@@ -170,6 +200,8 @@ def run_sftune(
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     timed = args.steps - args.warmup
+    if name in args.profile and world.is_main:
+        profile_steps(s, optimizer, scheduler, batches[:2], micro, device, args, name)
     step_losses = distributed.all_reduce_sum(torch.stack(losses))  # ranks hold shares
     peak = distributed.all_reduce_max(
         torch.tensor([float(torch.cuda.max_memory_allocated())], device=device)
@@ -194,26 +226,107 @@ def run_sftune(
     return res
 
 
+def profile_steps(s, optimizer, scheduler, batches, micro, device, args, name) -> None:
+    """Two more steps under torch.profiler: kernel time by category, top kernels, GPU idle."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b in batches:
+            train_step(s, optimizer, scheduler, _split(b, micro, device))
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, cur_s, cur_e = 0.0, None, None
+    for a, b in spans:  # union of kernel intervals
+        if cur_e is None or a > cur_e:
+            busy += (cur_e - cur_s) if cur_e is not None else 0.0
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    busy += (cur_e - cur_s) if cur_e is not None else 0.0
+    wall = spans[-1][1] - spans[0][0] if spans else 0.0
+    by_cat: dict[str, float] = {}
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        cat = kernel_category(e.name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + us
+        rec = by_name.setdefault(e.name, [0.0, 0, cat])
+        rec[0] += us
+        rec[1] += 1
+    total = sum(by_cat.values())
+    lines = [
+        f"{name}: {len(batches)} steps, GPU span {wall / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms "
+        f"(idle {100 * (1 - busy / max(wall, 1)):.1f}%), kernel time {total / 1e3:.1f} ms",
+        "",
+        "category            ms/step   share",
+    ]
+    for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{cat:18s} {us / 1e3 / len(batches):8.1f}  {100 * us / total:5.1f}%")
+    lines += [
+        "",
+        "top kernels                                                     ms/step  calls  cat",
+    ]
+    for kname, (us, n, cat) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]:
+        lines.append(f"{kname[:64]:64s} {us / 1e3 / len(batches):7.1f} {n:6d}  {cat}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).parent.joinpath(f"profile_{name}.txt").write_text(text + "\n")
+
+
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "attn")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90_", "gemv")):
+        return "gemm"
+    if n.startswith("triton"):
+        return "triton (compiled)"
+    if "multi_tensor" in n or "adam" in n:
+        return "optimizer/foreach"
+    if "memcpy" in n or "memset" in n:
+        return "memcpy/memset"
+    if "reduce" in n:
+        return "eager reduction"
+    if "elementwise" in n or "vectorized" in n:
+        return "eager elementwise"
+    if "embedding" in n or "index" in n or "scatter" in n or "gather" in n or "sort" in n:
+        return "embedding/index"
+    return "other"
+
+
 def dispatch(name: str, args, device) -> dict:
+    base, *mods = name.split("+")
+    if mods:
+        micro = {"sftune": 0}.get(base)
+        if micro is None and base.startswith("sftune-mb"):
+            micro = int(base.removeprefix("sftune-mb"))
+        if micro is None:
+            raise SystemExit(f"modifiers apply to sftune and sftune-mbN only: {name!r}")
+        return run_sftune(args, device, micro=micro, mods=tuple(mods), name=name)
     if name == "baseline":
         return run_baseline(args, device)
     if name == "sftune":
-        return run_sftune(args, device)
+        return run_sftune(args, device, name=name)
     if name.startswith("sftune-mb"):
-        return run_sftune(args, device, micro=int(name.removeprefix("sftune-mb")))
+        return run_sftune(args, device, micro=int(name.removeprefix("sftune-mb")), name=name)
     if name.startswith("plain-mb"):
         return run_sftune(
             args, device, micro=int(name.removeprefix("plain-mb")), compile_="off", fused="off"
         )
     if name == "lean":
-        return run_sftune(args, device, micro=4)
+        return run_sftune(args, device, micro=8, mods=("budget0.8",), name=name)
     if name == "lean-ac":
-        return run_sftune(args, device, micro=8, ac=True)
+        return run_sftune(args, device, micro=8, ac=True, name=name)
     for prefix, attn in (("doc", "sdpa"), ("flex", "flex_attention")):
         if name.startswith(prefix) and name.removeprefix(prefix).isdigit():
             seq = int(name.removeprefix(prefix))
             batch = max(1, args.batch * args.seq // seq)
-            return run_sftune(args, device, seq=seq, batch=batch, docs=True, attn=attn, micro=batch)
+            return run_sftune(
+                args, device, seq=seq, batch=batch, docs=True, attn=attn, micro=batch, name=name
+            )
     raise SystemExit(f"unknown run {name!r}")
 
 
@@ -232,7 +345,9 @@ def main() -> None:
     ap.add_argument("--peak-flops", type=float, default=989e12, help="per GPU")
     ap.add_argument("--compile", default="on", choices=["on", "off"], help="for sftune runs")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default="", help="comma-separated run names to profile")
     args = ap.parse_args()
+    args.profile = [p for p in args.profile.split(",") if p]
     args.world = distributed.init(args.device)
     device = (
         torch.device(args.device, args.world.local_rank)
@@ -261,11 +376,11 @@ def main() -> None:
         runs.remove("baseline")  # the course loop is single-GPU
     report = print if main_rank else (lambda *a, **k: None)
     for name in runs:
+        # Compiled graphs are reused across models of one shape: start each run from scratch so
+        # that its own compile settings take effect (and the last model is not pinned).
+        torch._dynamo.reset()
         if device.type == "cuda":
             _free()
-            if torch.cuda.memory_allocated() > 2**30:  # compiled graphs may pin the last model
-                torch._dynamo.reset()
-                _free()
             if main_rank:
                 print(
                     f"[{name}] start, {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True

@@ -48,3 +48,18 @@ def test_sum_not_mean_of_means():
     ]
     whole = cross_entropy_sum(hidden @ weight.t(), labels) / total
     assert torch.allclose(sum(parts).double(), whole.double(), rtol=1e-6)
+
+
+def test_compiled_chunk_math_matches_eager():
+    """The torch.compile'd softmax/gradient of a chunk computes the same loss and gradients,
+    with one chunk (one weight-gradient GEMM) and with several (fp32 accumulation)."""
+    for chunk in (64, 8):
+        results = []
+        for compiled in (False, True):
+            hidden, weight, labels = _inputs()
+            hidden, weight = (t.detach().float().requires_grad_() for t in (hidden, weight))
+            loss = fused_linear_cross_entropy(hidden, weight, labels, 0.1, chunk, compiled)
+            loss.backward()
+            results.append((loss.detach(), hidden.grad, weight.grad))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

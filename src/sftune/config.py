@@ -45,6 +45,20 @@ class ModelConfig:
         "attention: auto (flash_attention_2 if installed, else sdpa), sdpa, eager, flex_attention",
     )
     compile: str = _f("auto", "torch.compile each decoder layer: auto (on for CUDA), on, off")
+    compile_mode: str = _f(
+        "default",
+        "torch.compile mode for the layers: default, max-autotune-no-cudagraphs (tunes GEMMs; "
+        "minutes of compile)",
+    )
+    activation_memory_budget: float = _f(
+        1.0,
+        "with compile: fraction of the layers' activation memory to keep for backward; below 1 "
+        "the compiler recomputes the cheapest activations instead (selective checkpointing)",
+    )
+    sdpa_backend: str = _f(
+        "auto",
+        "scaled_dot_product_attention kernel: auto (PyTorch's choice), flash, cudnn, efficient",
+    )
     fused_loss: str = _f(
         "auto",
         "chunked linear+cross-entropy that never holds the full logits: auto (on for CUDA), on, off",
@@ -95,6 +109,12 @@ class OptimConfig:
     beta2: float = _f(0.999, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    compile_step: bool = _f(
+        False,
+        "torch.compile gradient clipping and the AdamW update together (one GPU): about 1.4%% "
+        "faster steps for Llama 3.1 8B after about 90 s of compiling, so it pays off only in runs "
+        "of thousands of steps; off: torch's fused AdamW kernel on CUDA",
+    )
     seed: int = _f(0, "seed for data order, held-out split and initialisation")
 
 
@@ -148,6 +168,8 @@ _CHOICES = {
     "dtype": {"auto", "bf16", "bf16-mixed", "fp32", "fp16"},
     "attn": {"auto", "sdpa", "eager", "flash_attention_2", "flex_attention"},
     "compile": {"auto", "on", "off"},
+    "compile_mode": {"default", "max-autotune-no-cudagraphs"},
+    "sdpa_backend": {"auto", "flash", "cudnn", "efficient"},
     "fused_loss": {"auto", "on", "off"},
     "device": {"auto", "cpu", "cuda"},
     "doc_mask": {"auto", "on", "off"},
@@ -310,6 +332,10 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     if cfg.optim.max_steps == 0 and cfg.optim.epochs <= 0:
         raise ConfigError("--epochs must be > 0 when --max-steps is 0")
+    if not 0.0 < cfg.model.activation_memory_budget <= 1.0:
+        raise ConfigError(
+            f"--activation-memory-budget must be in (0, 1], got {cfg.model.activation_memory_budget}"
+        )
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

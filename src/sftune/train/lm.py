@@ -39,10 +39,12 @@ class CausalLMWithLoss(nn.Module):
         fused: bool,
         autocast_dtype: torch.dtype | None = None,
         chunk_size: int = 4096,
+        compiled_loss: bool = False,
     ):
         super().__init__()
         self.lm = lm
         self.fused = fused
+        self.compiled_loss = compiled_loss
         self.autocast_dtype = autocast_dtype
         self.chunk_size = chunk_size
 
@@ -70,7 +72,12 @@ class CausalLMWithLoss(nn.Module):
         if self.autocast_dtype is not None:
             hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
         return fused_linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), scale, self.chunk_size
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            labels.reshape(-1),
+            scale,
+            self.chunk_size,
+            compiled=self.compiled_loss,
         )
 
 

@@ -111,10 +111,9 @@ def train_step(
         loss.backward()
         loss_sum += loss.detach()
     max_norm = s.cfg.optim.grad_clip if s.cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.module.parameters(), max_norm)
+    grad_norm = optimizer.clip_and_step(max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / s.world.world_size, grad_norm, global_count  # loss: this rank's share
@@ -289,7 +288,9 @@ def run(s: Setup) -> TrainResult:
         world_size=s.world.world_size,
     )
     steps = total_steps(cfg, sampler.steps_per_epoch)
-    optimizer, scheduler = build_optimizer(list(s.module.parameters()), cfg.optim, steps, s.device)
+    optimizer, scheduler = build_optimizer(
+        list(s.module.parameters()), cfg.optim, steps, s.device, compiled=s.compile_step
+    )
     s.prepare_optimizer(optimizer)
     state = _resume(s, optimizer, scheduler, sampler) if cfg.checkpoint.resume else TrainState()
     s.progress = s.make_progress(steps, state.step)
@@ -314,7 +315,7 @@ def run(s: Setup) -> TrainResult:
                 or eval_now
                 or save_now
             ):
-                _flush(s, state, window, scheduler.get_last_lr()[0])
+                _flush(s, state, window, float(scheduler.get_last_lr()[0]))
             if eval_now and state.step < steps:
                 _run_eval(s, state)
             if save_now:
@@ -324,7 +325,7 @@ def run(s: Setup) -> TrainResult:
                 window.reset(state)
             if _stop_requested(s, stop, state):
                 break
-    _flush(s, state, window, scheduler.get_last_lr()[0])
+    _flush(s, state, window, float(scheduler.get_last_lr()[0]))
     if last_saved != state.step:
         _save(s, state, optimizer, scheduler, sampler)
     if state.step < steps:  # stopped by SIGINT / SIGTERM

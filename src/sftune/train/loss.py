@@ -13,6 +13,8 @@ logits (8 GiB for 16k tokens of Llama 3's 128k vocabulary) never exist.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -28,26 +30,25 @@ class _FusedLinearCE(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, y_i) * scale, with gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, scale, chunk_size):  # type: ignore[override]
+    def forward(ctx, hidden, weight, labels, scale, chunk_size, chunk_fn):  # type: ignore[override]
         n = hidden.shape[0]
         grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # One chunk: its weight gradient is a single GEMM in the weight's dtype, as in the plain
+        # path. Several: accumulated in fp32 (2 GiB for Llama 3's head, so only when needed).
+        single = n <= chunk_size
+        grad_w = (
+            None if single else torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        )
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             h = hidden[start : start + chunk_size]
-            y = labels[start : start + chunk_size]
-            logits = (h @ weight.t()).float()
-            valid = y != IGNORE_INDEX
-            target = y.clamp(min=0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
-            # d loss / d logits = softmax - one_hot, zero on ignored rows, times scale.
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()
-            grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
-            grad.mul_((valid.to(grad.dtype) * scale).unsqueeze(1))
-            grad = grad.to(hidden.dtype)
-            grad_h[start : start + chunk_size] = grad @ weight
-            grad_w += (grad.t() @ h).float()
+            chunk_loss, grad = chunk_fn(h @ weight.t(), labels[start : start + chunk_size], scale)
+            loss += chunk_loss
+            torch.mm(grad, weight, out=grad_h[start : start + chunk_size])
+            if single:
+                grad_w = grad.t() @ h
+            else:
+                _accumulate_wgrad(grad_w, grad, h)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss * scale
 
@@ -60,7 +61,57 @@ class _FusedLinearCE(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def ce_chunk(
+    logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE over trained rows, d(scale * that sum) / d logits in the logits' dtype).
+
+    logits (n, V) straight from the matmul; the math runs in fp32. Under `torch.compile` this
+    is two fused passes over the logits instead of about ten.
+    """
+    x = logits.float()
+    valid = labels != IGNORE_INDEX
+    target = labels.clamp(min=0).unsqueeze(1)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    loss = ((lse.squeeze(1) - x.gather(1, target).squeeze(1)) * valid).sum()
+    one_hot = torch.arange(x.shape[1], device=x.device).unsqueeze(0) == target
+    # d loss / d logits = softmax - one_hot, zero on ignored rows, times scale.
+    grad = (torch.exp(x - lse) - one_hot.to(x.dtype)) * (valid.to(x.dtype) * scale).unsqueeze(1)
+    return loss, grad.to(logits.dtype)
+
+
+_compiled_ce_chunk = None
+
+
+def compiled_ce_chunk():
+    """`ce_chunk` under torch.compile (built on first use; sizes are dynamic)."""
+    global _compiled_ce_chunk
+    if _compiled_ce_chunk is None:
+        _compiled_ce_chunk = torch.compile(ce_chunk, dynamic=True)
+    return _compiled_ce_chunk
+
+
+def _accumulate_wgrad(grad_w: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (fp32) += grad.T @ h. On CUDA one GEMM with an fp32 output accumulates in
+    place; elsewhere (or on older torch) via a temporary of the inputs' dtype."""
+    global _addmm_out_dtype
+    if grad_w.is_cuda and grad.dtype != torch.float32 and _addmm_out_dtype:
+        try:
+            torch.addmm(grad_w, grad.t(), h, out_dtype=torch.float32, out=grad_w)
+            return
+        except RuntimeError as e:  # this torch/GPU lacks the mixed-dtype GEMM
+            warnings.warn(
+                f"fused loss: fp32-output addmm unavailable ({e}); using a temporary", stacklevel=2
+            )
+            _addmm_out_dtype = False
+    grad_w += (grad.t() @ h).float()
+
+
+_addmm_out_dtype = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def fused_linear_cross_entropy(
@@ -69,11 +120,14 @@ def fused_linear_cross_entropy(
     labels: torch.Tensor,
     scale: torch.Tensor | float = 1.0,
     chunk_size: int = 4096,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """`scale * sum CE(hidden @ weight.T, labels)` without materialising all logits.
 
-    hidden (N, H), weight (V, H), labels (N,) with -100 for untrained positions.
+    hidden (N, H), weight (V, H), labels (N,) with -100 for untrained positions. `compiled`
+    runs each chunk's softmax and gradient as compiled kernels (GPU).
     """
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), device=hidden.device)
-    return _FusedLinearCE.apply(hidden, weight, labels, scale.float(), chunk_size)
+    chunk_fn = compiled_ce_chunk() if compiled else ce_chunk
+    return _FusedLinearCE.apply(hidden, weight, labels, scale.float(), chunk_size, chunk_fn)

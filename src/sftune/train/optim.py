@@ -26,10 +26,51 @@ def lr_factor(step: int, total_steps: int, warmup: int, min_lr_ratio: float) -> 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW plus `clip_and_step`: gradient-norm clipping and the update in one call.
+
+    compiled=False: torch's fused AdamW kernel on CUDA (for-each elsewhere), clipping as
+    torch.nn.utils does it. compiled=True: both under one `torch.compile`, so clipping's
+    scaling and the update become a few fused passes over the parameters; this needs the
+    learning rate as a tensor (the scheduler updates it in place, so nothing recompiles).
+    """
+
+    def __init__(self, groups, *, compiled: bool, device: torch.device, **kw):
+        if compiled:
+            kw.update(foreach=True, capturable=True, lr=torch.tensor(float(kw["lr"])))
+        else:
+            kw.update(fused=device.type == "cuda")
+        super().__init__(groups, **kw)
+        self.compiled = compiled
+        self._step_fn = torch.compile(self._clip_and_step) if compiled else self._clip_and_step
+
+    def _clip_and_step(self, max_norm: float) -> torch.Tensor:
+        params = [p for g in self.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.step()
+        return norm
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        """Clips the global gradient norm to max_norm (inf: no clipping), steps, returns the
+        norm before clipping."""
+        return self._step_fn(max_norm)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.compiled:  # a checkpoint may hold the learning rate as a float
+            for g in self.param_groups:
+                if not torch.is_tensor(g["lr"]):
+                    g["lr"] = torch.tensor(float(g["lr"]))
+
+
 def build_optimizer(
-    params: list[torch.nn.Parameter], cfg: OptimConfig, total_steps: int, device: torch.device
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (fused on CUDA: one kernel for all parameters) and its warmup + cosine schedule.
+    params: list[torch.nn.Parameter],
+    cfg: OptimConfig,
+    total_steps: int,
+    device: torch.device,
+    compiled: bool = False,
+) -> tuple[AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (fused on CUDA, or compiled with clipping) and its warmup + cosine schedule.
 
     Weight decay skips 1-D tensors (norm weights, biases), as in GPT-2 / nanoGPT.
     """
@@ -39,12 +80,13 @@ def build_optimizer(
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(
+    opt = AdamW(
         groups,
+        compiled=compiled,
+        device=device,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        fused=device.type == "cuda",
     )
     warmup = warmup_steps(total_steps, cfg.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -50,6 +50,7 @@ class Setup:
     flops_per_token: float | None = None
     peak_flops: float | None = None
     progress: Any = None
+    compile_step: bool = False
 
     @property
     def tokens_per_epoch(self) -> int:
@@ -203,23 +204,52 @@ def _choose(setting: str, on_cuda: bool) -> bool:
     return setting == "on" or (setting == "auto" and on_cuda)
 
 
+SDPA_BACKENDS = {
+    "flash": "enable_flash_sdp",
+    "cudnn": "enable_cudnn_sdp",
+    "efficient": "enable_mem_efficient_sdp",
+}
+
+
+def set_sdpa_backend(name: str) -> None:
+    """Restrict SDPA to one fused kernel (math stays as the fallback); "auto" enables all.
+
+    These are process-wide switches, read when a layer is compiled or run eagerly.
+    """
+    for backend, switch in SDPA_BACKENDS.items():
+        getattr(torch.backends.cuda, switch)(name in ("auto", backend))
+
+
 def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World, notes: list[str]):
     """Loss wrapper, activation checkpointing, per-layer torch.compile, FSDP2: in that order."""
     fused = _choose(cfg.model.fused_loss, device.type == "cuda")
     if fused and not supports_fused_loss(hf_model):
         notes.append("fused loss off: the model's logits are not a plain linear projection")
         fused = False
+    compiled = _choose(cfg.model.compile, device.type == "cuda")
     autocast = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
-    module = CausalLMWithLoss(hf_model, fused=fused, autocast_dtype=autocast)
+    module = CausalLMWithLoss(
+        hf_model, fused=fused, autocast_dtype=autocast, compiled_loss=fused and compiled
+    )
+    set_sdpa_backend(cfg.model.sdpa_backend)
+    if cfg.model.sdpa_backend != "auto":
+        notes.append(f"SDPA kernel: {cfg.model.sdpa_backend}")
     if cfg.model.activation_checkpointing:
         hf_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
         hf_model.config.use_cache = False
-    if _choose(cfg.model.compile, device.type == "cuda"):
+    if compiled:
+        # Read by the partitioner when each layer's graph is compiled (first step).
+        torch._functorch.config.activation_memory_budget = cfg.model.activation_memory_budget
+        mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
         for layer in distributed.decoder_layers(hf_model):
-            layer.compile()
-        notes.append("torch.compile: each decoder layer")
+            layer.compile(mode=mode)
+        budget = cfg.model.activation_memory_budget
+        notes.append(
+            f"torch.compile: each decoder layer ({cfg.model.compile_mode}"
+            f"{f', activation memory budget {budget:g}' if budget < 1 else ''})"
+        )
     sharded = distributed.use_fsdp(cfg.dist, world)
     if sharded:
         param_dtype = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
@@ -227,6 +257,13 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World, n
         notes.append(f"FSDP2 over {world.world_size} rank(s)")
     notes.append(f"loss: {'fused chunked linear+CE' if fused else 'full logits + CE'}")
     return module, sharded
+
+
+def choose_compile_step(cfg: RunConfig, sharded: bool) -> bool:
+    """--compile-step, which is single-device only."""
+    if cfg.optim.compile_step and sharded:
+        raise ConfigError("--compile-step: not supported with FSDP (more than one rank)")
+    return cfg.optim.compile_step
 
 
 def choose_micro_batch(cfg: RunConfig, world: World, device: torch.device) -> int:
@@ -279,7 +316,7 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     A step with lr 0 and zero gradients leaves parameters and moments at exactly their
     start values; the step counters are reset so the first real step is step 1.
     """
-    lrs = [g["lr"] for g in optimizer.param_groups]
+    lrs = [g["lr"] for g in optimizer.param_groups]  # floats, or tensors (compiled step)
     for g in optimizer.param_groups:
         g["lr"] = 0.0
         for p in g["params"]:
@@ -326,6 +363,12 @@ def build(cfg: RunConfig) -> Setup:
     train, val, train_path, val_path, fields = build_datasets(cfg, tokenizer, world, doc_mask)
     micro = choose_micro_batch(cfg, world, device)
     module, sharded = build_module(cfg, hf_model, device, world, notes)
+    compile_step = choose_compile_step(cfg, sharded)
+    notes.append(
+        "optimizer: clipping + AdamW compiled together"
+        if compile_step
+        else f"optimizer: {'fused ' if device.type == 'cuda' else ''}AdamW"
+    )
     logger = MetricsLogger(
         output_dir,
         report_to=[r.strip() for r in cfg.log.report_to.split(",") if r.strip()],
@@ -358,4 +401,5 @@ def build(cfg: RunConfig) -> Setup:
         sample_prompts=sample_prompts(cfg, tokenizer, train_path, val_path, fields),
         flops_per_token=flops,
         peak_flops=_peak_flops(device),
+        compile_step=compile_step,
     )
