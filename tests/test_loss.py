@@ -63,3 +63,13 @@ def test_compiled_chunk_math_matches_eager():
             results.append((loss.detach(), hidden.grad, weight.grad))
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_gives_the_same_loss():
+    """Evaluation (no grad) takes a loss-only path: same value as training's."""
+    hidden, weight, labels = _inputs()
+    with_grad = fused_linear_cross_entropy(hidden, weight, labels, 0.25, chunk_size=8)
+    with torch.no_grad():
+        no_grad = fused_linear_cross_entropy(hidden, weight, labels, 0.25, chunk_size=8)
+    assert not no_grad.requires_grad
+    assert torch.allclose(no_grad.double(), with_grad.detach().double(), rtol=1e-9)

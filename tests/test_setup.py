@@ -41,6 +41,9 @@ def test_defaults_file_flags_precedence(tmp_path):
         ("batch_size: 0\n", "--batch-size must be >= 1"),
         ("warmup_ratio: 1.5\n", "--warmup-ratio"),
         ("report_to: mlflow\n", "unknown backend 'mlflow'"),
+        ("activation_memory_budget: 0\n", "--activation-memory-budget must be in"),
+        ("model: {sdpa_backend: fast}\n", "--sdpa-backend: 'fast' is not one of"),
+        ("compile_mode: max-autotune\n", "--compile-mode: 'max-autotune' is not one of"),
     ],
 )
 def test_bad_config_files_name_the_problem(tmp_path, text, message):
@@ -92,3 +95,41 @@ def test_probe_state_leaves_training_unchanged():
             opt.zero_grad()
         params.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*params, strict=True))
+
+
+def test_speed_knobs_reach_torch(monkeypatch):
+    """--activation-memory-budget is what the compiler's partitioner reads; --sdpa-backend
+    leaves one fused SDPA kernel enabled and auto re-enables them all; the fused loss compiles
+    its chunk math exactly when the layers are compiled."""
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
+    cfg = config_mod.from_flat(
+        {"compile": "on", "activation_memory_budget": 0.8, "fused_loss": "on", "device": "cpu"}
+    )
+    module, _ = setup_mod.build_module(cfg, build_tiny_model(32), torch.device("cpu"), World(), [])
+    assert functorch_config.activation_memory_budget == 0.8
+    assert module.compiled_loss
+    off = config_mod.from_flat({"compile": "off", "fused_loss": "on", "device": "cpu"})
+    module, _ = setup_mod.build_module(off, build_tiny_model(32), torch.device("cpu"), World(), [])
+    assert not module.compiled_loss
+    b = torch.backends.cuda
+    try:
+        setup_mod.set_sdpa_backend("cudnn")
+        assert (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled()) == (
+            False,
+            False,
+            True,
+        )
+        assert b.math_sdp_enabled()  # the fallback stays
+    finally:
+        setup_mod.set_sdpa_backend("auto")
+    assert b.flash_sdp_enabled() and b.mem_efficient_sdp_enabled() and b.cudnn_sdp_enabled()
+
+
+def test_compile_step_is_single_device():
+    cfg = config_mod.from_flat({"compile_step": True})
+    assert setup_mod.choose_compile_step(cfg, sharded=False)
+    with pytest.raises(ConfigError, match="--compile-step: not supported with FSDP"):
+        setup_mod.choose_compile_step(cfg, sharded=True)
+    assert not setup_mod.choose_compile_step(config_mod.RunConfig(), sharded=False)

@@ -44,7 +44,11 @@ class ModelConfig:
         "auto",
         "attention: auto (flash_attention_2 if installed, else sdpa), sdpa, eager, flex_attention",
     )
-    compile: str = _f("auto", "torch.compile each decoder layer: auto (on for CUDA), on, off")
+    compile: str = _f(
+        "auto",
+        "torch.compile each decoder layer and the fused loss's per-chunk math: auto (on for "
+        "CUDA), on, off",
+    )
     compile_mode: str = _f(
         "default",
         "torch.compile mode for the layers: default, max-autotune-no-cudagraphs (tunes GEMMs; "
