@@ -91,3 +91,18 @@ def test_document_mask_sdpa_and_flex_agree():
     assert flex == pytest.approx(sdpa, rel=2e-2), (sdpa, flex)
     nodoc = _losses(micro=4, compile_="off", fused="on", docs=False)
     assert nodoc[0] != pytest.approx(sdpa[0], rel=1e-6)  # the mask changes the first loss
+
+
+def test_evaluation_loss_matches_training_loss():
+    """Under no_grad the fused loss takes its loss-only path: same value as with gradients."""
+    device = torch.device("cuda")
+    model = build_tiny_model(VOCAB, hidden=256, layers=2, heads=8, kv_heads=4, seed=0)
+    model = model.to(device=device, dtype=torch.bfloat16)
+    cfg = config_mod.from_flat(dict(compile="on", fused_loss="on", device="cuda"))
+    module, _ = setup_mod.build_module(cfg, model, device, World(), [])
+    b = _batches(docs=False)[0]
+    ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+    train = module(ids, labels, None, 1.0)
+    with torch.no_grad():
+        evaluation = module(ids, labels, None, 1.0)
+    assert float(evaluation) == pytest.approx(float(train), rel=1e-3)
