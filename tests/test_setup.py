@@ -133,3 +133,22 @@ def test_compile_step_is_single_device():
     with pytest.raises(ConfigError, match="--compile-step: not supported with FSDP"):
         setup_mod.choose_compile_step(cfg, sharded=True)
     assert not setup_mod.choose_compile_step(config_mod.RunConfig(), sharded=False)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("demo.yaml", {"model": "smollm2-135m", "seq_length": 256, "batch_size": 2}),
+        ("llama3.1-8b.yaml", {"seq_length": 512, "batch_size": 32, "lr": 2e-5}),
+    ],
+)
+def test_shipped_configs_parse(name, expected):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    flat = {
+        k: v
+        for section in _parse(["--config", str(path)]).to_dict().values()
+        for k, v in section.items()
+    }
+    assert {k: flat[k] for k in expected} == expected
