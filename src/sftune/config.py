@@ -115,9 +115,9 @@ class OptimConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     compile_step: bool = _f(
         False,
-        "torch.compile gradient clipping and the AdamW update together (one GPU): about 1.4%% "
-        "faster steps for Llama 3.1 8B after about 90 s of compiling, so it pays off only in runs "
-        "of thousands of steps; off: torch's fused AdamW kernel on CUDA",
+        "torch.compile gradient clipping and the AdamW update together (one GPU): for Llama 3.1 "
+        "8B, 18 ms less optimizer time per step (+0.6%% tokens/s) after about 90 s of compiling, "
+        "so it pays off only in runs of thousands of steps; off: torch's fused AdamW on CUDA",
     )
     seed: int = _f(0, "seed for data order, held-out split and initialisation")
 
