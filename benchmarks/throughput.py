@@ -235,7 +235,13 @@ def profile_steps(s, optimizer, scheduler, batches, micro, device, args, name) -
         for b in batches:
             train_step(s, optimizer, scheduler, _split(b, micro, device))
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # GPU-side events, less the spans of record_function annotations (e.g. the whole
+    # "Optimizer.step" range), which would count their kernels twice.
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+    ]
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, cur_s, cur_e = 0.0, None, None
     for a, b in spans:  # union of kernel intervals
