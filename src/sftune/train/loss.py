@@ -13,6 +13,7 @@ logits (8 GiB for 16k tokens of Llama 3's 128k vocabulary) never exist.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -84,15 +85,10 @@ def ce_chunk(
     return loss, grad.to(logits.dtype)
 
 
-_compiled_ce_chunk = None
-
-
+@functools.cache
 def compiled_ce_chunk():
     """`ce_chunk` under torch.compile (built on first use; sizes are dynamic)."""
-    global _compiled_ce_chunk
-    if _compiled_ce_chunk is None:
-        _compiled_ce_chunk = torch.compile(ce_chunk, dynamic=True)
-    return _compiled_ce_chunk
+    return torch.compile(ce_chunk, dynamic=True)
 
 
 def _accumulate_wgrad(grad_w: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
