@@ -38,7 +38,7 @@ class ModelConfig:
     dtype: str = _f(
         "auto",
         "auto (bf16 on CUDA, fp32 on CPU), bf16 (pure bf16 weights and optimizer state), "
-        "bf16-mixed (fp32 weights, bf16 autocast), fp32",
+        "bf16-mixed (fp32 weights, bf16 autocast), fp32, fp16, fp64 (exact comparisons in tests)",
     )
     attn: str = _f(
         "auto",
@@ -169,7 +169,7 @@ class RunConfig:
 
 SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
 _CHOICES = {
-    "dtype": {"auto", "bf16", "bf16-mixed", "fp32", "fp16"},
+    "dtype": {"auto", "bf16", "bf16-mixed", "fp32", "fp16", "fp64"},
     "attn": {"auto", "sdpa", "eager", "flash_attention_2", "flex_attention"},
     "compile": {"auto", "on", "off"},
     "compile_mode": {"default", "max-autotune-no-cudagraphs"},

@@ -39,15 +39,13 @@ from sftune.paths import cache_root
 
 DEFAULT_PRESET = "smollm2-135m"
 
+# The names config.DTYPES allows (besides "auto" and "bf16-mixed", resolved by the trainer).
+# fp64 is for tests that compare runs exactly: its rounding noise is far below any tolerance.
 _DTYPES = {
     "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
     "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
     "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
+    "fp64": torch.float64,
 }
 _ATTENTIONS = ("flash_attention_2", "sdpa", "eager", "flex_attention")
 

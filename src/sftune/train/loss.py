@@ -22,9 +22,14 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for the loss math: bf16/fp16 go up, fp64 (exact tests) stays."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the fp32 cross-entropies of the trained tokens. logits (N, V), labels (N,)."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    """Sum of the (at least fp32) cross-entropies of the trained tokens. logits (N, V), labels (N,)."""
+    return F.cross_entropy(upcast(logits), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -74,7 +79,7 @@ def ce_chunk(
     logits (n, V) straight from the matmul; the math runs in fp32. Under `torch.compile` this
     is two fused passes over the logits instead of about ten.
     """
-    x = logits.float()
+    x = upcast(logits)
     valid = labels != IGNORE_INDEX
     target = labels.clamp(min=0).unsqueeze(1)
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
