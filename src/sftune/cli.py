@@ -1,44 +1,250 @@
-"""The `sftune` command line: thin parsers that call into the package.
+"""The `sftune` command line: parse, check the input cheaply, then call into the package.
 
-sftune train    --config configs/demo.yaml          # fine-tune (see sftune.train)
-sftune eval     --model DIR --data FILE             # token-weighted loss and perplexity
-sftune generate --model DIR --prompt "..."          # Alpaca-rendered prompt -> response
-sftune prepare  DATA --tokenizer TOK --seq-length N # build and cache a packed dataset
+    sftune train    --config configs/demo.yaml           # fine-tune (sftune.train.loop)
+    sftune eval     --model DIR --data FILE              # token-weighted loss and perplexity
+    sftune generate --model DIR --prompt "..."           # a response, stopping where it ends
+    sftune prepare  DATA --tokenizer TOK --seq-length N  # build and cache a packed dataset
+
+Flags, model names and the first record of every data file are checked before torch or
+transformers are imported, so a typo costs a second, not a model load. Every user-facing error
+is one line on stderr and exit status 2; an interrupt is exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 # Before torch touches CUDA: segments that grow instead of fragmenting let the largest
 # micro-batch fit near the memory limit (as torchtitan sets it). A user's own setting wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from sftune.errors import SftuneError
+from sftune import config as config_mod  # noqa: E402 (standard library + yaml only)
+from sftune import presets  # noqa: E402
+from sftune.data.formats import parse_fields, peek  # noqa: E402
+from sftune.errors import DataError, SftuneError  # noqa: E402
+
+# module -> what to pip install; checked before the run starts instead of failing mid-run.
+REQUIRED = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "tokenizers": "tokenizers",
+    "safetensors": "safetensors",
+    "numpy": "numpy",
+    "yaml": "pyyaml",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+    "accelerate": "accelerate",
+}
+DTYPES = config_mod.FIELDS["dtype"][1].metadata["choices"]
+DEVICES = config_mod.FIELDS["device"][1].metadata["choices"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (through main) instead of usage + exit."""
+
+    def error(self, message: str):
+        raise SftuneError(f"{self.prog}: {message}")
+
+
+def check_environment(model: str) -> None:
+    """Every dependency importable, and the model a preset or a directory."""
+    missing = [pip for module, pip in REQUIRED.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SftuneError(f"missing dependencies: pip install {' '.join(missing)}")
+    presets.check_model(model)
+    converted = (presets.preset_cache_dir(model) / "config.json").is_file()
+    if model in presets.PRESETS and not converted and importlib.util.find_spec("gguf") is None:
+        raise SftuneError(f"preset {model!r} is converted from GGUF, which needs: pip install gguf")
+
+
+def check_data(fields: str | None, *paths: str | None) -> None:
+    """The first record of each data file reads as a known format (one line naming the file,
+    line and field otherwise)."""
+    mapping = parse_fields(fields)
+    for path in filter(None, paths):
+        peek(path, mapping)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def add_train(parser: argparse.ArgumentParser) -> None:
+    config_mod.add_arguments(parser)
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    cfg = config_mod.from_args(args)
+    check_environment(cfg.model.model)
+    presets.check_seq_length(cfg.data.seq_length, cfg.model.model)
+    check_data(cfg.data.fields, cfg.data.train_data, cfg.data.val_data)
+    from sftune.train.loop import train
+
+    return 130 if train(cfg).interrupted else 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="a model directory (e.g. runs/X/final) or a preset"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="weights' dtype (default: auto)"
+    )
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="default: auto")
+
+
+def add_eval(parser: argparse.ArgumentParser) -> None:
+    _model_flags(parser)
+    parser.add_argument("--data", required=True, help="JSON Lines records (as for training)")
+    parser.add_argument(
+        "--seq-length", type=int, default=512, help="tokens per packed sequence (default: 512)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="sequences per forward (default: 8)"
+    )
+    parser.add_argument("--fields", help="field mapping, e.g. question=prompt,answer=response")
+    parser.add_argument("--response-only", action="store_true", help="score response tokens only")
+    parser.add_argument(
+        "--max-batches", type=int, default=0, help="score only the first N batches (default: all)"
+    )
+    parser.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    check_environment(args.model)
+    check_data(args.fields, args.data)
+    from sftune.train.evaluate import evaluate_file
+
+    loss, count = evaluate_file(
+        args.model,
+        args.data,
+        seq_length=args.seq_length,
+        batch_size=args.batch_size,
+        fields=parse_fields(args.fields),
+        response_only=args.response_only,
+        dtype=args.dtype,
+        device=args.device,
+        max_batches=args.max_batches,
+    )
+    import math
+
+    print(
+        f"loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | {count} tokens | {args.data}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def add_generate(parser: argparse.ArgumentParser) -> None:
+    _model_flags(parser)
+    parser.add_argument("--prompt", required=True, help="the instruction or user message")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "alpaca", "chat"),
+        help="prompt rendering; auto: what sftune tuned the model with, else the tokenizer's chat "
+        "template if it has one, else Alpaca",
+    )
+    parser.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    check_environment(args.model)
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise SftuneError("--temperature must be >= 0 and --top-p in (0, 1]")
+    from sftune.train.generate import generate_text
+
+    print(
+        generate_text(
+            args.model,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            fmt=args.format,
+            dtype=args.dtype,
+            device=args.device,
+        )
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def add_prepare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", type=Path, help="records: .jsonl, .jsonl.gz or .json (a list)")
+    parser.add_argument(
+        "--tokenizer", required=True, help="a tokenizer or model directory, or a preset"
+    )
+    parser.add_argument("--seq-length", type=int, required=True, help="tokens per item")
+    parser.add_argument("--shuffle", action="store_true", help="shuffle documents before packing")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
+    parser.add_argument("--fields", help="field mapping, e.g. question=prompt,answer=response")
+    parser.add_argument("--response-only", action="store_true", help="train only on responses")
+    parser.add_argument("--cache-dir", type=Path, help="default: <cache root>/packed")
+    parser.set_defaults(func=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Build (or load from the cache) the packed dataset and print its statistics, so training
+    with the same file, tokenizer, mapping and masking starts from the cache."""
+    if not Path(args.data).is_file():
+        raise DataError(args.data, "no such file")
+    check_data(args.fields, str(args.data))
+    from sftune import models
+    from sftune.data import PackedSFTDataset
+
+    dataset = PackedSFTDataset(
+        models.load_tokenizer(args.tokenizer),
+        args.data,
+        args.seq_length,
+        args.shuffle,
+        seed=args.seed,
+        fields=parse_fields(args.fields),
+        response_only=args.response_only,
+        cache_dir=args.cache_dir,
+        verbose=True,
+    )
+    stats = dataset.stats
+    print(f"trained tokens: {stats.trained_tokens:,} of {stats.items * stats.seq_length:,}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sftune", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="sftune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from sftune import commands, prepare
-
-    commands.add_train(sub.add_parser("train", help="fine-tune a model (see sftune.train.loop)"))
-    commands.add_eval(
-        sub.add_parser("eval", help="token-weighted loss and perplexity of a model on a file")
-    )
-    commands.add_generate(
-        sub.add_parser("generate", help="greedy response to an Alpaca-rendered prompt")
-    )
-    prepare.add_arguments(sub.add_parser("prepare", help="build and cache a packed dataset"))
+    add_train(sub.add_parser("train", help="fine-tune a model"))
+    add_eval(sub.add_parser("eval", help="token-weighted loss and perplexity on a file"))
+    add_generate(sub.add_parser("generate", help="a model's response to a prompt"))
+    add_prepare(sub.add_parser("prepare", help="build and cache a packed dataset"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except SftuneError as e:
         print(f"sftune: error: {e}", file=sys.stderr)

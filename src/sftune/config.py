@@ -13,6 +13,7 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -23,10 +24,13 @@ from typing import Any
 import yaml
 
 from sftune.errors import ConfigError
+from sftune.files import atomic_write_text
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field: its default, its help text and, for a string setting, the allowed values
+    (validated once, in `validate`, and shown as the flag's choices in --help)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -39,20 +43,24 @@ class ModelConfig:
         "auto",
         "auto (bf16 on CUDA, fp32 on CPU), bf16 (pure bf16 weights and optimizer state), "
         "bf16-mixed (fp32 weights, bf16 autocast), fp32, fp16, fp64 (exact comparisons in tests)",
+        ("auto", "bf16", "bf16-mixed", "fp32", "fp16", "fp64"),
     )
     attn: str = _f(
         "auto",
         "attention: auto (flash_attention_2 if installed, else sdpa), sdpa, eager, flex_attention",
+        ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"),
     )
     compile: str = _f(
         "auto",
         "torch.compile each decoder layer and the fused loss's per-chunk math: auto (on for "
         "CUDA), on, off",
+        ("auto", "on", "off"),
     )
     compile_mode: str = _f(
         "default",
         "torch.compile mode for the layers: default, max-autotune-no-cudagraphs (tunes GEMMs; "
         "minutes of compile)",
+        ("default", "max-autotune-no-cudagraphs"),
     )
     activation_memory_budget: float = _f(
         1.0,
@@ -62,15 +70,17 @@ class ModelConfig:
     sdpa_backend: str = _f(
         "auto",
         "scaled_dot_product_attention kernel: auto (PyTorch's choice), flash, cudnn, efficient",
+        ("auto", "flash", "cudnn", "efficient"),
     )
     fused_loss: str = _f(
         "auto",
         "chunked linear+cross-entropy that never holds the full logits: auto (on for CUDA), on, off",
+        ("auto", "on", "off"),
     )
     activation_checkpointing: bool = _f(
         False, "recompute each decoder layer in backward (saves memory)"
     )
-    device: str = _f("auto", "auto, cpu, cuda")
+    device: str = _f("auto", "auto (cuda when available), cpu, cuda", ("auto", "cpu", "cuda"))
 
 
 @dataclass
@@ -93,6 +103,7 @@ class DataConfig:
         "auto",
         "document-aware packing (no attention across documents): auto (on where the attention "
         "implementation supports it: flash_attention_2, flex_attention), on, off",
+        ("auto", "on", "off"),
     )
     shuffle: bool = _f(True, "shuffle documents before packing and sequences every epoch")
 
@@ -116,7 +127,7 @@ class OptimConfig:
     compile_step: bool = _f(
         False,
         "torch.compile gradient clipping and the AdamW update together (one GPU): for Llama 3.1 "
-        "8B, 18 ms less optimizer time per step (+0.6%% tokens/s) after about 90 s of compiling, "
+        "8B, 18 ms less optimizer time per step (+0.6% tokens/s) after about 90 s of compiling, "
         "so it pays off only in runs of thousands of steps; off: torch's fused AdamW on CUDA",
     )
     seed: int = _f(0, "seed for data order, held-out split and initialisation")
@@ -127,25 +138,44 @@ class LogConfig:
     output_dir: str | None = _f(None, "run directory; default runs/<timestamp>")
     log_every: int = _f(10, "optimizer steps between train-loss log lines")
     eval_every: int = _f(0, "optimizer steps between validation passes (0: only at start and end)")
+    eval_max_batches: int | None = _f(
+        None,
+        "validation micro-batches per pass (the first ones of the validation set, the same every "
+        "time); unset: all on a GPU, 16 on a CPU; 0: all",
+    )
     num_samples: int = _f(2, "generations from validation prompts at each evaluation")
     max_new_tokens: int = _f(64, "tokens generated per sample")
     report_to: str = _f("", "comma-separated: wandb, tensorboard")
     run_name: str | None = _f(None, "name for wandb / tensorboard")
+    verbose: bool = _f(False, "show the libraries' own progress bars and warnings too")
+
+    @property
+    def backends(self) -> list[str]:
+        """--report-to as a list: [], ["wandb"], ["wandb", "tensorboard"], ..."""
+        return [b.strip() for b in self.report_to.split(",") if b.strip()]
 
 
 @dataclass
 class CheckpointConfig:
     save_every: int = _f(
-        0, "optimizer steps between checkpoints (0: only on interrupt and at the end)"
+        0,
+        "optimizer steps between checkpoints (model + optimizer state, to resume from); 0: only "
+        "when a run is interrupted (a finished run then keeps just final/)",
     )
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
-    resume: str | None = _f(None, "'latest' (in --output-dir) or a checkpoint directory")
+    resume: str | None = _f(
+        None,
+        "continue a run: the latest checkpoint in --output-dir (bare --resume, or 'latest'), "
+        "or a checkpoint directory",
+    )
     save_final: bool = _f(True, "save model and tokenizer to <output-dir>/final")
 
 
 @dataclass
 class DistConfig:
-    fsdp: str = _f("auto", "FSDP2 sharding: auto (on when world size > 1), on, off")
+    fsdp: str = _f(
+        "auto", "FSDP2 sharding: auto (on when world size > 1), on, off", ("auto", "on", "off")
+    )
     reduce_fp32: bool = _f(False, "FSDP: reduce gradients in fp32")
     cpu_offload: bool = _f(False, "FSDP: keep parameters and optimizer state on the CPU")
 
@@ -168,17 +198,7 @@ class RunConfig:
 
 
 SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
-_CHOICES = {
-    "dtype": {"auto", "bf16", "bf16-mixed", "fp32", "fp16", "fp64"},
-    "attn": {"auto", "sdpa", "eager", "flash_attention_2", "flex_attention"},
-    "compile": {"auto", "on", "off"},
-    "compile_mode": {"default", "max-autotune-no-cudagraphs"},
-    "sdpa_backend": {"auto", "flash", "cudnn", "efficient"},
-    "fused_loss": {"auto", "on", "off"},
-    "device": {"auto", "cpu", "cuda"},
-    "doc_mask": {"auto", "on", "off"},
-    "fsdp": {"auto", "on", "off"},
-}
+REPORT_TO = ("wandb", "tensorboard")
 
 
 def _section_fields() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -228,18 +248,37 @@ def _coerce(name: str, value: Any) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field; unset flags stay None so that files and defaults apply."""
     parser.add_argument("--config", help="YAML config file (flat or sectioned keys)")
+    groups = {sec: parser.add_argument_group(f"{sec} settings") for sec in SECTIONS}
     for name, (section, f) in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         tp = _base_type(f.type)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default}) [{section}]"
+        help_text = f.metadata["help"].replace("%", "%%")
+        if f.default not in (None, "") and tp is not bool:
+            help_text += f" (default: {f.default})"
+        group = groups[section]
         if tp is bool:
-            parser.add_argument(
+            group.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
+        elif name == "resume":  # a bare --resume means the latest checkpoint
+            group.add_argument(
+                flag,
+                dest=name,
+                nargs="?",
+                const="latest",
+                default=None,
+                metavar="latest|DIR",
+                help=help_text,
+            )
         else:
-            parser.add_argument(
-                flag, dest=name, default=None, metavar=tp.__name__.upper(), help=help_text
+            choices = f.metadata["choices"]
+            group.add_argument(
+                flag,
+                dest=name,
+                default=None,
+                choices=choices,
+                metavar="{" + ",".join(choices) + "}" if choices else tp.__name__.upper(),
+                help=help_text,
             )
 
 
@@ -300,14 +339,35 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
 
 
 def save(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def with_values(cfg: RunConfig, **values: Any) -> RunConfig:
+    """A validated copy of `cfg` with some fields set (by flat name): how a build turns every
+    "auto" into what it resolved to, without changing the config it was given."""
+    out = copy.deepcopy(cfg)
+    for name, value in values.items():
+        section, _ = FIELDS[name]
+        setattr(getattr(out, section), name, value)
+    return out.validate()
+
+
+def check_world_size(cfg: RunConfig, world_size: int) -> None:
+    """The batch splits evenly over the ranks (and their micro-batches)."""
+    bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
+    if bs % world_size:
+        raise ConfigError(f"--batch-size {bs} is not a multiple of the world size {world_size}")
+    if mb and (bs // world_size) % mb:
+        raise ConfigError(
+            f"--batch-size {bs} is not a multiple of --micro-batch-size {mb} x world size {world_size}"
+        )
 
 
 def _validate(cfg: RunConfig) -> None:
-    for name, allowed in _CHOICES.items():
-        section, _ = FIELDS[name]
+    for name, (section, f) in FIELDS.items():
+        allowed = f.metadata["choices"]
         value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
+        if allowed and value not in allowed:
             raise ConfigError(
                 f"--{name.replace('_', '-')}: {value!r} is not one of {sorted(allowed)}"
             )
@@ -330,10 +390,14 @@ def _validate(cfg: RunConfig) -> None:
         "grad_clip": cfg.optim.grad_clip,
         "epochs": cfg.optim.epochs,
         "num_samples": cfg.log.num_samples,
+        "eval_max_batches": cfg.log.eval_max_batches or 0,
     }
     for name, v in non_negative.items():
         if v < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
+    if mb and bs % mb:
+        raise ConfigError(f"--batch-size {bs} is not a multiple of --micro-batch-size {mb}")
     if cfg.optim.max_steps == 0 and cfg.optim.epochs <= 0:
         raise ConfigError("--epochs must be > 0 when --max-steps is 0")
     if not 0.0 < cfg.model.activation_memory_budget <= 1.0:
@@ -346,6 +410,6 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    for name in cfg.log.report_to.split(","):
-        if name.strip() and name.strip() not in {"wandb", "tensorboard"}:
-            raise ConfigError(f"--report-to: unknown backend {name.strip()!r} (wandb, tensorboard)")
+    for name in cfg.log.backends:
+        if name not in REPORT_TO:
+            raise ConfigError(f"--report-to: unknown backend {name!r} ({', '.join(REPORT_TO)})")

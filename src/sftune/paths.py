@@ -1,6 +1,7 @@
 """Where sftune keeps what it derives: converted models, packed token streams, the demo data.
 
-Standard library only, so the data modules can use it without importing torch or transformers.
+Standard library only (no platformdirs): the data modules and the CLI's early checks use it
+before torch or transformers are imported, and a GPU image without extra packages runs it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ CACHE_ENV = "SFTUNE_CACHE_DIR"
 
 
 def cache_root() -> Path:
-    """`$SFTUNE_CACHE_DIR` if set, else the user's cache directory for sftune."""
+    """`$SFTUNE_CACHE_DIR` if set, else `$XDG_CACHE_HOME/sftune`, else `~/.cache/sftune`."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("sftune"))
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sftune"

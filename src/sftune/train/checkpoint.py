@@ -13,7 +13,6 @@ during a save leaves the previous checkpoints untouched and never a broken `step
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -32,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from sftune import config as config_mod
 from sftune.errors import SftuneError
+from sftune.files import atomic_dir, atomic_write_text, commit_dir, temp_dir_for
 from sftune.train import distributed
 from sftune.train.distributed import World
 
@@ -60,6 +60,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Path:
+    """The checkpoint to resume: the newest in `output_dir` for "latest", else the path."""
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
@@ -104,10 +105,9 @@ def save(
 ) -> Path:
     """Writes checkpoint `step` atomically (all ranks call this) and prunes old ones."""
     final = checkpoint_dir(output_dir, step)
-    tmp = final.with_name(".tmp_" + final.name)
+    tmp = final.with_name(".tmp_" + final.name)  # one name that every rank writes into
     if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        temp_dir_for(final, tmp.name)
     distributed.barrier()
     model_sd, optim_sd = get_state_dict(module, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "model_optim"))
@@ -117,9 +117,7 @@ def save(
         config_mod.save(cfg, tmp / "config.yaml")
     distributed.barrier()
     if world.is_main:
-        if final.exists():  # the same step saved again (e.g. interrupt right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        commit_dir(tmp, final)  # replaces the same step saved again (interrupt after a save)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
@@ -163,7 +161,7 @@ def _portable_tokenizer_class(model_dir: Path) -> None:
     cfg = json.loads(path.read_text())
     if cfg.get("tokenizer_class") == "TokenizersBackend":
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        atomic_write_text(path, json.dumps(cfg, indent=2, ensure_ascii=False))
 
 
 def save_final(
@@ -173,15 +171,9 @@ def save_final(
     state_dict = full_model_state_dict(module)
     final = output_dir / "final"
     if world.is_main:
-        tmp = output_dir / ".tmp_final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        _portable_tokenizer_class(tmp)
-        old = output_dir / ".old_final"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(final) as tmp:
+            hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            _portable_tokenizer_class(tmp)
     distributed.barrier()
     return final

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from sftune.config import DistConfig
+from sftune.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,15 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+def resolve_device(requested: str, world: World) -> torch.device:
+    """--device: "auto" is this rank's GPU when CUDA is available, else the CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
 def use_fsdp(cfg: DistConfig, world: World) -> bool:
     return cfg.fsdp == "on" or (cfg.fsdp == "auto" and world.distributed)
 
@@ -110,7 +120,12 @@ def apply_fsdp(
     param_dtype: torch.dtype | None,
 ) -> torch.nn.Module:
     """fully_shard each decoder layer, then the root module that owns the rest."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     kwargs: dict = {}
     if param_dtype is not None or cfg.reduce_fp32:
@@ -125,6 +140,7 @@ def apply_fsdp(
         # The last layer's parameters are needed again right away in backward.
         fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
     fully_shard(root, **kwargs)
+    register_fsdp_forward_method(root, "last_logits")  # gathers the root's params like forward
     return root
 
 

@@ -26,10 +26,13 @@ def supports_fused_loss(model: nn.Module) -> bool:
 
 
 class CausalLMWithLoss(nn.Module):
-    """forward(input_ids, labels, position_ids, scale) -> scale * sum of per-token CE.
+    """A causal LM whose forward returns `scale * (sum of per-token CE over trained labels)`.
 
-    With labels=None, forward returns the logits of the last position (for greedy decoding
-    through the same sharded module).
+        loss = module(input_ids=ids, labels=labels, position_ids=None, scale=1 / n_tokens)
+        logits = module.last_logits(input_ids=ids)    # (B, V) fp32, for decoding step by step
+
+    `last_logits` is registered with FSDP2 as a forward method (distributed.apply_fsdp), so
+    the root's parameters are gathered for it just as for forward.
     """
 
     def __init__(
@@ -48,22 +51,26 @@ class CausalLMWithLoss(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.chunk_size = chunk_size
 
-    def _autocast(self, device_type: str):
+    def autocast(self, device_type: str):
+        """bf16 autocast for `--dtype bf16-mixed`; nothing otherwise."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
 
-    def forward(self, input_ids, labels=None, position_ids=None, scale=1.0):
-        with self._autocast(input_ids.device.type):
-            if labels is None:
-                out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-                return out.logits[:, -1, :].float()
+    def forward(self, input_ids, labels, position_ids=None, scale=1.0):
+        with self.autocast(input_ids.device.type):
             if self.fused:
                 return self._fused_loss(input_ids, labels, position_ids, scale)
             logits = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
             return (
                 cross_entropy_sum(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)) * scale
             )
+
+    def last_logits(self, input_ids, position_ids=None):
+        """The logits of the last position, (B, vocab) in fp32."""
+        with self.autocast(input_ids.device.type):
+            out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return out.logits[:, -1, :].float()
 
     def _fused_loss(self, input_ids, labels, position_ids, scale):
         base = getattr(self.lm, self.lm.base_model_prefix)
@@ -79,39 +86,3 @@ class CausalLMWithLoss(nn.Module):
             self.chunk_size,
             compiled=self.compiled_loss,
         )
-
-
-@torch.no_grad()
-def greedy_generate(
-    module: nn.Module, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None, sharded: bool
-) -> list[int]:
-    """Greedy continuation of one prompt.
-
-    Unsharded: Hugging Face `generate` with its KV cache. Sharded (FSDP): every rank runs the
-    same full forward per token through the root module, so parameters are gathered in step.
-    """
-    device = next(module.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    if not sharded:
-        lm = module.lm
-        # Compiled decoder layers would recompile for every KV-cache length: decode eagerly.
-        eager = getattr(torch.compiler, "set_stance", None)
-        stance = eager("force_eager") if eager else contextlib.nullcontext()
-        with stance, module._autocast(device.type):
-            out = lm.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos_id,
-                pad_token_id=eos_id,
-            )
-        return out[0, len(prompt_ids) :].tolist()
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(module(ids).argmax(-1).item())
-        new.append(nxt)
-        if nxt == eos_id:
-            break
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
-    return new

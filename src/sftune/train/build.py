@@ -1,0 +1,513 @@
+"""Everything a run needs, built once: `build(cfg) -> Run`, then the loop only reads it.
+
+    run = build(cfg)        # process group, model + loss module, data, sampler, optimizer,
+                            # scheduler, probed micro-batch, run directory, logger
+    run.cfg                 # the resolved config: every "auto" replaced by what it became;
+                            # printed at the start and saved as <output-dir>/config.yaml
+
+Features plug in here, at build time (a model transform, a renderer), never as flags threaded
+through the step. The order matters only where noted: the loss wrapper, activation
+checkpointing, per-layer compile and FSDP2 are applied in that order (`build_module`), and the
+micro-batch is probed once the optimizer's state exists (`resolve_micro_batch`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from sftune import config as config_mod
+from sftune.config import RunConfig
+from sftune.data import PackedSFTDataset
+from sftune.data.formats import parse_fields, peek
+from sftune.data.sampler import StepSampler
+from sftune.errors import ConfigError, SftuneError
+from sftune.models import load_model_and_tokenizer, model_flops_per_token, quiet_libraries
+from sftune.paths import cache_root
+from sftune.train import distributed
+from sftune.train.distributed import World
+from sftune.train.lm import CausalLMWithLoss, supports_fused_loss
+from sftune.train.metrics import MetricsLogger
+from sftune.train.optim import build_optimizer
+
+# Dense bf16 peak of the GPUs people train on (MFU's denominator).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+CPU_EVAL_MAX_BATCHES = 16  # validation on 2 CPU cores takes ~1 s per 256-token sequence
+# Files whose presence means a directory already holds a run (never overwritten).
+RUN_MARKERS = ("checkpoints", "final", "metrics.jsonl")
+
+
+@dataclass(frozen=True)
+class Run:
+    """The complete, built state of a run. Its fields are never reassigned; the optimizer,
+    scheduler, sampler and logger change inside as the loop steps them."""
+
+    cfg: RunConfig  # resolved
+    world: World
+    device: torch.device
+    output_dir: Path
+    hf_model: Any
+    tokenizer: Any
+    module: torch.nn.Module
+    sharded: bool
+    varlen: bool  # flash-attn's variable-length path: batches are flattened to (1, B*T)
+    train_data: PackedSFTDataset
+    val_data: PackedSFTDataset
+    sampler: StepSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    logger: MetricsLogger
+    sample_prompts: tuple[tuple[str, str], ...]  # (shown prompt, rendered prompt part)
+    prompt_format: str  # "alpaca" or "chat": how `sftune generate` should render prompts
+    flops_per_token: float | None
+    peak_flops: float | None
+    notes: tuple[str, ...]
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.cfg.optim.micro_batch_size
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return len(self.train_data) * self.cfg.data.seq_length
+
+    def describe(self) -> str:
+        c = self.cfg
+        accum = c.optim.batch_size // self.world.world_size // self.micro_batch_size
+        lines = [
+            f"sftune: {self.total_steps} steps ({self.sampler.steps_per_epoch} per epoch) of "
+            f"{c.optim.batch_size} x {c.data.seq_length} tokens = {self.world.world_size} rank(s) "
+            f"x {accum} accumulation x micro-batch {self.micro_batch_size}; lr {c.optim.lr:g}, "
+            f"warmup {c.optim.warmup_ratio:g}, cosine",
+            *[f"sftune: {n}" for n in self.notes],
+            f"sftune: output {self.output_dir} (resolved config: config.yaml)",
+        ]
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        self.logger.close()
+        distributed.shutdown()
+
+
+# ----------------------------------------------------------------------------- small choices
+
+
+def _choose(setting: str, on_cuda: bool) -> bool:
+    return setting == "on" or (setting == "auto" and on_cuda)
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def attention_request(cfg: RunConfig, device: torch.device) -> str:
+    """--attn, except that document masks on a GPU without flash-attn get FlexAttention.
+
+    SDPA with a block-diagonal mask falls back from the flash kernel; FlexAttention skips the
+    masked blocks (measured 25% faster at 4,096 tokens, docs/BENCHMARKS.md).
+    """
+    if (
+        cfg.model.attn == "auto"
+        and cfg.data.doc_mask == "on"
+        and device.type == "cuda"
+        and importlib.util.find_spec("flash_attn") is None
+    ):
+        return "flex_attention"
+    return cfg.model.attn
+
+
+def doc_mask_on(cfg: RunConfig, attn: str) -> bool:
+    if cfg.data.doc_mask == "auto":
+        return attn in ("flash_attention_2", "flex_attention")
+    return cfg.data.doc_mask == "on"
+
+
+def choose_compile_step(cfg: RunConfig, sharded: bool) -> bool:
+    """--compile-step, which is single-device only."""
+    if cfg.optim.compile_step and sharded:
+        raise ConfigError("--compile-step: not supported with FSDP (more than one rank)")
+    return cfg.optim.compile_step
+
+
+def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
+    if cfg.optim.max_steps > 0:
+        return cfg.optim.max_steps
+    return max(1, math.ceil(cfg.optim.epochs * steps_per_epoch))
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def plan_output_dir(cfg: RunConfig, world: World) -> Path:
+    """The run directory's path (created later, once everything that can fail on input has
+    been built). Never an earlier run's directory unless resuming it."""
+    name = cfg.log.output_dir
+    if name is None:
+        stamp = distributed.broadcast_object(datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        name = f"runs/{stamp}"
+    out = Path(name)
+    held = [m for m in RUN_MARKERS if (out / m).exists()]
+    if cfg.checkpoint.resume is None and held:
+        raise SftuneError(
+            f"{out}: already holds a run ({', '.join(held)}); pass --resume to continue it or "
+            "choose another --output-dir"
+        )
+    return out
+
+
+def create_output_dir(out: Path, cfg: RunConfig, world: World) -> None:
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, out / "config.yaml")
+    distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Datasets(NamedTuple):
+    train: PackedSFTDataset
+    val: PackedSFTDataset
+    train_path: str
+    val_path: str | None
+
+
+def data_paths(cfg: RunConfig, world: World) -> tuple[str, str | None]:
+    """--train-data / --val-data, or the embedded demo set (written once, by rank 0)."""
+    if cfg.data.train_data is not None:
+        return cfg.data.train_data, cfg.data.val_data
+    from sftune.data.demo import ensure_demo_dataset
+
+    if world.is_main:
+        ensure_demo_dataset(cache_root())
+    distributed.barrier()
+    train, val = map(str, ensure_demo_dataset(cache_root()))
+    return train, cfg.data.val_data or val
+
+
+def build_datasets(
+    cfg: RunConfig, tokenizer, world: World, doc_mask: bool, train_path: str, val_path: str | None
+) -> Datasets:
+    """Train and validation sets; rank 0 builds the token cache first, the others read it."""
+    if not val_path and cfg.data.val_fraction <= 0:
+        raise ConfigError("no --val-data and --val-fraction 0: nothing to validate on")
+    split = {} if val_path else dict(holdout_fraction=cfg.data.val_fraction)
+
+    def make(path, shuffle, **kw):
+        return PackedSFTDataset(
+            tokenizer,
+            path,
+            cfg.data.seq_length,
+            shuffle,
+            seed=cfg.optim.seed,
+            fields=parse_fields(cfg.data.fields),
+            response_only=cfg.data.response_only,
+            position_ids=doc_mask,
+            verbose=world.is_main,
+            **kw,
+        )
+
+    def make_both():
+        train = make(train_path, cfg.data.shuffle, **split)
+        val = make(val_path, False) if val_path else make(train_path, False, holdout=True, **split)
+        return train, val
+
+    if world.is_main:
+        train, val = make_both()
+    distributed.barrier()  # the others load what rank 0 just cached
+    if not world.is_main:
+        train, val = make_both()
+    return Datasets(train, val, train_path, val_path)
+
+
+def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[tuple[str, str], ...]:
+    """(shown prompt, rendered prompt part) of `n` validation documents, spread over the set."""
+    from sftune.data import render_record
+
+    out = []
+    for r in val.sample_records(n):
+        prompt_part, _ = render_record(r, tokenizer)
+        shown = r.prompt or (
+            r.messages[-2]["content"] if r.messages and len(r.messages) > 1 else ""
+        )
+        out.append((shown, prompt_part))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+SDPA_BACKENDS = {
+    "flash": "enable_flash_sdp",
+    "cudnn": "enable_cudnn_sdp",
+    "efficient": "enable_mem_efficient_sdp",
+}
+
+
+def set_sdpa_backend(name: str) -> None:
+    """Restrict SDPA to one fused kernel (math stays as the fallback); "auto" enables all.
+
+    These are process-wide switches, read when a layer is compiled or run eagerly.
+    """
+    for backend, switch in SDPA_BACKENDS.items():
+        getattr(torch.backends.cuda, switch)(name in ("auto", backend))
+
+
+class ModuleBuild(NamedTuple):
+    module: CausalLMWithLoss
+    sharded: bool
+    notes: list[str]
+
+
+def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -> ModuleBuild:
+    """Loss wrapper, activation checkpointing, per-layer torch.compile, FSDP2: in that order."""
+    notes: list[str] = []
+    fused = _choose(cfg.model.fused_loss, device.type == "cuda")
+    if fused and not supports_fused_loss(hf_model):
+        notes.append("fused loss off: the model's logits are not a plain linear projection")
+        fused = False
+    compiled = _choose(cfg.model.compile, device.type == "cuda")
+    autocast = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
+    module = CausalLMWithLoss(
+        hf_model, fused=fused, autocast_dtype=autocast, compiled_loss=fused and compiled
+    )
+    set_sdpa_backend(cfg.model.sdpa_backend)
+    if cfg.model.sdpa_backend != "auto":
+        notes.append(f"SDPA kernel: {cfg.model.sdpa_backend}")
+    if cfg.model.activation_checkpointing:
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        hf_model.config.use_cache = False
+    if compiled:
+        # Read by the partitioner when each layer's graph is compiled (first step).
+        torch._functorch.config.activation_memory_budget = cfg.model.activation_memory_budget
+        mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
+        for layer in distributed.decoder_layers(hf_model):
+            layer.compile(mode=mode)
+        budget = cfg.model.activation_memory_budget
+        notes.append(
+            f"torch.compile: each decoder layer ({cfg.model.compile_mode}"
+            f"{f', activation memory budget {budget:g}' if budget < 1 else ''})"
+        )
+    sharded = distributed.use_fsdp(cfg.dist, world)
+    if sharded:
+        param_dtype = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
+        distributed.apply_fsdp(module, hf_model, cfg.dist, param_dtype)
+        notes.append(f"FSDP2 over {world.world_size} rank(s)")
+    notes.append(f"loss: {'fused chunked linear+CE' if fused else 'full logits + CE'}")
+    return ModuleBuild(module, sharded, notes)
+
+
+# ----------------------------------------------------------------------------- micro-batch
+
+
+def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Allocate AdamW's moments now (so the probe sees them) without changing any weight.
+
+    A step with lr 0 and zero gradients leaves parameters and moments at exactly their
+    start values; the step counters are reset so the first real step is step 1.
+    """
+    lrs = [g["lr"] for g in optimizer.param_groups]  # floats, or tensors (compiled step)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    for st in optimizer.state.values():
+        if "step" in st:
+            st["step"].zero_() if torch.is_tensor(st["step"]) else st.update(step=0)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def probe_micro_batch(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    per_rank_batch: int,
+    seq_length: int,
+    vocab_size: int,
+    device: torch.device,
+) -> int:
+    """Largest divisor of the per-rank batch whose forward+backward fits next to the
+    optimizer state (materialized first), with 8% of the GPU kept free."""
+    materialize_optimizer_state(optimizer)
+    total = torch.cuda.get_device_properties(device).total_memory
+    for mb in sorted(
+        (d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0), reverse=True
+    ):
+        ids = torch.randint(0, vocab_size, (mb, seq_length), device=device)
+        ok = True
+        try:
+            torch.cuda.reset_peak_memory_stats(device)
+            module(input_ids=ids, labels=ids, scale=1.0 / ids.numel()).backward()
+            torch.cuda.synchronize(device)
+            ok = torch.cuda.max_memory_allocated(device) < 0.92 * total
+        except torch.cuda.OutOfMemoryError:
+            ok = False
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        if ok:
+            return mb
+    raise SftuneError(
+        f"out of GPU memory even at micro-batch 1 x {seq_length} tokens: lower --seq-length or "
+        "add --activation-checkpointing (or shard over more GPUs)"
+    )
+
+
+def resolve_micro_batch(cfg: RunConfig, world: World, device: torch.device) -> int | None:
+    """--micro-batch-size, or for 0 (auto) on a CPU the largest divisor of the per-rank batch
+    up to 8; None on a GPU, where `probe_micro_batch` finds it."""
+    if cfg.optim.micro_batch_size:
+        return cfg.optim.micro_batch_size
+    per_rank = cfg.optim.batch_size // world.world_size
+    if device.type == "cuda":
+        return None
+    return max(d for d in range(1, min(per_rank, 8) + 1) if per_rank % d == 0)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def build(cfg: RunConfig) -> Run:
+    """Everything for `cfg`, in the order that fails cheapest first; see the module doc."""
+    cfg.validate()
+    quiet_libraries(cfg.log.verbose)
+    world = distributed.init(
+        "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu"
+    )
+    config_mod.check_world_size(cfg, world.world_size)
+    device = distributed.resolve_device(cfg.model.device, world)
+    torch.manual_seed(cfg.optim.seed)
+    output_dir = plan_output_dir(cfg, world)
+    train_path, val_path = data_paths(cfg, world)
+    fields = parse_fields(cfg.data.fields)
+    prompt_format = "chat" if peek(train_path, fields) == "messages" else "alpaca"
+
+    load_dtype = "fp32" if cfg.model.dtype == "bf16-mixed" else cfg.model.dtype
+    hf_model, tokenizer, info = load_model_and_tokenizer(
+        cfg.model.model,
+        device=device,
+        dtype=load_dtype,
+        attn_implementation=attention_request(cfg, device),
+    )
+    notes = [
+        f"model {cfg.model.model} ({info.num_params / 1e6:.1f}M params, {info.dtype}"
+        f"{' + bf16 autocast' if cfg.model.dtype == 'bf16-mixed' else ''}), attention "
+        f"{info.attn_implementation}"
+    ]
+    doc_mask = doc_mask_on(cfg, info.attn_implementation)
+    notes.append(f"document-aware packing {_on_off(doc_mask)}")
+    data = build_datasets(cfg, tokenizer, world, doc_mask, train_path, val_path)
+
+    built = build_module(cfg, hf_model, device, world)
+    notes += built.notes
+    compile_step = choose_compile_step(cfg, built.sharded)
+    notes.append(
+        "optimizer: clipping + AdamW compiled together"
+        if compile_step
+        else f"optimizer: {'fused ' if device.type == 'cuda' else ''}AdamW"
+    )
+    sampler = StepSampler(
+        len(data.train),
+        cfg.optim.batch_size,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.optim.seed,
+        rank=world.rank,
+        world_size=world.world_size,
+    )
+    steps = total_steps(cfg, sampler.steps_per_epoch)
+    optimizer, scheduler = build_optimizer(
+        list(built.module.parameters()), cfg.optim, steps, device, compiled=compile_step
+    )
+    micro = resolve_micro_batch(cfg, world, device)
+    if micro is None:
+        micro = probe_micro_batch(
+            built.module,
+            optimizer,
+            per_rank_batch=cfg.optim.batch_size // world.world_size,
+            seq_length=cfg.data.seq_length,
+            vocab_size=hf_model.get_input_embeddings().weight.shape[0],
+            device=device,
+        )
+        notes.append(f"micro-batch {micro} (largest that fits)")
+
+    resolved = config_mod.with_values(
+        cfg,
+        train_data=train_path,
+        val_data=val_path,
+        dtype=cfg.model.dtype if cfg.model.dtype != "auto" else _dtype_name(info.dtype),
+        attn=info.attn_implementation,
+        compile=_on_off(_choose(cfg.model.compile, device.type == "cuda")),
+        fused_loss=_on_off(built.module.fused),
+        doc_mask=_on_off(doc_mask),
+        device=device.type,
+        fsdp=_on_off(built.sharded),
+        micro_batch_size=micro,
+        eval_max_batches=_eval_max_batches(cfg, device),
+    )
+    create_output_dir(output_dir, resolved, world)
+    logger = MetricsLogger(
+        output_dir,
+        report_to=resolved.log.backends,
+        enabled=world.is_main,
+        run_name=cfg.log.run_name,
+        config=resolved.to_dict(),
+        tokens_per_step=cfg.optim.batch_size * cfg.data.seq_length,
+        resume=cfg.checkpoint.resume is not None,
+    )
+    return Run(
+        cfg=resolved,
+        world=world,
+        device=device,
+        output_dir=output_dir,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        module=built.module,
+        sharded=built.sharded,
+        varlen=doc_mask and info.attn_implementation == "flash_attention_2",
+        train_data=data.train,
+        val_data=data.val,
+        sampler=sampler,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        total_steps=steps,
+        logger=logger,
+        sample_prompts=sample_prompts(cfg.log.num_samples, data.val, tokenizer),
+        prompt_format=prompt_format,
+        flops_per_token=(
+            model_flops_per_token(hf_model.config, cfg.data.seq_length)
+            if device.type == "cuda"
+            else None
+        ),
+        peak_flops=_peak_flops(device),
+        notes=tuple(notes),
+    )
+
+
+def _dtype_name(torch_name: str) -> str:
+    """ "bfloat16" -> "bf16", the config's spelling."""
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}[torch_name]
+
+
+def _eval_max_batches(cfg: RunConfig, device: torch.device) -> int:
+    if cfg.log.eval_max_batches is not None:
+        return cfg.log.eval_max_batches
+    return 0 if device.type == "cuda" else CPU_EVAL_MAX_BATCHES

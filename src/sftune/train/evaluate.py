@@ -1,0 +1,100 @@
+"""The one evaluation loop: token-weighted loss of a model over a packed dataset.
+
+Used by the trainer (validation passes) and by `sftune eval`:
+
+    loss, tokens = evaluate(module, dataset, micro_batch_size=8, device=device)
+    sftune eval --model runs/x/final --data test.jsonl
+
+Under FSDP every rank runs the same number of forwards (they gather parameters together);
+a rank with fewer items runs padding forwards whose loss is weighted 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from sftune.data import IGNORE_INDEX
+from sftune.train import distributed
+from sftune.train.distributed import World
+from sftune.train.step import load_batch
+
+
+class EvalInterrupted(Exception):
+    """SIGINT / SIGTERM arrived during an evaluation, which stopped within one micro-batch."""
+
+
+def eval_items(num_items: int, micro_batch_size: int, max_batches: int) -> int:
+    """How many items a pass covers: all, or the first `max_batches` micro-batches' worth."""
+    return num_items if max_batches <= 0 else min(num_items, max_batches * micro_batch_size)
+
+
+@torch.no_grad()
+def evaluate(
+    module: torch.nn.Module,
+    dataset,
+    *,
+    micro_batch_size: int,
+    device: torch.device,
+    world: World = World(),
+    max_batches: int = 0,
+    varlen: bool = False,
+    on_batch: Callable[[], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> tuple[float, int]:
+    """(token-weighted mean loss, trained tokens) over the first `eval_items(...)` items of
+    `dataset`, all ranks together. `on_batch` is called after each micro-batch (a progress
+    bar); `stop_requested` is asked before each one and raises EvalInterrupted when it says so
+    (under torchrun it must agree across ranks)."""
+    was_training = module.training
+    module.eval()
+    n = eval_items(len(dataset), micro_batch_size, max_batches)
+    mine = list(range(world.rank, n, world.world_size))
+    forwards = torch.tensor([math.ceil(len(mine) / micro_batch_size)], device=device)
+    forwards = int(distributed.all_reduce_max(forwards).item())
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, trained tokens
+    for i in range(forwards):
+        if stop_requested is not None and stop_requested():
+            raise EvalInterrupted
+        chunk = mine[i * micro_batch_size : (i + 1) * micro_batch_size]
+        b = load_batch(dataset, chunk or [0], device, varlen)
+        loss = module(
+            input_ids=b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids")
+        )
+        count = (b["labels"] != IGNORE_INDEX).sum()
+        totals += torch.stack([loss.double(), count.double()]) * (1.0 if chunk else 0.0)
+        if on_batch is not None:
+            on_batch()
+    totals = distributed.all_reduce_sum(totals)
+    module.train(was_training)
+    return float(totals[0] / totals[1].clamp(min=1.0)), int(totals[1])
+
+
+def evaluate_file(
+    model: str,
+    data: str,
+    *,
+    seq_length: int,
+    batch_size: int,
+    fields: dict[str, str] | None = None,
+    response_only: bool = False,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_batches: int = 0,
+) -> tuple[float, int]:
+    """`sftune eval`: (loss, trained tokens) of a saved model or preset on a data file."""
+    from sftune.data import PackedSFTDataset
+    from sftune.models import load_model_and_tokenizer
+    from sftune.train.lm import CausalLMWithLoss
+
+    dev = distributed.resolve_device(device, World())
+    lm, tokenizer, _ = load_model_and_tokenizer(model, device=dev, dtype=dtype)
+    dataset = PackedSFTDataset(
+        tokenizer, data, seq_length, False, fields=fields, response_only=response_only
+    )
+    module = CausalLMWithLoss(lm, fused=False)
+    return evaluate(
+        module, dataset, micro_batch_size=batch_size, device=dev, max_batches=max_batches
+    )
