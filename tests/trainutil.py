@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sftune.train.logging import read_metrics
+from sftune.train.metrics import read_metrics
 
 
 def losses(run: Path) -> dict[int, float]:

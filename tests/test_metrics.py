@@ -1,9 +1,12 @@
-"""MetricsLogger, read_metrics, the learning-curve PNG and ConsoleProgress (fast, CPU, no network)."""
+"""MetricsLogger and read_metrics: metrics.jsonl, samples.jsonl, wandb / TensorBoard (fast, CPU,
+no network)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import sys
 import types
 
@@ -11,15 +14,7 @@ import numpy as np
 import pytest
 
 from sftune.errors import ConfigError, SftuneError
-from sftune.train.logging import ConsoleProgress, MetricsLogger, read_metrics
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _assert_png(path):
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC
-    assert len(data) > 1024
+from sftune.train.metrics import MetricsLogger, read_metrics
 
 
 def _train_rows(logger, steps, tokens_per_step=None):
@@ -88,50 +83,6 @@ def test_read_metrics_skips_a_torn_last_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "tr')
     assert read_metrics(tmp_path) == [{"step": 1, "train_loss": 2.0}]
     assert read_metrics(tmp_path / "missing") == []
-
-
-def test_plot_with_train_rows_only(tmp_path):
-    logger = MetricsLogger(tmp_path, tokens_per_step=2048)
-    _train_rows(logger, range(1, 60))
-    path = logger.plot()
-    assert path == tmp_path / "learning_curve.png"
-    _assert_png(path)
-    assert not list(tmp_path.glob(".learning_curve.png.*"))
-
-
-def test_plot_with_train_and_val_rows(tmp_path):
-    logger = MetricsLogger(tmp_path, run_name="tiny")
-    _train_rows(logger, range(1, 200), tokens_per_step=512)
-    for step in (50, 100, 150, 199):
-        logger.log(step, {"val_loss": 2.0 - step / 200, "tokens": step * 512})
-    logger.log(200, {"train_loss": float("nan")})  # a null loss is skipped, not drawn
-    _assert_png(logger.plot())
-    # Replaced in place, atomically, on every call.
-    _assert_png(logger.plot())
-
-
-def test_plot_without_tokens_draws_the_step_panel_only(tmp_path):
-    logger = MetricsLogger(tmp_path)
-    logger.log(10, {"val_loss": 1.5})
-    _assert_png(logger.plot())
-
-
-def test_plot_with_zero_rows_returns_none(tmp_path):
-    logger = MetricsLogger(tmp_path)
-    assert logger.plot() is None
-    logger.log(1, {"lr": 1e-4})  # rows, but no loss yet
-    assert logger.plot() is None
-    assert not (tmp_path / "learning_curve.png").exists()
-
-
-def test_plot_leaves_pyplot_backend_alone(tmp_path):
-    import matplotlib
-
-    before = matplotlib.get_backend()
-    logger = MetricsLogger(tmp_path)
-    logger.log(1, {"train_loss": 1.0})
-    logger.plot()
-    assert matplotlib.get_backend() == before
 
 
 def test_disabled_logger_writes_nothing(tmp_path):
@@ -252,21 +203,14 @@ def test_wandb_receives_metrics_and_keeps_run_id_on_resume(tmp_path, monkeypatch
     assert inits[2]["id"] != run_id
 
 
-def test_console_progress_shows_postfix_and_writes(capsys):
-    bar = ConsoleProgress(total_steps=4, initial=1)
-    bar.update(train_loss=1.2345678, lr=2e-5, tokens_per_s=41000.0)
-    bar.write("saved checkpoint")
-    bar.update(2)
-    bar.close()
-    out, err = capsys.readouterr()
-    assert "saved checkpoint" in out
-    assert "loss=1.235" in err and "lr=2.000e-05" in err and "tok/s=41000" in err
-    assert "4/4" in err
-
-
-def test_console_progress_disabled_prints_nothing(capsys):
-    bar = ConsoleProgress(total_steps=4, enabled=False)
-    bar.update(train_loss=1.0)
-    bar.write("hidden")
-    bar.close()
-    assert capsys.readouterr() == ("", "")
+def test_truncated_metrics_follow_the_umask(tmp_path):
+    # The rewrite goes through a temporary file, whose 0600 must not replace the umask's mode.
+    old = os.umask(0o022)
+    try:
+        logger = MetricsLogger(tmp_path)
+        _train_rows(logger, range(1, 5))
+        logger.truncate_after(2)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.jsonl").stat().st_mode) == 0o644
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]

@@ -1,4 +1,4 @@
-"""Run metrics: a JSON-lines file, optional wandb / TensorBoard, a learning-curve PNG, a console bar.
+"""Run metrics: a JSON-lines file, optional wandb / TensorBoard, and the learning curve.
 
 Everything a run measures goes through one `MetricsLogger`, which writes only on the main
 process (rank 0) and costs nothing when disabled:
@@ -6,7 +6,7 @@ process (rank 0) and costs nothing when disabled:
     logger = MetricsLogger("runs/alpaca", report_to=["tensorboard"], tokens_per_step=65536)
     logger.log(step, {"train_loss": 1.93, "lr": 2e-5, "tokens": 65536 * step})
     logger.log_text(step, "samples", [("Name three colors.", "Red, green and blue.")])
-    logger.plot()    # runs/alpaca/learning_curve.png
+    logger.plot()    # runs/alpaca/learning_curve.png (drawn by sftune.train.plot)
     logger.close()
 
 Files in the run directory:
@@ -19,7 +19,7 @@ Files in the run directory:
 
 Non-finite numbers are written as null so every line stays valid JSON. On resume the trainer
 calls `truncate_after(step)` so that steps logged after the last checkpoint, and about to be
-re-run, are not duplicated.
+re-run, are not duplicated. The console bar lives in sftune.train.progress.
 """
 
 from __future__ import annotations
@@ -27,27 +27,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sftune.errors import ConfigError, SftuneError
+from sftune.files import atomic_write_lines
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 CURVE_FILE = "learning_curve.png"
 WANDB_ID_FILE = "wandb_id.txt"
 REPORT_TO = ("wandb", "tensorboard")
-# Short names for the progress bar's postfix (keyword arguments cannot contain "/").
-_POSTFIX_NAMES = {"train_loss": "loss", "tokens_per_s": "tok/s", "tok_s": "tok/s"}
 
 
-def _is_main_process() -> bool:
-    # A safety net for callers that forget to pass enabled=is_main: torchrun sets RANK.
+def is_main_process() -> bool:
+    """Whether this is rank 0, from torchrun's RANK: a safety net for callers that forget to
+    pass enabled=is_main (here and in sftune.train.progress), without importing torch."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -74,18 +72,6 @@ def _read_jsonl(path: Path) -> list[dict]:
                 break
             raise SftuneError(f"{path}:{i + 1}: not valid JSON ({err})") from None
     return rows
-
-
-def _write_atomic(path: Path, lines: Iterable[str]) -> None:
-    """Replace `path` with `lines` so that a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -140,7 +126,7 @@ class MetricsLogger:
         if unknown:
             raise ConfigError(f"report_to: unknown {unknown}; choose from {list(REPORT_TO)}")
         self.run_dir = Path(run_dir)
-        self.enabled = enabled and _is_main_process()
+        self.enabled = enabled and is_main_process()
         self.run_name = run_name
         self.config = config
         self.tokens_per_step = tokens_per_step
@@ -234,7 +220,7 @@ class MetricsLogger:
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
                 kept = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
-                _write_atomic(path, (json.dumps(r, allow_nan=False) for r in kept))
+                atomic_write_lines(path, (json.dumps(r, allow_nan=False) for r in kept))
         if self._tb is not None:
             # TensorBoard hides events at or after purge_step that an earlier attempt wrote.
             self._tb.close()
@@ -244,6 +230,10 @@ class MetricsLogger:
         """Write `<run_dir>/learning_curve.png` from metrics.jsonl; None when there is no loss yet."""
         if not self.enabled:
             return None
+        # Imported here: plot reads metrics.jsonl through this module, and matplotlib loads
+        # only in runs that draw a curve.
+        from sftune.train.plot import plot_learning_curve
+
         return plot_learning_curve(
             self.run_dir, tokens_per_step=self.tokens_per_step, title=self.run_name
         )
@@ -269,154 +259,3 @@ def _markdown_table(rows: list[tuple[str, str]]) -> str:
 
     body = "\n".join(f"| {cell(p)} | {cell(o)} |" for p, o in rows)
     return "| prompt | output |\n|---|---|\n" + body
-
-
-def _smooth(values: list[float]) -> list[float]:
-    """Debiased exponential moving average (as TensorBoard draws it), stronger for longer runs."""
-    beta = min(0.95, max(0.0, 1.0 - 20.0 / max(len(values), 1)))
-    out, avg = [], 0.0
-    for i, v in enumerate(values, start=1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**i) if beta > 0 else v)
-    return out
-
-
-def _loss_points(rows: list[dict], key: str, x_of) -> tuple[list[float], list[float]]:
-    points = [(x_of(r), r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-    points = [(x, y) for x, y in points if x is not None]
-    return [x for x, _ in points], [y for _, y in points]
-
-
-def _draw_losses(ax, rows: list[dict], x_of, xlabel: str) -> None:
-    tx, ty = _loss_points(rows, "train_loss", x_of)
-    vx, vy = _loss_points(rows, "val_loss", x_of)
-    if tx:
-        ax.plot(tx, ty, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (raw)")
-        ax.plot(tx, _smooth(ty), color="tab:blue", linewidth=1.8, label="train (smoothed)")
-    if vx:
-        ax.plot(vx, vy, color="tab:orange", marker="o", linewidth=1.2, label="validation")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
-
-
-def plot_learning_curve(
-    run_dir: str | Path, *, tokens_per_step: int | None = None, title: str | None = None
-) -> Path | None:
-    """Draw train (raw + smoothed) and validation loss against steps and against tokens.
-
-    Tokens come from each row's `tokens` key, else step * tokens_per_step; without either the
-    tokens panel is left out. Uses Figure + FigureCanvasAgg, never pyplot, so the process's
-    matplotlib backend is left alone. Returns the PNG path, or None when no loss was logged.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter
-
-    run_dir = Path(run_dir)
-    rows = [r for r in read_metrics(run_dir) if "step" in r]
-    has_loss = any(
-        isinstance(r.get(k), (int, float)) for r in rows for k in ("train_loss", "val_loss")
-    )
-    if not has_loss:
-        return None
-
-    def tokens_of(row: dict) -> float | None:
-        if isinstance(row.get("tokens"), (int, float)):
-            return row["tokens"]
-        return row["step"] * tokens_per_step if tokens_per_step else None
-
-    with_tokens = any(tokens_of(r) is not None for r in rows)
-    fig = Figure(figsize=(8, 8 if with_tokens else 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2 if with_tokens else 1, 1, squeeze=False)[:, 0]
-    _draw_losses(axes[0], rows, lambda r: r["step"], "optimizer step")
-    if with_tokens:
-        _draw_losses(axes[1], rows, tokens_of, "tokens")
-        axes[1].xaxis.set_major_formatter(EngFormatter())  # 1.2M rather than an offset of 1e6
-    fig.suptitle(_curve_title(rows, title))
-
-    out = run_dir / CURVE_FILE
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{CURVE_FILE}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
-def _curve_title(rows: list[dict], name: str | None) -> str:
-    val = [r for r in rows if isinstance(r.get("val_loss"), (int, float))]
-    train = [r for r in rows if isinstance(r.get("train_loss"), (int, float))]
-    if val:
-        summary = f"final val loss {val[-1]['val_loss']:.4f} (step {val[-1]['step']})"
-    else:
-        summary = f"final train loss {train[-1]['train_loss']:.4f} (step {train[-1]['step']})"
-    return f"{name}: {summary}" if name else summary
-
-
-class ConsoleProgress:
-    """A tqdm bar over optimizer steps with loss / lr / tok/s and an ETA.
-
-        bar = ConsoleProgress(total_steps=1000, initial=resumed_step, enabled=is_main)
-        bar.update(train_loss=1.93, lr=2e-5, tokens_per_s=41000)
-        bar.write("saved checkpoint step 500")    # a line that does not break the bar
-        bar.close()
-
-    When stderr is not a terminal (CI, a log file) the bar redraws at most every 5 s so the
-    log is not flooded; when disabled nothing is printed at all.
-    """
-
-    def __init__(self, total_steps: int, initial: int = 0, enabled: bool = True):
-        self.enabled = enabled and _is_main_process()
-        self._bar = None
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        tty = sys.stderr.isatty()
-        self._bar = tqdm(
-            total=total_steps,
-            initial=initial,
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=0.1 if tty else 5.0,
-            file=sys.stderr,
-        )
-
-    def update(self, n: int = 1, **postfix: Any) -> None:
-        if self._bar is None:
-            return
-        if postfix:
-            shown = {_POSTFIX_NAMES.get(k, k): _short(v) for k, v in postfix.items()}
-            self._bar.set_postfix(shown, refresh=False)
-        self._bar.update(n)
-
-    def write(self, msg: str) -> None:
-        if self._bar is None:
-            return
-        self._bar.write(msg)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def __enter__(self) -> ConsoleProgress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _short(value: Any) -> str:
-    value = _json_value(value)
-    if isinstance(value, float):
-        if 0 < abs(value) < 1e-3:
-            return f"{value:.3e}"
-        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    return str(value)
