@@ -8,7 +8,9 @@ The rule (CS336 assignment 5, kept exactly so the course fixture matches token f
 
 1. read the records (`formats.py`) and render each with the Alpaca template (`templates.py`);
 2. encode each document with the tokenizer's own special-token handling (`tokenizer(text)`,
-   which for Llama 3 prepends `<|begin_of_text|>`) and append `tokenizer.eos_token_id`;
+   which for Llama 3 prepends `<|begin_of_text|>`) and append `tokenizer.eos_token_id`
+   (a chat whose template already ends with the EOS text keeps that one instead, so every
+   document ends with exactly one EOS: see `tokenize.py`);
 3. with `shuffle=True` shuffle the documents (seeded), else keep the file's order;
 4. concatenate them into one stream of L tokens; with m = seq_length there are (L - 1) // m
    items, item i = stream[i*m : (i+1)*m] and its labels the same window shifted by one.

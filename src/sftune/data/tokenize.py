@@ -4,8 +4,14 @@ This is the hot path of building a packed dataset, so it stays close to the toke
 backend: records are rendered and encoded `DOCS_PER_BATCH` at a time, and only one batch's
 Python token lists exist at once; everything else is numpy (`_pack_chunk`).
 
-Each document is `tokenizer(text)` (its post-processor adds the BOS where the model has one),
-then `tokenizer.eos_token_id` appended (the CS336 rule).
+Each document ends with exactly one EOS, which is trained:
+
+* prompt/response and Alpaca records (the CS336 rule): `tokenizer(text)` (its post-processor
+  adds the BOS where the model has one), then `tokenizer.eos_token_id` appended;
+* chat records whose rendered text already ends with the EOS token's text (ChatML templates
+  end each turn with `<|im_end|>`, SmolLM2's EOS), optionally followed by whitespace: the text
+  is cut right after that EOS and nothing is appended, so the end-of-turn token is not trained
+  twice. A chat template that ends otherwise gets the EOS appended like any other document.
 
 With `response_only`, the label mask marks the tokens that start at or after the response's
 first character (character offsets from the fast tokenizer), plus the final EOS.
@@ -30,10 +36,11 @@ DOCS_PER_BATCH = 2048  # documents tokenized per call: big enough for the Rust t
 
 
 class Rendered(NamedTuple):
-    """A batch of rendered documents: texts and where each response starts."""
+    """A batch of rendered documents: texts, where each response starts, which end in EOS."""
 
     texts: list[str]
     response_starts: list[int]
+    ends_with_eos: list[bool]
 
 
 def build_stream(
@@ -68,20 +75,41 @@ def _batched(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
 
 
 def render_batch(path: Path, records: list[Record], tokenizer: Any) -> Rendered:
-    """Render records to texts and the character where each response starts."""
-    out = Rendered([], [])
+    """Render records to texts (chats cut after a final EOS, see the module doc)."""
+    eos_text = getattr(tokenizer, "eos_token", None)
+    out = Rendered([], [], [])
     for record in records:
         try:
             prompt_part, text = render_record(record, tokenizer)
         except ValueError as e:
             raise DataError(path, str(e), line=record.line) from None
+        ends = False
+        if record.messages is not None and eos_text:
+            text, ends = cut_after_final_eos(text, eos_text, len(prompt_part))
         out.texts.append(text)
         out.response_starts.append(len(prompt_part))
+        out.ends_with_eos.append(ends)
     return out
 
 
+def cut_after_final_eos(text: str, eos_text: str, response_start: int) -> tuple[str, bool]:
+    """`text` cut right after a final `eos_text` (trailing whitespace dropped), and whether it was.
+
+    Only an EOS inside the response counts: the prompt part is never cut.
+
+        >>> cut_after_final_eos("<|im_start|>assistant\\nyo<|im_end|>\\n", "<|im_end|>", 23)
+        ('<|im_start|>assistant\\nyo<|im_end|>', True)
+        >>> cut_after_final_eos("### Response:\\nyo", "<|im_end|>", 14)
+        ('### Response:\\nyo', False)
+    """
+    stripped = text.rstrip()
+    if stripped.endswith(eos_text) and len(stripped) - len(eos_text) >= response_start:
+        return stripped, True
+    return text, False
+
+
 class DocumentEncoder:
-    """Encode rendered documents to one int32 array with EOS after each, as `tokenizer(text)` does.
+    """Encode rendered documents to one int32 array ending each with one EOS, as `tokenizer(text)`.
 
     With a fast tokenizer the Rust backend is called directly (`encode_batch_fast`, no offsets,
     unless response-only masking needs them), which skips building Python lists for the
@@ -102,16 +130,31 @@ class DocumentEncoder:
             raise SftuneError("response_only needs a fast tokenizer (for character offsets)")
 
     def encode(
-        self, texts: list[str], response_starts: list[int]
+        self,
+        texts: list[str],
+        response_starts: list[int],
+        ends_with_eos: Sequence[bool] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(tokens with EOS after each document, document lengths with EOS, label mask or None)."""
+        """(tokens with one EOS ending each document, document lengths, label mask or None).
+
+        `ends_with_eos[j]`: text j already ends with the EOS token's text, so no EOS is added
+        (unless its last token turns out not to be the EOS id).
+        """
         if self.use_backend is None:
             self.use_backend = self._backend_agrees(texts[:8])
         if self.use_backend:
             ids, prompt_lengths = self._encode_backend(texts, response_starts)
         else:
             ids, prompt_lengths = self._encode_python(texts, response_starts)
-        return _pack_chunk(ids, prompt_lengths, self.eos)
+        if ends_with_eos is None:
+            append = np.ones(len(ids), dtype=bool)
+        else:
+            last = [doc[-1] if doc else None for doc in ids]
+            append = np.array(
+                [not (e and t == self.eos) for e, t in zip(ends_with_eos, last, strict=True)],
+                dtype=bool,
+            )
+        return _pack_chunk(ids, prompt_lengths, self.eos, append)
 
     def _backend_agrees(self, sample: list[str]) -> bool:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -165,13 +208,15 @@ def _prompt_length_from_offsets(offsets: Sequence[tuple[int, int]], response_sta
 
 
 def _pack_chunk(
-    ids: list[list[int]], prompt_lengths: list[int] | None, eos: int
+    ids: list[list[int]], prompt_lengths: list[int] | None, eos: int, append_eos: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Flatten token lists into int32, insert EOS after each document, build the label mask."""
+    """Flatten token lists into int32, insert EOS after the documents flagged in `append_eos`,
+    build the label mask (every token from the response's first one on, the final EOS included).
+    """
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-    tokens = np.insert(flat, np.cumsum(lengths), eos)
-    lengths += 1  # the EOS
+    tokens = np.insert(flat, np.cumsum(lengths)[append_eos], eos)
+    lengths += append_eos  # the appended EOS
     if prompt_lengths is None:
         return tokens, lengths, None
     doc_starts = np.cumsum(lengths) - lengths
