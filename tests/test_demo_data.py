@@ -1,11 +1,11 @@
-"""The generated demo dataset: deterministic, well-formed, validation held out."""
+"""The generated demo dataset (sftune.data.demo): deterministic, well-formed, validation held out."""
 
 from __future__ import annotations
 
 import json
 import re
 
-from sftune.demo_data import CAPITALS, ensure_demo_dataset, write_demo_dataset
+from sftune.data.demo import CAPITALS, ensure_demo_dataset, write_demo_dataset
 
 
 def _read(path):
@@ -63,4 +63,13 @@ def test_ensure_demo_dataset_creates_once(tmp_path):
     assert again == (train_path, val_path)
     assert train_path.stat().st_mtime_ns == mtime and train_path.read_bytes() == first
     # No temp dirs are left behind beside the dataset.
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [train_path.parent.name]
+
+
+def test_ensure_demo_dataset_replaces_an_incomplete_copy(tmp_path):
+    train_path, val_path = ensure_demo_dataset(tmp_path)
+    expected = val_path.read_bytes()
+    val_path.unlink()
+    assert ensure_demo_dataset(tmp_path) == (train_path, val_path)
+    assert val_path.read_bytes() == expected
     assert [p.name for p in (tmp_path / "data").iterdir()] == [train_path.parent.name]

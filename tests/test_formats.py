@@ -1,4 +1,4 @@
-"""Reading records: shapes, field mappings, compression and every kind of bad input."""
+"""Reading records: shapes, field mappings, compression, every kind of bad input, and peek."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sftune.data.formats import Record, read_records
+from sftune.data.formats import ALPACA, MESSAGES, PROMPT_RESPONSE, Record, peek, read_records
 from sftune.errors import DataError
 
 
@@ -165,3 +165,92 @@ def test_not_gzip_at_all(tmp_path):
     path = tmp_path / "a.jsonl.gz"
     path.write_bytes(b'{"prompt": "p", "response": "r"}\n')
     assert_data_error(path, "gzip", line=1)
+
+
+# --- peek: the first record only, validated exactly as read_records would ------------------
+
+
+def same_error(path: Path, line: int | None, **kwargs) -> str:
+    """peek's DataError for `path` is read_records' (message, line and field), one line."""
+    with pytest.raises(DataError) as full:
+        read_records(path, **kwargs)
+    with pytest.raises(DataError) as first:
+        peek(path, **kwargs)
+    assert str(first.value) == str(full.value) and "\n" not in str(first.value)
+    assert (first.value.line, first.value.field) == (full.value.line, full.value.field)
+    assert first.value.line == line
+    return str(first.value)
+
+
+@pytest.mark.parametrize(
+    "rows, fields, shape",
+    [
+        ([{"prompt": "p", "response": "r"}], None, PROMPT_RESPONSE),
+        ([{"instruction": "i", "input": "", "output": "o"}], None, ALPACA),
+        ([{"messages": [{"role": "assistant", "content": "hi"}]}], None, MESSAGES),
+        ([{"question": "q", "answer": "a"}], {"prompt": "question", "response": "answer"}, None),
+    ],
+)
+def test_peek_names_the_format(tmp_path, rows, fields, shape):
+    for compress, name in [(False, "a.jsonl"), (True, "a.jsonl.gz")]:
+        path = write_jsonl(tmp_path / name, rows, compress)
+        assert peek(path, fields) == (shape or PROMPT_RESPONSE)
+    json_list = tmp_path / "a.json"
+    json_list.write_text(json.dumps(rows))
+    assert peek(json_list, fields=fields) == (shape or PROMPT_RESPONSE)
+
+
+def test_peek_reads_only_the_first_record(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('\n{"prompt": "p", "response": "r"}\nnot json at all\n{"prompt": 3}\n')
+    assert peek(path) == PROMPT_RESPONSE
+    with pytest.raises(DataError, match="invalid JSON"):
+        read_records(path)
+
+
+def test_peek_missing_and_empty_file(tmp_path):
+    assert same_error(tmp_path / "nope.jsonl", None).endswith("nope.jsonl: no such file")
+    empty = tmp_path / "empty.jsonl"
+    for content in [b"", b"\n \n"]:
+        empty.write_bytes(content)
+        assert "no records" in same_error(empty, None)
+
+
+@pytest.mark.parametrize("name", ["data.csv", "data.jsonl"])
+def test_peek_csv_is_invalid_json_on_line_1(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("question,answer\nWhat is 2+2?,4\n")
+    message = same_error(path, 1)
+    assert message.startswith(f"{path}:1: invalid JSON")
+
+
+def test_peek_unmapped_keys_cannot_tell_format(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    assert "cannot tell the record format" in same_error(path, 1)
+
+
+@pytest.mark.parametrize(
+    "row, fields, problem",
+    [
+        ({"prompt": "p"}, None, "field 'response': missing"),
+        ({"prompt": 3, "response": "r"}, None, "field 'prompt': must be a string, not int"),
+        ({"question": "q"}, {"prompt": "question", "response": "answer"}, "'answer': missing"),
+        ([1, 2], None, "JSON object"),
+        ({"messages": [{"role": "user", "content": "x"}]}, None, "last message"),
+        ({"messages": [{"role": "user"}]}, None, "needs string 'role' and 'content'"),
+    ],
+)
+def test_peek_bad_first_record(tmp_path, row, fields, problem):
+    path = write_jsonl(tmp_path / "a.jsonl", [row, {"prompt": "ok", "response": "ok"}])
+    assert problem in same_error(path, 1, fields=fields)
+
+
+def test_peek_bad_bytes(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"prompt": "\xff", "response": "r"}\n')
+    assert "not valid UTF-8" in same_error(path, 1)
+    not_gzip = tmp_path / "b.jsonl.gz"
+    not_gzip.write_bytes(b'{"prompt": "p", "response": "r"}\n')
+    assert "gzip" in same_error(not_gzip, 1)
+    bad_fields = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "response": "r"}])
+    assert "unknown target field" in same_error(bad_fields, None, fields={"answer": "x"})

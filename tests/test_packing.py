@@ -17,11 +17,15 @@ from sftune.data import (
     IGNORE_INDEX,
     PackedSFTDataset,
     batches,
+    cache,
+    formats,
     packing,
     render_alpaca,
+    sampler,
     templates,
+    tokenize,
 )
-from sftune.data.packing import DocumentEncoder
+from sftune.data.tokenize import DocumentEncoder
 from sftune.errors import DataError
 
 CHAT_TEMPLATE = (
@@ -158,6 +162,44 @@ def test_holdout_splits_documents_complementarily(llama3_tokenizer, tmp_path):
     assert sorted(_documents(held_other)) != sorted(_documents(held))
 
 
+def test_sample_records_evenly_spaced_in_file_order(llama3_tokenizer, tmp_path):
+    rows = [{"question": f"Question {i}?", "answer": f"Answer {i}."} for i in range(40)]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    fields = {"prompt": "question", "response": "answer"}
+    for shuffle in (False, True):
+        ds = pack(llama3_tokenizer, path, seq_length=8, shuffle=shuffle, fields=fields, seed=5)
+        assert ds.path == path and ds.fields == fields
+        assert ds.document_indices.tolist() == list(range(40))
+        picked = ds.sample_records(4)
+        assert [r.prompt for r in picked] == [f"Question {i}?" for i in (0, 10, 20, 30)]
+        assert [r.line for r in picked] == [1, 11, 21, 31]
+        assert picked[0].response == "Answer 0."
+    assert ds.sample_records(0) == [] and len(ds.sample_records(100)) == 40
+
+
+def test_sample_records_of_a_holdout_split(llama3_tokenizer, tmp_path):
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(40)]
+    path = write_jsonl(tmp_path / "docs.jsonl", rows)
+    split = dict(seq_length=8, holdout_fraction=0.25, seed=3)
+    train = pack(llama3_tokenizer, path, shuffle=True, **split)
+    held = pack(llama3_tokenizer, path, holdout=True, **split)
+    held_docs = packing.select_documents(40, 0.25, True, seed=3)
+    assert held.document_indices.tolist() == held_docs.tolist()
+    assert sorted([*train.document_indices, *held.document_indices]) == list(range(40))
+    picked = held.sample_records(3)
+    want = [held_docs[i * 10 // 3] for i in range(3)]
+    assert [r.prompt for r in picked] == [f"Question {i}?" for i in want]
+    assert [r.prompt for r in held.sample_records(50)] == [f"Question {i}?" for i in held_docs]
+    train_prompts = {r.prompt for r in train.sample_records(30)}
+    assert len(train_prompts) == 30 and not train_prompts & {r.prompt for r in picked}
+
+
+def test_cache_key_changes_with_cache_version(llama3_tokenizer, sample, monkeypatch):
+    key = cache.cache_key(llama3_tokenizer, sample, None, False)
+    monkeypatch.setattr(cache, "CACHE_VERSION", cache.CACHE_VERSION + 1)
+    assert cache.cache_key(llama3_tokenizer, sample, None, False) != key
+
+
 def test_cache_hit_and_key(llama3_tokenizer, tmp_path, sample, capsys):
     path = tmp_path / "sample.jsonl"
     path.write_bytes(sample.read_bytes())
@@ -252,7 +294,9 @@ def test_bad_file_leaves_nothing_in_cache(llama3_tokenizer, tmp_path):
         pack(llama3_tokenizer, tmp_path / "missing.jsonl")
 
 
-@pytest.mark.parametrize("module", [templates, packing, batches, prepare])
+@pytest.mark.parametrize(
+    "module", [formats, templates, tokenize, cache, packing, batches, sampler, prepare]
+)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0

@@ -1,5 +1,9 @@
 """One epoch of batches over a packed dataset: each item exactly once, stacked to tensors.
 
+This is the course's API, for a training loop you write yourself: one call, one epoch, no
+state to save. `sftune train` does not use it; it draws batches from `sampler.StepSampler`,
+which shards each optimizer step's batch across ranks and resumes exactly from a checkpoint.
+
 >>> batches = iterate_batches(dataset, batch_size=8, shuffle=True, seed=epoch)  # doctest: +SKIP
 >>> len(batches)  # ceil(len(dataset) / 8); the last batch may be smaller  # doctest: +SKIP
 10

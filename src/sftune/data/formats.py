@@ -19,6 +19,12 @@ Anything else is read through a mapping from our names to the file's names, e.g.
     ('Natalia sold cli', 1)
 
 Every problem raises `DataError` naming the file, the line and the field.
+
+Standard library only (like `sftune.errors` and `sftune.paths`), so the CLI can check a data
+file before it pays for importing torch: `peek` reads and validates just the first record.
+
+    >>> peek("train.jsonl")  # doctest: +SKIP
+    'prompt/response'
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -62,18 +68,41 @@ def iter_records(path: str | Path, fields: Mapping[str, str] | None = None) -> I
     it, the shape is detected from the first record. Raises `DataError` for a missing or
     empty file and for any bad line (the records before it have been yielded already).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "no such file")
+    path = _existing(path)
     parse = None
     count = 0
     for line_no, obj in _iter_objects(path):
         if parse is None:
-            parse = _parser_for(path, line_no, obj, fields)
+            parse, _ = _parser_for(path, line_no, obj, fields)
         yield parse(obj, line_no)
         count += 1
     if count == 0:
-        raise DataError(path, "no records (the file is empty or has only blank lines)")
+        raise _no_records(path)
+
+
+def peek(path: str | Path, fields: Mapping[str, str] | None = None) -> str:
+    """The record format of `path` (`prompt/response`, `alpaca` or `messages`), from its first
+    record, which is validated exactly as `iter_records` would (same `DataError`s).
+
+    A JSON Lines file is read only up to its first record; a `.json` list is parsed whole.
+    """
+    path = _existing(path)
+    for line_no, obj in _iter_objects(path):
+        parse, shape = _parser_for(path, line_no, obj, fields)
+        parse(obj, line_no)
+        return shape
+    raise _no_records(path)
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such file")
+    return path
+
+
+def _no_records(path: Path) -> DataError:
+    return DataError(path, "no records (the file is empty or has only blank lines)")
 
 
 def _iter_objects(path: Path) -> Iterator[tuple[int, Any]]:
@@ -130,8 +159,10 @@ def detect_format(obj: Any, fields: Mapping[str, str] | None = None) -> str:
     return PROMPT_RESPONSE
 
 
-def _parser_for(path: Path, line_no: int, first: Any, fields: Mapping[str, str] | None):
-    """A function (obj, line) -> Record for the shape of the first record."""
+def _parser_for(
+    path: Path, line_no: int, first: Any, fields: Mapping[str, str] | None
+) -> tuple[Callable[[Any, int], Record], str]:
+    """(a function (obj, line) -> Record, the shape's name) for the shape of the first record."""
     fields = _check_fields(path, fields)
     if not isinstance(first, dict):
         raise DataError(path, f"a record must be a JSON object, not {_kind(first)}", line=line_no)
@@ -146,13 +177,15 @@ def _parser_for(path: Path, line_no: int, first: Any, fields: Mapping[str, str] 
     fields = fields or {}
     if shape == MESSAGES:
         key = fields.get("messages", "messages")
-        return lambda obj, line: _messages_record(path, obj, line, key)
+        return (lambda obj, line: _messages_record(path, obj, line, key)), shape
     if shape == ALPACA:
-        return lambda obj, line: _alpaca_record(path, obj, line)
+        return (lambda obj, line: _alpaca_record(path, obj, line)), shape
     p_key, r_key = fields.get("prompt", "prompt"), fields.get("response", "response")
-    return lambda obj, line: Record(
-        _string(path, obj, line, p_key), _string(path, obj, line, r_key), None, line
-    )
+    return (
+        lambda obj, line: Record(
+            _string(path, obj, line, p_key), _string(path, obj, line, r_key), None, line
+        )
+    ), shape
 
 
 def _check_fields(path: Path, fields: Mapping[str, str] | None) -> dict[str, str] | None:

@@ -1,10 +1,16 @@
 """Pack SFT documents into one token stream and cut it into fixed-length training windows.
 
+The data package in the order a file goes through it: `formats.py` reads and validates records,
+`templates.py` renders them, `tokenize.py` encodes them into one file-order token stream,
+`cache.py` keeps that stream on disk, and this module selects, orders and windows it.
+
 The rule (CS336 assignment 5, kept exactly so the course fixture matches token for token):
 
 1. read the records (`formats.py`) and render each with the Alpaca template (`templates.py`);
 2. encode each document with the tokenizer's own special-token handling (`tokenizer(text)`,
-   which for Llama 3 prepends `<|begin_of_text|>`) and append `tokenizer.eos_token_id`;
+   which for Llama 3 prepends `<|begin_of_text|>`) and append `tokenizer.eos_token_id`
+   (a chat whose template already ends with the EOS text keeps that one instead, so every
+   document ends with exactly one EOS: see `tokenize.py`);
 3. with `shuffle=True` shuffle the documents (seeded), else keep the file's order;
 4. concatenate them into one stream of L tokens; with m = seq_length there are (L - 1) // m
    items, item i = stream[i*m : (i+1)*m] and its labels the same window shifted by one.
@@ -39,27 +45,26 @@ Options beyond the course:
   gives complementary sets.
 
 The file-order stream, its document offsets and the label mask live in numpy arrays cached on
-disk (`SFTUNE_CACHE_DIR`, default `platformdirs.user_cache_dir("sftune")`, subfolder
-`packed`), keyed by the file's contents, the tokenizer, the template, the field mapping and
-`response_only`. Shuffle, holdout and position ids are applied when loading, so one cache
-entry serves them all:
+disk (`cache.py`: `SFTUNE_CACHE_DIR`, default `platformdirs.user_cache_dir("sftune")`,
+subfolder `packed`), keyed by the file's contents, the tokenizer, the template, the field
+mapping and `response_only`. Shuffle, holdout and position ids are applied when loading, so
+one cache entry serves them all. The dataset remembers its file, field mapping and the
+file-order indices of its documents, so `sample_records(n)` can show a few of its records
+(the trainer's sample generations) without splitting the file again:
 
     >>> ds = PackedSFTDataset(tok, "sft_sample.jsonl", seq_length=32, shuffle=False)  # doctest: +SKIP
     sftune: sft_sample.jsonl: 5 documents, 2,431 tokens -> 75 items of 32 (98.7% of tokens kept), built in 0.3 s
     >>> ds[0]["input_ids"][:4]  # doctest: +SKIP
     tensor([128000,  39314,    374,    459])
+    >>> [r.line for r in ds.sample_records(2)]  # doctest: +SKIP
+    [1, 3]
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,14 +72,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from sftune.data.cache import PackedStream, load_or_build
+from sftune.data.constants import IGNORE_INDEX
 from sftune.data.formats import Record, iter_records
-from sftune.data.templates import render_record, template_fingerprint
-from sftune.errors import ConfigError, DataError, SftuneError
-from sftune.paths import cache_root
+from sftune.errors import ConfigError, DataError
 
-IGNORE_INDEX = -100
-CACHE_VERSION = 1
-DOCS_PER_BATCH = 2048  # documents tokenized per call: big enough for the Rust thread pool
 _HOLDOUT_STREAM, _SHUFFLE_STREAM = 1, 2  # independent random streams derived from `seed`
 
 
@@ -105,21 +107,12 @@ class PackStats:
         )
 
 
-@dataclass
-class PackedStream:
-    """The file-order token stream: documents back to back, each BOS ... EOS.
-
-    `doc_offsets[j]` is where document j starts (length documents + 1, the last entry is L);
-    `mask[k]` is True when token k is trained as a label target (response_only), else None.
-    """
-
-    tokens: np.ndarray  # int32, shape (L,)
-    doc_offsets: np.ndarray  # int64, shape (documents + 1,)
-    mask: np.ndarray | None  # bool, shape (L,)
-
-
 class PackedSFTDataset(torch.utils.data.Dataset):
-    """Fixed-length windows over the packed token stream of an SFT file (see the module doc)."""
+    """Fixed-length windows over the packed token stream of an SFT file (see the module doc).
+
+    Besides the windows it keeps where they came from: `path`, `fields` and `document_indices`
+    (the file-order indices of the records it holds, ascending), for `sample_records`.
+    """
 
     def __init__(
         self,
@@ -141,12 +134,15 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         start = time.perf_counter()
         path = Path(dataset_path)
         _check_arguments(tokenizer, path, seq_length, holdout_fraction)
+        self.path = path
+        self.fields = dict(fields) if fields else None
         self.seq_length = seq_length
         self.with_position_ids = position_ids
         base, from_cache = load_or_build(
             tokenizer, path, fields, response_only, cache_dir=cache_dir, use_cache=use_cache
         )
         docs = select_documents(len(base.doc_offsets) - 1, holdout_fraction, holdout, seed)
+        self.document_indices = docs
         if shuffle:
             docs = np.random.default_rng((seed, _SHUFFLE_STREAM)).permutation(docs)
         self._tokens, self._mask, self._doc_starts = _arrange(base, docs)
@@ -185,6 +181,26 @@ class PackedSFTDataset(torch.utils.data.Dataset):
     def num_trained_tokens(self) -> int:
         """Labels that are not -100, over all items."""
         return self.stats.trained_tokens
+
+    def sample_records(self, n: int) -> list[Record]:
+        """`n` of this dataset's records, evenly spaced in file order, re-read from `path`.
+
+        The picks are kept documents number i * len // n for i < n (all of them when there
+        are fewer than n), so they cover more than the file's first task or topic; a
+        held-out set (`holdout=True`) samples only held-out records.
+        """
+        kept = self.document_indices
+        count = min(max(n, 0), len(kept))
+        if count == 0:
+            return []
+        wanted = {int(kept[i * len(kept) // count]) for i in range(count)}
+        out: list[Record] = []
+        for index, record in enumerate(iter_records(self.path, self.fields)):
+            if index in wanted:
+                out.append(record)
+                if len(out) == len(wanted):
+                    break
+        return out
 
     def __len__(self) -> int:
         return self.num_items
@@ -281,286 +297,3 @@ def _gather_documents(
         shift = np.repeat(sources[lo:hi] - targets[lo:hi], lengths[lo:hi])
         out[targets[lo] : targets[hi]] = array[np.arange(targets[lo], targets[hi]) + shift]
     return out
-
-
-# --- building the file-order stream -------------------------------------------------------
-
-
-def build_stream(
-    tokenizer: Any,
-    path: Path,
-    fields: Mapping[str, str] | None = None,
-    response_only: bool = False,
-) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray] | None]:
-    """Tokenize `path` batch by batch: (token chunks, document lengths, mask chunks or None).
-
-    Only one batch of records and its Python token lists exist at a time; everything else
-    is numpy.
-    """
-    encoder = DocumentEncoder(tokenizer, response_only)
-    token_chunks: list[np.ndarray] = []
-    mask_chunks: list[np.ndarray] = []
-    lengths: list[np.ndarray] = []
-    for records in _batched(iter_records(path, fields), DOCS_PER_BATCH):
-        texts, response_starts = _render(path, records, tokenizer)
-        tokens, doc_lengths, mask = encoder.encode(texts, response_starts)
-        token_chunks.append(tokens)
-        lengths.append(doc_lengths)
-        if mask is not None:
-            mask_chunks.append(mask)
-    return token_chunks, np.concatenate(lengths), mask_chunks if response_only else None
-
-
-def _batched(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
-
-
-def _render(path: Path, records: list[Record], tokenizer: Any) -> tuple[list[str], list[int]]:
-    """Full texts and the character where each response starts."""
-    texts, starts = [], []
-    for record in records:
-        try:
-            prompt_part, text = render_record(record, tokenizer)
-        except ValueError as e:
-            raise DataError(path, str(e), line=record.line) from None
-        texts.append(text)
-        starts.append(len(prompt_part))
-    return texts, starts
-
-
-class DocumentEncoder:
-    """Encode rendered documents to one int32 array with EOS after each, as `tokenizer(text)` does.
-
-    With a fast tokenizer the Rust backend is called directly (`encode_batch_fast`, no offsets,
-    unless response-only masking needs them), which skips building Python lists for the
-    attention mask; the first batch is checked against `tokenizer(texts)` and the encoder
-    falls back to it on any difference.
-
-        >>> enc = DocumentEncoder(tok, response_only=False)  # doctest: +SKIP
-        >>> enc.encode(["Hi", "Yo"], [0, 0])  # doctest: +SKIP
-        (array([128000, 13347, 128001, 128000, 65825, 128001], dtype=int32), array([3, 3]), None)
-    """
-
-    def __init__(self, tokenizer: Any, response_only: bool):
-        self.tokenizer = tokenizer
-        self.response_only = response_only
-        self.eos = int(tokenizer.eos_token_id)
-        self.use_backend: bool | None = None  # decided on the first batch
-        if response_only and not getattr(tokenizer, "is_fast", False):
-            raise SftuneError("response_only needs a fast tokenizer (for character offsets)")
-
-    def encode(
-        self, texts: list[str], response_starts: list[int]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(tokens with EOS after each document, document lengths with EOS, label mask or None)."""
-        if self.use_backend is None:
-            self.use_backend = self._backend_agrees(texts[:8])
-        if self.use_backend:
-            ids, prompt_lengths = self._encode_backend(texts, response_starts)
-        else:
-            ids, prompt_lengths = self._encode_python(texts, response_starts)
-        return _pack_chunk(ids, prompt_lengths, self.eos)
-
-    def _backend_agrees(self, sample: list[str]) -> bool:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            return False
-        # Calling the tokenizer first also resets any truncation/padding left on the backend.
-        expected = self.tokenizer(sample)["input_ids"]
-        if backend.truncation is not None or backend.padding is not None:
-            return False
-        return [e.ids for e in backend.encode_batch(sample)] == expected
-
-    def _encode_backend(
-        self, texts: list[str], starts: list[int]
-    ) -> tuple[list[list[int]], list[int] | None]:
-        backend = self.tokenizer.backend_tokenizer
-        if not self.response_only:
-            fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
-            return [e.ids for e in fast(texts)], None
-        encodings = backend.encode_batch(texts)
-        return [e.ids for e in encodings], [
-            _prompt_length(e, start) for e, start in zip(encodings, starts, strict=True)
-        ]
-
-    def _encode_python(
-        self, texts: list[str], starts: list[int]
-    ) -> tuple[list[list[int]], list[int] | None]:
-        if not self.response_only:
-            return self.tokenizer(texts)["input_ids"], None
-        enc = self.tokenizer(texts, return_offsets_mapping=True)
-        return enc["input_ids"], [
-            _prompt_length_from_offsets(offsets, start)
-            for offsets, start in zip(enc["offset_mapping"], starts, strict=True)
-        ]
-
-
-def _prompt_length(encoding: Any, response_start: int) -> int:
-    """Tokens before the response: those that start before character `response_start`."""
-    token = encoding.char_to_token(response_start)
-    if token is None:  # empty response: every token is prompt
-        return len(encoding.ids)
-    # A token straddling the boundary starts in the prompt, so it counts as prompt.
-    return token + 1 if encoding.token_to_chars(token)[0] < response_start else token
-
-
-def _prompt_length_from_offsets(offsets: Sequence[tuple[int, int]], response_start: int) -> int:
-    """As `_prompt_length`, from an offsets list; zero-width special tokens do not end the prompt."""
-    return next(
-        (i for i, (lo, hi) in enumerate(offsets) if lo >= response_start and hi > lo),
-        len(offsets),
-    )
-
-
-def _pack_chunk(
-    ids: list[list[int]], prompt_lengths: list[int] | None, eos: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Flatten token lists into int32, insert EOS after each document, build the label mask."""
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-    tokens = np.insert(flat, np.cumsum(lengths), eos)
-    lengths += 1  # the EOS
-    if prompt_lengths is None:
-        return tokens, lengths, None
-    doc_starts = np.cumsum(lengths) - lengths
-    position = np.arange(len(tokens)) - np.repeat(doc_starts, lengths)
-    mask = position >= np.repeat(np.asarray(prompt_lengths, dtype=np.int64), lengths)
-    return tokens, lengths, mask
-
-
-# --- the on-disk cache --------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """`<cache root>/packed`: `$SFTUNE_CACHE_DIR/packed`, else the user's cache dir for sftune."""
-    return cache_root() / "packed"
-
-
-def file_digest(path: Path) -> str:
-    """blake2b of the file's bytes, read in 4 MiB blocks."""
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything in the tokenizer that changes the ids or the rendered text."""
-    digest = hashlib.blake2b(digest_size=20)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        digest.update(backend.to_str().encode())
-    else:
-        digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
-    extra = [
-        type(tokenizer).__name__,
-        tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
-        getattr(tokenizer, "chat_template", None),
-    ]
-    digest.update(json.dumps(extra, default=str).encode())
-    return digest.hexdigest()
-
-
-def cache_key(
-    tokenizer: Any, path: Path, fields: Mapping[str, str] | None, response_only: bool
-) -> str:
-    """The cache key of a file-order stream: contents, tokenizer, template, fields, masking."""
-    parts = {
-        "version": CACHE_VERSION,
-        "file": file_digest(path),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "template": template_fingerprint(),
-        "fields": sorted((fields or {}).items()),
-        "response_only": bool(response_only),
-    }
-    return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()
-
-
-def load_or_build(
-    tokenizer: Any,
-    path: Path,
-    fields: Mapping[str, str] | None = None,
-    response_only: bool = False,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-) -> tuple[PackedStream, bool]:
-    """The file-order stream of `path`, from the cache when present: (stream, from_cache)."""
-    if not path.is_file():
-        raise DataError(path, "no such file")
-    if not use_cache:
-        tokens, lengths, mask = build_stream(tokenizer, path, fields, response_only)
-        return _in_memory(tokens, lengths, mask), False
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = root / f"{path.name}-{cache_key(tokenizer, path, fields, response_only)}"
-    if (entry / "meta.json").is_file():
-        return _load_entry(entry), True
-    tokens, lengths, mask = build_stream(tokenizer, path, fields, response_only)
-    _write_entry(entry, tokens, lengths, mask, source=str(path))
-    return _load_entry(entry), False
-
-
-def _in_memory(
-    tokens: list[np.ndarray], lengths: np.ndarray, mask: list[np.ndarray] | None
-) -> PackedStream:
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return PackedStream(
-        np.concatenate(tokens), offsets, None if mask is None else np.concatenate(mask)
-    )
-
-
-def _load_entry(entry: Path) -> PackedStream:
-    mask_file = entry / "mask.npy"
-    return PackedStream(
-        tokens=np.load(entry / "tokens.npy", mmap_mode="r"),
-        doc_offsets=np.load(entry / "doc_offsets.npy"),
-        mask=np.load(mask_file, mmap_mode="r") if mask_file.is_file() else None,
-    )
-
-
-def _write_entry(
-    entry: Path,
-    tokens: list[np.ndarray],
-    lengths: np.ndarray,
-    mask: list[np.ndarray] | None,
-    source: str,
-) -> None:
-    """Write the entry into a temporary sibling directory, then rename it into place.
-
-    A crash leaves at most a `.tmp-*` directory that is removed on the way out; readers only
-    ever see complete entries, because `meta.json` is written last and the rename is atomic.
-    """
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-    try:
-        _save_chunks(tmp / "tokens.npy", tokens, np.int32)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        np.save(tmp / "doc_offsets.npy", offsets)
-        if mask is not None:
-            _save_chunks(tmp / "mask.npy", mask, np.bool_)
-        meta = {"source": source, "documents": len(lengths), "tokens": int(offsets[-1])}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.replace(tmp, entry)
-        except OSError:
-            if not (entry / "meta.json").is_file():  # not a concurrent writer that won
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _save_chunks(path: Path, chunks: list[np.ndarray], dtype: type) -> None:
-    """One .npy file from chunks, without concatenating them in memory first."""
-    header = {
-        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-        "fortran_order": False,
-        "shape": (sum(len(c) for c in chunks),),
-    }
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        for chunk in chunks:
-            f.write(chunk.astype(dtype, copy=False).tobytes())

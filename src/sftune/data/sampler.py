@@ -1,5 +1,9 @@
 """Which packed sequences each rank trains on at each optimizer step, with exact resume.
 
+This is the trainer's batching API (`sftune train`): it holds a position that goes into
+every checkpoint (`state_dict()`) and gives each rank its share of the step's global batch.
+For one epoch in a loop of your own, `batches.iterate_batches` is the simpler API.
+
 Every epoch is one seeded permutation of the item indices (the same on every rank). Optimizer
 step s of an epoch takes the global batch `perm[s*B:(s+1)*B]`; rank r of W takes the r-th of W
 equal contiguous slices of it. So the set of sequences in a step does not depend on the
@@ -19,6 +23,9 @@ import numpy as np
 
 
 class StepSampler:
+    """Rank `rank`'s item indices for each optimizer step (see the module doc); `state_dict()`
+    saves the position, `load_state_dict()` resumes it and refuses a different data order."""
+
     def __init__(
         self,
         num_items: int,

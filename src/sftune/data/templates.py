@@ -15,7 +15,8 @@ so response-only masking knows that the response starts at character `len(prompt
     ### Response:
     4
 
-There is no newline after the response: the packer appends the EOS token instead.
+There is no newline after the response: the packer appends the EOS token instead (and for a
+chat whose template already ends with the EOS text, cuts the text after it: see `tokenize.py`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any) -> tuple[str
 
     The prompt part is the messages before the last (assistant) one, rendered with
     `add_generation_prompt=True`, so it ends with the assistant header. A template that
-    writes the BOS token itself would get a second one from the tokenizer's post-processor,
-    so a leading BOS string is removed from both parts.
+    writes the BOS token itself (Llama 3's `<|begin_of_text|>`) would get a second one from
+    the tokenizer's post-processor, so a leading BOS string is removed from both parts, but
+    only when the post-processor adds it back (`adds_bos`). SmolLM2 names `<|im_start|>` its
+    `bos_token` yet adds nothing when encoding: there the string is the chat's first token
+    and stays.
 
     Raises ValueError when the tokenizer has no chat template, or when the template renders
     the conversation so that the prompt part is not a prefix of the full text.
@@ -60,11 +64,17 @@ def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any) -> tuple[str
         messages[:-1], tokenize=False, add_generation_prompt=True
     )
     bos = tokenizer.bos_token
-    if bos and full.startswith(bos) and prompt_part.startswith(bos):
+    if bos and full.startswith(bos) and prompt_part.startswith(bos) and adds_bos(tokenizer):
         full, prompt_part = full[len(bos) :], prompt_part[len(bos) :]
     if not full.startswith(prompt_part):
         raise ValueError("the chat template renders the prompt differently from the full chat")
     return prompt_part, full
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding a text puts the BOS token in front of it (`tokenizer("x")` starts with it)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    return bos_id is not None and tokenizer("x")["input_ids"][:1] == [bos_id]
 
 
 def render_record(record: Record, tokenizer: Any = None) -> tuple[str, str]:

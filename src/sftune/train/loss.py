@@ -19,7 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from sftune.data.constants import IGNORE_INDEX
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

@@ -7,18 +7,17 @@ optimizer steps on a CPU and the validation loss drops clearly. Same seed, same 
     train, val = write_demo_dataset("out/", n_train=2000, n_val=100, seed=0)
     train, val = ensure_demo_dataset(cache_root())   # created once, reused afterwards
 
-Each line is {"prompt": ..., "response": ...}.
+Each line is {"prompt": ..., "response": ...}. Standard library only.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from sftune.files import atomic_dir, atomic_write_lines
 
 # Bump when the generator changes, so cached copies from an older version are not reused.
 DEMO_VERSION = 1
@@ -239,9 +238,7 @@ def generate_examples(
 
 
 def _write_jsonl(path: Path, examples: list[Example]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for prompt, response in examples:
-            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    atomic_write_lines(path, (json.dumps({"prompt": p, "response": r}) for p, r in examples))
 
 
 def write_demo_dataset(
@@ -270,16 +267,9 @@ def ensure_demo_dataset(cache_root: str | Path) -> tuple[Path, Path]:
     paths = (target / "train.jsonl", target / "val.jsonl")
     if all(p.is_file() for p in paths):
         return paths
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written in a temp dir and renamed, so a crashed or concurrent run never sees half a file.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # Built in a temporary sibling and renamed, so a crashed or concurrent run never sees half
+    # a dataset; a concurrent run's finished copy is kept (the files are the same), while a
+    # directory someone emptied by hand is replaced.
+    with atomic_dir(target, replace=target.exists()) as tmp:
         write_demo_dataset(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not all(p.is_file() for p in paths):  # someone else's finished copy is fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return paths
