@@ -10,10 +10,10 @@ import torch
 
 from sftune import config as config_mod
 from sftune.models import build_tiny_model
-from sftune.train import setup as setup_mod
+from sftune.train.build import build_module
 from sftune.train.distributed import World
-from sftune.train.loop import train_step
 from sftune.train.optim import build_optimizer
+from sftune.train.step import train_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -61,20 +61,14 @@ def _losses(
             device="cuda",
         )
     )
-    module, _ = setup_mod.build_module(cfg, model, device, World(), [])
+    module = build_module(cfg, model, device, World()).module
     opt, sched = build_optimizer(list(module.parameters()), cfg.optim, STEPS, device)
-
-    class S:
-        pass
-
-    s = S()
-    s.cfg, s.world, s.device, s.module, s.micro_batch_size = cfg, World(), device, module, micro
     out = []
     for b in _batches(docs):
         mbs = [
             {k: v[i : i + micro].to(device) for k, v in b.items()} for i in range(0, BATCH, micro)
         ]
-        loss, _, _ = train_step(s, opt, sched, mbs)
+        loss, _, _ = train_step(module, opt, sched, mbs, grad_clip=cfg.optim.grad_clip)
         out.append(float(loss))
     return out
 
@@ -99,10 +93,10 @@ def test_evaluation_loss_matches_training_loss():
     model = build_tiny_model(VOCAB, hidden=256, layers=2, heads=8, kv_heads=4, seed=0)
     model = model.to(device=device, dtype=torch.bfloat16)
     cfg = config_mod.from_flat(dict(compile="on", fused_loss="on", device="cuda"))
-    module, _ = setup_mod.build_module(cfg, model, device, World(), [])
+    module = build_module(cfg, model, device, World()).module
     b = _batches(docs=False)[0]
     ids, labels = b["input_ids"].to(device), b["labels"].to(device)
-    train = module(ids, labels, None, 1.0)
+    train = module(input_ids=ids, labels=labels)
     with torch.no_grad():
-        evaluation = module(ids, labels, None, 1.0)
+        evaluation = module(input_ids=ids, labels=labels)
     assert float(evaluation) == pytest.approx(float(train), rel=1e-3)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from sftune import prepare
 from sftune.data import (
     ALPACA_TEMPLATE,
     IGNORE_INDEX,
@@ -294,9 +293,7 @@ def test_bad_file_leaves_nothing_in_cache(llama3_tokenizer, tmp_path):
         pack(llama3_tokenizer, tmp_path / "missing.jsonl")
 
 
-@pytest.mark.parametrize(
-    "module", [formats, templates, tokenize, cache, packing, batches, sampler, prepare]
-)
+@pytest.mark.parametrize("module", [formats, templates, tokenize, cache, packing, batches, sampler])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0

@@ -17,7 +17,7 @@ from sftune.data.formats import parse_fields
 def loaded_once(llama3_tokenizer, llama3_tokenizer_dir, monkeypatch):
     """Serve the session's tokenizer instead of loading it again (3 s a load on 2 cores);
     the tests that are about loading use the real `load_tokenizer`."""
-    from sftune import prepare as module
+    from sftune import models as module
 
     def load(name):
         assert Path(name) == Path(llama3_tokenizer_dir)

@@ -70,7 +70,9 @@ def test_micro_batch_choice_and_errors():
     with pytest.raises(ConfigError, match="not a multiple of the world size 3"):
         config_mod.check_world_size(config_mod.from_flat({"batch_size": 8}), 3)
     # Validated once, with the config, before anything is loaded.
-    with pytest.raises(ConfigError, match="--batch-size 3 is not a multiple of --micro-batch-size 2"):
+    with pytest.raises(
+        ConfigError, match="--batch-size 3 is not a multiple of --micro-batch-size 2"
+    ):
         config_mod.from_flat({"batch_size": 3, "micro_batch_size": 2})
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sftune import config as config_mod
-from sftune.train.logging import read_metrics
+from sftune.train.metrics import read_metrics
 from sftune.train.loop import train
 from trainutil import losses, train_args, weights
 

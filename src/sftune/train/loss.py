@@ -42,10 +42,9 @@ class _FusedLinearCE(torch.autograd.Function):
         # One chunk: its weight gradient is a single GEMM in the weight's dtype, as in the plain
         # path. Several: accumulated in fp32 (2 GiB for Llama 3's head, so only when needed).
         single = n <= chunk_size
-        grad_w = (
-            None if single else torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        )
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        grad_w = None if single else torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_size):
             h = hidden[start : start + chunk_size]
             chunk_loss, grad = chunk_fn(h @ weight.t(), labels[start : start + chunk_size], scale)
@@ -109,7 +108,7 @@ def _accumulate_wgrad(grad_w: torch.Tensor, grad: torch.Tensor, h: torch.Tensor)
                 f"fused loss: fp32-output addmm unavailable ({e}); using a temporary", stacklevel=2
             )
             _addmm_out_dtype = False
-    grad_w += (grad.t() @ h).float()
+    grad_w += (grad.t() @ h).to(grad_w.dtype)
 
 
 _addmm_out_dtype = hasattr(torch.ops.aten.addmm, "dtype_out")
@@ -136,6 +135,6 @@ def fused_linear_cross_entropy(
             cross_entropy_sum(hidden[i : i + chunk_size] @ weight.t(), labels[i : i + chunk_size])
             for i in range(0, hidden.shape[0], chunk_size)
         )
-        return total * scale.float()
+        return total * upcast(scale)
     chunk_fn = compiled_ce_chunk() if compiled else ce_chunk
-    return _FusedLinearCE.apply(hidden, weight, labels, scale.float(), chunk_size, chunk_fn)
+    return _FusedLinearCE.apply(hidden, weight, labels, upcast(scale), chunk_size, chunk_fn)
