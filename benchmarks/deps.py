@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata as md
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,12 +81,29 @@ def requirements_of(req: Requirement) -> list[Requirement]:
     return [r for r in needs if applies(r, req.extras)]
 
 
+def remove_from(target: Path, name: str) -> None:
+    """Delete the copies of `name` that earlier runs put in `target`: pip --target --upgrade
+    replaces the package's folders but leaves the old version's .dist-info."""
+    for dist in md.distributions(name=name):
+        files = [Path(dist.locate_file(f)).resolve() for f in dist.files or []]
+        record = next((p for p in files if p.name == "RECORD"), None)
+        if record is None or record.parent.parent != target:
+            continue  # the machine's own copy: never touched
+        for path in files:
+            if target in path.parents:
+                path.unlink(missing_ok=True)
+        shutil.rmtree(record.parent, ignore_errors=True)
+
+
 def pip_install(reqs: list[Requirement], target: Path, wheels: Path | None) -> None:
     command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade"]
     command += ["--target", str(target)]
     if wheels:
         command += ["--no-index", "--find-links", str(wheels)]
-    names = [str(r) for r in reqs]
+    for r in reqs:
+        remove_from(target, r.name)
+    # Without markers: those that reach here hold (an `extra == ...` one would stop pip).
+    names = [f"{r.name}{r.specifier}" for r in reqs]
     if subprocess.run(command + names).returncode:
         source = f"the wheels in {wheels}" if wheels else "the package index"
         raise SystemExit(f"deps: pip could not install {', '.join(names)} from {source}")
@@ -97,7 +115,7 @@ def ensure(specs: list[str], target: Path, wheels: Path | None) -> list[str]:
     sys.path.insert(0, str(target))  # what the benchmarks will see
     level = [r for s in specs for r in expand(s) if applies(r)]
     seen: set[str] = set()
-    done: list[str] = []
+    done: dict[str, str] = {}  # canonical name -> "name version", of what was installed
     while level:
         missing = [r for r in level if unmet(r)]
         stuck = [r for r in missing if canonicalize_name(r.name) in PINNED and installed(r)]
@@ -108,15 +126,17 @@ def ensure(specs: list[str], target: Path, wheels: Path | None) -> list[str]:
             pip_install(missing, target, wheels)
             if still := [str(r) for r in missing if unmet(r)]:
                 raise SystemExit(f"deps: still unmet after installing: {', '.join(still)}")
-            done += [f"{r.name} {installed(r)}" for r in missing]
+            done.update((canonicalize_name(r.name), f"{r.name} {installed(r)}") for r in missing)
         following = []
         for r in level:
             name = canonicalize_name(r.name)
-            if name not in seen and name not in BARE:
+            # The machine's own torch & co. come with the CUDA libraries they were built with.
+            machines = name in PINNED and name not in done
+            if name not in seen and name not in BARE and not machines:
                 seen.add(name)
                 following += requirements_of(r)
         level = following
-    return done
+    return list(done.values())
 
 
 def main() -> None:
