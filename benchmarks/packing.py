@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's sftune
 
 
 def make_file(path: Path, documents: int) -> None:
