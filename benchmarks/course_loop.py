@@ -11,10 +11,10 @@ What it does per optimizer step (exactly the course's reference loop, nothing fu
 AdamW (fused or not), linear warmup + cosine decay through a LambdaLR, with the same schedule
 formula as sftune.train.optim (warmup (s+1)/W, W = ceil(warmup_ratio * steps)).
 
-Usage:
+Usage (benchmarks/throughput.py runs it as its `baseline`, on the same batches as sftune):
     python benchmarks/course_loop.py --smoke                     # CPU, 2-layer width-64 Llama, 3 steps
-    python benchmarks/course_loop.py --model llama3.1-8b --micro-batch 2 --accum 8 \
-        --seq-len 512 --steps 12 --lr 1e-5 --out $OUT/course_8b.json                  # CUDA, bf16
+    python benchmarks/course_loop.py --model llama3.1-8b --micro-batch 2 --accum 16 \
+        --seq-len 512 --steps 15 --lr 1e-5 --out course_8b.json                       # CUDA, bf16
     python benchmarks/course_loop.py --model smollm2-135m ...                          # random init
 """
 
@@ -37,61 +37,56 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sftune.models import count_params, model_flops_per_token  # noqa: E402
 from sftune.train.optim import lr_factor  # noqa: E402
 
-# Llama 3.1 8B (meta-llama/Llama-3.1-8B config.json), random init for throughput/memory.
-LLAMA31_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    hidden_act="silu",
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling={
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-    attention_bias=False,
-    mlp_bias=False,
-    tie_word_embeddings=False,
-    bos_token_id=128000,
-    eos_token_id=128001,
-)
 
-# SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct config.json): the embedded default model's shape.
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    hidden_act="silu",
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+def _llama(
+    vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, **rest
+):
+    """A Llama-architecture config as LlamaConfig keywords (SwiGLU, no biases)."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        **rest,
+    )
 
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
 
-CONFIGS = {"llama3.1-8b": LLAMA31_8B, "smollm2-135m": SMOLLM2_135M, "tiny": TINY}
+# Random init for throughput and memory: the arithmetic of the real models, no download.
+CONFIGS = {
+    # meta-llama/Llama-3.1-8B config.json
+    "llama3.1-8b": _llama(128256, 4096, 14336, 32, 32, 8)
+    | dict(
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    # HuggingFaceTB/SmolLM2-135M-Instruct config.json: the embedded default model's shape
+    "smollm2-135m": _llama(49152, 576, 1536, 30, 9, 3)
+    | dict(
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "tiny": _llama(256, 64, 128, 2, 4, 2, max_position_embeddings=2048, tie_word_embeddings=False),
+}
 
 
 def make_config(name_or_dict: str | dict) -> LlamaConfig:
@@ -152,8 +147,8 @@ def random_batches(
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float = 989e12) -> float:
-    """Model FLOPs utilization; 989e12 = H100/H200 SXM dense bf16 datasheet peak (the measured
-    8192^3 bf16 matmul ceiling on the lent H200 was ~790e12)."""
+    """Model FLOPs utilization; 989e12 = H100/H200 SXM dense bf16 datasheet peak (a square
+    8192 bf16 matmul reaches about 790e12 on an H200)."""
     return tokens_per_s * flops_per_token / peak_flops
 
 

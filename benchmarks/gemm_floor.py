@@ -7,7 +7,8 @@ chunks, and causal attention forward + backward with each SDPA kernel. The sum o
 layers is the time a step would take if nothing but its GEMMs and attention ran: the
 ceiling any trainer can approach. Also times the fused QKV and gate/up alternatives.
 
-    python benchmarks/gemm_floor.py --out $OUT/gemm_floor.json        # Llama 3.1 8B, T=16384
+    python benchmarks/gemm_floor.py --out gemm_floor.json   # Llama 3.1 8B, T=16384
+    benchmarks/gpu.sh gemm                                  # the same
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's sftune
 
 
 def make_file(path: Path, documents: int) -> None:
@@ -93,7 +94,7 @@ def child_build(args: argparse.Namespace) -> dict:
 def bare_tokenization(args: argparse.Namespace) -> float:
     """Seconds of `tokenizer(batch)` over the rendered texts, batch by batch (reading untimed)."""
     from sftune.data.formats import iter_records
-    from sftune.data.packing import DOCS_PER_BATCH
+    from sftune.data.tokenize import DOCS_PER_BATCH
     from sftune.data.templates import render_record
     from sftune.llama3_tokenizer import build_llama3_tokenizer
 

@@ -3,12 +3,13 @@
 Each run starts from the same random init (seed 0) and sees the same token batches, so the
 per-step losses of the baseline and of sftune are comparable step by step.
 
-    # on the H200 (device tool), the Llama 3.1 8B config (random init, no download):
-    python benchmarks/throughput.py --runs baseline,sftune --steps 20 --out $OUT/throughput.json
+    # one GPU, the Llama 3.1 8B config (random init, no download); `benchmarks/gpu.sh throughput`:
+    python benchmarks/throughput.py --runs baseline,sftune,lean --steps 15 --out throughput.json
     # CPU smoke test with a tiny Llama:
-    python benchmarks/throughput.py --config tiny --runs baseline,sftune-mb4,lean --steps 5 --warmup 1 --device cpu
+    python benchmarks/throughput.py --config tiny --runs baseline,sftune-mb4,lean \
+        --steps 5 --warmup 1 --device cpu
     # many GPUs (FSDP2; the same global batch split over the ranks; the baseline is skipped):
-    torchrun --standalone --nproc-per-node 8 benchmarks/throughput.py --runs sftune --out $OUT/tp8.json
+    torchrun --standalone --nproc-per-node 8 benchmarks/throughput.py --runs sftune
 
 Runs (comma-separated --runs):
     baseline     the course loop: micro-batch 2 x 16 accumulation, plain AdamW, full logits, .item() per step
@@ -38,35 +39,40 @@ category (GEMM, attention, compiled Triton, optimizer, ...) and GPU idle time, i
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from course_loop import CONFIGS, build_model, make_config, mfu, run_course_loop  # noqa: E402
+from course_loop import (  # noqa: E402
+    CONFIGS,
+    build_model,
+    make_config,
+    mfu,
+    random_batches,
+    run_course_loop,
+)
 from sftune import config as config_mod  # noqa: E402
 from sftune.models import model_flops_per_token  # noqa: E402
-from sftune.train import distributed  # noqa: E402
-from sftune.train import setup as setup_mod  # noqa: E402
-from sftune.train.loop import train_step  # noqa: E402
+from sftune.train import build, distributed, step  # noqa: E402
 from sftune.train.optim import build_optimizer  # noqa: E402
 
 
 def global_batches(vocab: int, batch: int, seq: int, steps: int, seed: int = 0, docs: bool = False):
-    """`steps` global batches {input_ids, labels[, position_ids]} of (batch, seq), on the CPU."""
-    g = torch.Generator().manual_seed(seed)
+    """`steps` global batches {input_ids, labels[, position_ids]} of (batch, seq), on the CPU:
+    the course loop's random batches, so every run sees the same tokens."""
+    g = torch.Generator().manual_seed(seed + 1)  # document lengths
     out = []
-    for _ in range(steps):
-        stream = torch.randint(0, vocab, (batch, seq + 1), generator=g)
-        b = {"input_ids": stream[:, :-1].contiguous(), "labels": stream[:, 1:].contiguous()}
+    for input_ids, labels in random_batches(vocab, batch, seq, steps, seed):
+        b = {"input_ids": input_ids, "labels": labels}
         if docs:
             b["position_ids"] = _doc_positions(batch, seq, g)
         out.append(b)
@@ -119,36 +125,15 @@ def run_baseline(args, device) -> dict:
     return res
 
 
-def run_sftune(
-    args,
-    device,
-    *,
-    micro: int = 0,
-    compile_: str | None = None,
-    fused: str = "on",
-    ac: bool = False,
-    seq: int | None = None,
-    batch: int | None = None,
-    docs: bool = False,
-    attn: str = "sdpa",
-    mods: tuple[str, ...] = (),
-    name: str = "",
-) -> dict:
-    seq = seq or args.seq
-    batch = batch or args.batch
-    compile_ = compile_ or args.compile
-    mcfg = make_config(args.config)
-    mcfg._attn_implementation = attn
-    model = build_model(mcfg, device, args.dtype, seed=0)
-    if attn != "sdpa":
-        model.set_attn_implementation(attn)
+def sftune_config(args, device, *, seq, batch, micro, compile_, fused, ac, mods):
+    """The trainer's config for one run; `mods` are the "+" modifiers of its name."""
     flat = dict(
         seq_length=seq,
         batch_size=batch,
         micro_batch_size=micro,
         lr=args.lr,
         max_steps=args.steps,
-        compile=compile_,
+        compile=compile_ or args.compile,
         fused_loss=fused,
         activation_checkpointing=ac,
         device=device.type,
@@ -164,76 +149,119 @@ def run_sftune(
             flat["compile_step"] = True
         elif m != "ce0":
             raise SystemExit(f"unknown modifier +{m}")
-    cfg = config_mod.from_flat(flat)
-    notes: list[str] = []
-    world = args.world  # FSDP2 shards the model when world_size > 1 (fsdp "auto")
-    module, _ = setup_mod.build_module(cfg, model, device, world, notes)
+    return config_mod.from_flat(flat)
+
+
+def run_sftune(
+    args,
+    device,
+    *,
+    micro: int = 0,
+    compile_: str | None = None,
+    fused: str = "on",
+    ac: bool = False,
+    seq: int | None = None,
+    batch: int | None = None,
+    docs: bool = False,
+    attn: str = "sdpa",
+    mods: tuple[str, ...] = (),
+    name: str = "",
+) -> dict:
+    """sftune's own build and train step, as `sftune train` runs them, on the random batches."""
+    seq, batch, world = seq or args.seq, batch or args.batch, args.world
+    options = dict(micro=micro, compile_=compile_, fused=fused, ac=ac, mods=mods)
+    cfg = sftune_config(args, device, seq=seq, batch=batch, **options)
+    mcfg = make_config(args.config)
+    mcfg._attn_implementation = attn
+    model = build_model(mcfg, device, args.dtype, seed=0)
+    if attn != "sdpa":
+        model.set_attn_implementation(attn)
+    built = build.build_module(cfg, model, device, world)  # FSDP2 when world_size > 1 (fsdp "auto")
     if "ce0" in mods:
-        module.compiled_loss = False
-    s = SimpleNamespace(cfg=cfg, world=world, device=device, module=module, hf_model=model)
-    compiled_step = setup_mod.choose_compile_step(cfg, world.distributed)
+        built.module.compiled_loss = False
     optimizer, scheduler = build_optimizer(
-        list(module.parameters()), cfg.optim, args.steps, device, compiled=compiled_step
+        list(built.module.parameters()),
+        cfg.optim,
+        args.steps,
+        device,
+        compiled=build.choose_compile_step(cfg, built.sharded),
     )
+    per_rank = batch // world.world_size
     t_probe = time.perf_counter()
     if micro == 0:
-        setup_mod.materialize_optimizer_state(optimizer)
-        micro = setup_mod.probe_micro_batch(s, optimizer)
-    s.micro_batch_size = micro
+        micro = build.probe_micro_batch(
+            built.module,
+            optimizer,
+            per_rank_batch=per_rank,
+            seq_length=seq,
+            vocab_size=mcfg.vocab_size,
+            device=device,
+        )
     probe_s = time.perf_counter() - t_probe
-    batches = global_batches(mcfg.vocab_size, batch, seq, args.steps, docs=docs)
-    torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
-    for i, b in enumerate(batches):
-        if i == args.warmup:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        if i < args.warmup:
-            w0 = time.perf_counter()
-        per_rank = batch // world.world_size  # this rank's slice of the global batch
-        mine = {k: v[world.rank * per_rank : (world.rank + 1) * per_rank] for k, v in b.items()}
-        loss, norm, _ = train_step(s, optimizer, scheduler, _split(mine, micro, device))
-        losses.append(loss)
-        if i < args.warmup:
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - w0)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    timed = args.steps - args.warmup
-    if name in args.profile and world.is_main:
-        profile_steps(s, optimizer, scheduler, batches[:2], micro, device, args, name)
+    one_step = functools.partial(
+        step.train_step,
+        built.module,
+        optimizer,
+        scheduler,
+        world_size=world.world_size,
+        grad_clip=cfg.optim.grad_clip,
+    )
+    mine = [  # this rank's slice of each global batch
+        {k: v[world.rank * per_rank : (world.rank + 1) * per_rank] for k, v in b.items()}
+        for b in global_batches(mcfg.vocab_size, batch, seq, args.steps, docs=docs)
+    ]
+    losses, warmup_s, elapsed = time_steps(one_step, mine, micro, device, args.warmup)
+    if name in args.profile:
+        profile_steps(one_step, mine[:2], micro, device, args, name)
     step_losses = distributed.all_reduce_sum(torch.stack(losses))  # ranks hold shares
     peak = distributed.all_reduce_max(
         torch.tensor([float(torch.cuda.max_memory_allocated())], device=device)
     )
-    res = dict(
+    timed = args.steps - args.warmup
+    return dict(
         losses=step_losses.tolist(),
         world_size=world.world_size,
         micro_batch=micro,
-        accum=batch // world.world_size // micro,
+        accum=per_rank // micro,
         seq_len=seq,
         batch=batch,
         tokens_per_s=batch * seq * timed / elapsed,
         timed_steps=timed,
-        warmup_step_times_s=times,
+        warmup_step_times_s=warmup_s,
         probe_s=probe_s,
-        notes=notes,
+        notes=list(built.notes),
         peak_memory_bytes=int(peak.item()),  # the largest of any GPU
         docs=docs,
         attn=attn,
     )
-    del module, model, optimizer, s
-    return res
 
 
-def profile_steps(s, optimizer, scheduler, batches, micro, device, args, name) -> None:
+def time_steps(one_step, batches, micro, device, warmup) -> tuple[list, list[float], float]:
+    """Every batch as one optimizer step: (loss tensors, seconds of each warm-up step, seconds
+    of the steps after the warm-up). The host waits for the GPU only around the warm-up."""
+    torch.cuda.reset_peak_memory_stats()
+    losses, warmup_s = [], []
+    for i, b in enumerate(batches):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        w0 = time.perf_counter()
+        losses.append(one_step(_split(b, micro, device))[0])
+        if i < warmup:
+            torch.cuda.synchronize()
+            warmup_s.append(time.perf_counter() - w0)
+    torch.cuda.synchronize()
+    return losses, warmup_s, time.perf_counter() - t0
+
+
+def profile_steps(one_step, batches, micro, device, args, name) -> None:
     """Two more steps under torch.profiler: kernel time by category, top kernels, GPU idle."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for b in batches:
-            train_step(s, optimizer, scheduler, _split(b, micro, device))
+            one_step(_split(b, micro, device))
         torch.cuda.synchronize()
     # GPU-side events, less the spans of record_function annotations (e.g. the whole
     # "Optimizer.step" range), which would count their kernels twice.
@@ -242,6 +270,15 @@ def profile_steps(s, optimizer, scheduler, batches, micro, device, args, name) -
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
     ]
+    text = profile_table(kernels, len(batches), name)
+    if args.world.is_main:
+        print(text, flush=True)
+        if args.out:
+            Path(args.out).parent.joinpath(f"profile_{name}.txt").write_text(text + "\n")
+
+
+def profile_table(kernels, steps: int, name: str) -> str:
+    """GPU busy and idle time over the kernels' span, kernel time by category, top kernels."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, cur_s, cur_e = 0.0, None, None
     for a, b in spans:  # union of kernel intervals
@@ -263,23 +300,20 @@ def profile_steps(s, optimizer, scheduler, batches, micro, device, args, name) -
         rec[1] += 1
     total = sum(by_cat.values())
     lines = [
-        f"{name}: {len(batches)} steps, GPU span {wall / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms "
+        f"{name}: {steps} steps, GPU span {wall / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms "
         f"(idle {100 * (1 - busy / max(wall, 1)):.1f}%), kernel time {total / 1e3:.1f} ms",
         "",
         "category            ms/step   share",
     ]
     for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
-        lines.append(f"{cat:18s} {us / 1e3 / len(batches):8.1f}  {100 * us / total:5.1f}%")
+        lines.append(f"{cat:18s} {us / 1e3 / steps:8.1f}  {100 * us / total:5.1f}%")
     lines += [
         "",
         "top kernels                                                     ms/step  calls  cat",
     ]
     for kname, (us, n, cat) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]:
-        lines.append(f"{kname[:64]:64s} {us / 1e3 / len(batches):7.1f} {n:6d}  {cat}")
-    text = "\n".join(lines)
-    print(text, flush=True)
-    if args.out:
-        Path(args.out).parent.joinpath(f"profile_{name}.txt").write_text(text + "\n")
+        lines.append(f"{kname[:64]:64s} {us / 1e3 / steps:7.1f} {n:6d}  {cat}")
+    return "\n".join(lines)
 
 
 def kernel_category(name: str) -> str:

