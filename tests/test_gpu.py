@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from sftune import config as config_mod
-from sftune.models import build_tiny_model
 from sftune.train import setup as setup_mod
 from sftune.train.distributed import World
 from sftune.train.loop import train_step
 from sftune.train.optim import build_optimizer
+from tiny import build_tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,10 +9,10 @@ import torch
 
 from sftune import config as config_mod
 from sftune.errors import ConfigError
-from sftune.models import build_tiny_model
 from sftune.train import setup as setup_mod
 from sftune.train.distributed import World
 from sftune.train.optim import build_optimizer
+from tiny import build_tiny_model
 
 
 def _parse(argv: list[str]) -> config_mod.RunConfig:
