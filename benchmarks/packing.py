@@ -94,8 +94,8 @@ def child_build(args: argparse.Namespace) -> dict:
 def bare_tokenization(args: argparse.Namespace) -> float:
     """Seconds of `tokenizer(batch)` over the rendered texts, batch by batch (reading untimed)."""
     from sftune.data.formats import iter_records
-    from sftune.data.tokenize import DOCS_PER_BATCH
     from sftune.data.templates import render_record
+    from sftune.data.tokenize import DOCS_PER_BATCH
     from sftune.llama3_tokenizer import build_llama3_tokenizer
 
     tokenizer = build_llama3_tokenizer(args.tokenizer_dir)

@@ -1,4 +1,9 @@
-"""Shared fixtures: the shared data folder, the Llama 3 tokenizer (built once), a tmp cache."""
+"""Shared fixtures: the shared data folder, the Llama 3 tokenizer (built once), a tmp cache.
+
+Being the rootdir's conftest in a folder without __init__.py, this file puts tests/ on sys.path
+(pytest's default "prepend" import mode), so tests import their helpers by name:
+`from tiny import build_tiny_model`, `from trainutil import losses`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,17 @@ import pytest
 
 # The project's read-only data lives beside the repository: ../shared relative to its root.
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """What decides CPU rounding: torch's threads (OMP_NUM_THREADS) and kernels
+    (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS); the equivalence tests hold under any."""
+    import torch
+
+    return (
+        f"torch {torch.__version__}: {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +72,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama (2 layers, width 64) with a byte tokenizer, and an arithmetic SFT file."""
     root = tmp_path_factory.mktemp("train")
-    from sftune.testing import byte_tokenizer, tiny_model_dir
+    from tiny import byte_tokenizer, tiny_model_dir
 
     tiny_model_dir(root / "model", byte_tokenizer())
     rng = random.Random(0)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from sftune import config as config_mod
-from sftune.models import build_tiny_model
 from sftune.train.build import build_module
 from sftune.train.distributed import World
 from sftune.train.optim import build_optimizer
 from sftune.train.step import train_step
+from tiny import build_tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,8 +1,24 @@
-"""The fused chunked linear + cross-entropy equals the plain path, value and gradients."""
+"""The fused chunked linear + cross-entropy equals the plain path, value and gradients.
 
+The inputs are float64, so what is computed in fp64 is compared to fp64 rounding noise
+(measured <= 4e-16 absolute, 1e-12 relative; fp32 differs by 1e-7 to 1e-4 relative). Two
+results of the fused path pass through fp32 accumulators in loss.py whatever the inputs' dtype:
+the loss (summed over chunks) and, with more than one chunk, the weight gradient; those agree to
+fp32 resolution only.
+"""
+
+import pytest
 import torch
 
 from sftune.train.loss import IGNORE_INDEX, cross_entropy_sum, fused_linear_cross_entropy
+
+FP64 = dict(rtol=1e-10, atol=1e-12)
+FP32_SUM = dict(rtol=1e-5, atol=1e-7)  # a weight gradient summed over chunks in fp32
+
+
+def _loss_rtol(loss: torch.Tensor) -> float:
+    """Relative tolerance for a loss value: fp64 noise, or fp32 resolution for an fp32 result."""
+    return 1e-12 if loss.dtype == torch.float64 else 1e-6
 
 
 def _inputs(n=37, h=16, v=53, seed=0):
@@ -14,18 +30,20 @@ def _inputs(n=37, h=16, v=53, seed=0):
     return hidden, weight, labels
 
 
-def test_fused_matches_plain_value_and_grads():
+@pytest.mark.parametrize("chunk_size", [8, 64])  # 37 rows: five chunks, or one
+def test_fused_matches_plain_value_and_grads(chunk_size):
     hidden, weight, labels = _inputs()
     scale = 1.0 / (labels != IGNORE_INDEX).sum()
     plain = cross_entropy_sum(hidden @ weight.t(), labels) * scale
     plain.backward()
     gh, gw = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    fused = fused_linear_cross_entropy(hidden, weight, labels, scale, chunk_size=8)
+    fused = fused_linear_cross_entropy(hidden, weight, labels, scale, chunk_size=chunk_size)
     (fused * 3.0).backward()  # the upstream gradient must be applied too
-    assert torch.allclose(fused.double(), plain.double(), rtol=1e-6)
-    assert torch.allclose(hidden.grad, 3.0 * gh, rtol=1e-5, atol=1e-7)
-    assert torch.allclose(weight.grad, 3.0 * gw, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(fused.double(), plain.double(), rtol=_loss_rtol(fused))
+    assert torch.allclose(hidden.grad, 3.0 * gh, **FP64)
+    one_chunk = chunk_size >= len(labels)
+    assert torch.allclose(weight.grad, 3.0 * gw, **(FP64 if one_chunk else FP32_SUM))
 
 
 def test_fused_all_ignored_gives_zero():
@@ -47,9 +65,10 @@ def test_sum_not_mean_of_means():
         for a, b in ((0, 10), (10, 20))
     ]
     whole = cross_entropy_sum(hidden @ weight.t(), labels) / total
-    assert torch.allclose(sum(parts).double(), whole.double(), rtol=1e-6)
+    assert torch.allclose(sum(parts).double(), whole.double(), rtol=_loss_rtol(parts[0]))
 
 
+@pytest.mark.slow
 def test_compiled_chunk_math_matches_eager():
     """The torch.compile'd softmax/gradient of a chunk computes the same loss and gradients,
     with one chunk (one weight-gradient GEMM) and with several (fp32 accumulation)."""
@@ -57,12 +76,13 @@ def test_compiled_chunk_math_matches_eager():
         results = []
         for compiled in (False, True):
             hidden, weight, labels = _inputs()
-            hidden, weight = (t.detach().float().requires_grad_() for t in (hidden, weight))
             loss = fused_linear_cross_entropy(hidden, weight, labels, 0.1, chunk, compiled)
             loss.backward()
             results.append((loss.detach(), hidden.grad, weight.grad))
-        for a, b in zip(*results, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        (eager_loss, eager_gh, eager_gw), (loss, gh, gw) = results
+        torch.testing.assert_close(loss, eager_loss, rtol=_loss_rtol(loss), atol=0)
+        torch.testing.assert_close(gh, eager_gh, **FP64)
+        torch.testing.assert_close(gw, eager_gw, **(FP64 if chunk >= len(labels) else FP32_SUM))
 
 
 def test_no_grad_gives_the_same_loss():
@@ -72,4 +92,6 @@ def test_no_grad_gives_the_same_loss():
     with torch.no_grad():
         no_grad = fused_linear_cross_entropy(hidden, weight, labels, 0.25, chunk_size=8)
     assert not no_grad.requires_grad
-    assert torch.allclose(no_grad.double(), with_grad.detach().double(), rtol=1e-9)
+    # The loss-only path keeps the inputs' fp64; the training path returns its fp32 sum.
+    rtol = max(_loss_rtol(no_grad), _loss_rtol(with_grad))
+    assert torch.allclose(no_grad.double(), with_grad.detach().double(), rtol=rtol)

@@ -11,10 +11,10 @@ import torch
 
 from sftune import config as config_mod
 from sftune.errors import ConfigError
-from sftune.models import build_tiny_model
 from sftune.train import build as build_mod
 from sftune.train.distributed import World
 from sftune.train.optim import build_optimizer
+from tiny import build_tiny_model
 
 
 def _parse(argv: list[str]) -> config_mod.RunConfig:

@@ -1,24 +1,60 @@
-"""Helpers for the test suite: a tiny byte-level tokenizer and a tiny model directory.
+"""Tiny models and a byte tokenizer for the tests, built in code in milliseconds (no download).
+
+    from tiny import build_tiny_model, byte_tokenizer, tiny_model_dir
 
     tok = byte_tokenizer()
     model_dir = tiny_model_dir(tmp_path / "tiny", tok)
     model, tok2, info = load_model_and_tokenizer(str(model_dir), device=torch.device("cpu"))
 
-Both are built in code in milliseconds, so no test needs a download or a real checkpoint.
+Test helpers live here, not in the package. The tests import this module by name: pytest puts
+tests/ on sys.path because tests/ holds a conftest.py and no __init__.py ("prepend" import mode).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
-
-from sftune.models import build_tiny_model
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
 PAD = "<|pad|>"
+
+
+def build_tiny_model(
+    vocab_size: int,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    max_position: int = 2048,
+    seed: int = 0,
+    tie: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> LlamaForCausalLM:
+    """A randomly initialized Llama (fp32 unless `dtype` says otherwise), small enough for unit
+    tests. The weights are drawn in the default dtype (fp32) and then cast, so a seed gives the
+    same model in every dtype."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_position,
+        tie_word_embeddings=tie,
+        attn_implementation="sdpa",
+    )
+    # fork_rng: the seed makes the weights reproducible without moving the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
 
 
 def _byte_level_core() -> Tokenizer:
