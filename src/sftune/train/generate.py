@@ -63,7 +63,7 @@ def stop_token_ids(tokenizer) -> list[int]:
 def _cut_at_stop_strings(text: str) -> str:
     for stop in STOP_STRINGS:
         text = text.split(stop, 1)[0]
-    return text.strip()
+    return text
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_p: float) -> int:

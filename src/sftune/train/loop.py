@@ -293,7 +293,7 @@ def run(r: Run) -> TrainResult:
             if last_saved != state.step and state.step > 0:
                 save(r, state, bar)
             bar.write(
-                f"interrupted at step {state.step}; continue with --resume --output-dir {r.output_dir}"
+                f"interrupted at step {state.step}; resume with --resume latest --output-dir {r.output_dir}"
             )
             return TrainResult(r.output_dir, None, state.step, val_start, None, interrupted=True)
     if cfg.checkpoint.save_every and last_saved != state.step:

@@ -64,7 +64,7 @@ def train_step(
     global_count = distributed.all_reduce_sum(count.clone())
     # Each rank's gradient is averaged over ranks by FSDP/all-reduce, hence the world size.
     scale = world_size / global_count.clamp(min=1.0)
-    loss_sum = torch.zeros((), device=global_count.device)
+    losses = []
     for i, b in enumerate(batches):
         distributed.set_grad_sync(module, i == len(batches) - 1)
         loss = module(
@@ -74,10 +74,10 @@ def train_step(
             scale=scale,
         )
         loss.backward()
-        loss_sum += loss.detach()
+        losses.append(loss.detach())
     grad_norm = optimizer.clip_and_step(grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / world_size, grad_norm, global_count
+    return torch.stack(losses).sum() / world_size, grad_norm, global_count  # the loss's dtype
