@@ -62,7 +62,7 @@ from course_loop import (  # noqa: E402
 )
 from sftune import config as config_mod  # noqa: E402
 from sftune.models import model_flops_per_token  # noqa: E402
-from sftune.train import build, distributed, step  # noqa: E402
+from sftune.train import distributed, module, step  # noqa: E402
 from sftune.train.optim import build_optimizer  # noqa: E402
 
 
@@ -176,7 +176,9 @@ def run_sftune(
     model = build_model(mcfg, device, args.dtype, seed=0)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
-    built = build.build_module(cfg, model, device, world)  # FSDP2 when world_size > 1 (fsdp "auto")
+    built = module.build_module(
+        cfg, model, device, world
+    )  # FSDP2 when world_size > 1 (fsdp "auto")
     if "ce0" in mods:
         built.module.compiled_loss = False
     optimizer, scheduler = build_optimizer(
@@ -184,12 +186,12 @@ def run_sftune(
         cfg.optim,
         args.steps,
         device,
-        compiled=build.choose_compile_step(cfg, built.sharded),
+        compiled=module.choose_compile_step(cfg, built.sharded),
     )
     per_rank = batch // world.world_size
     t_probe = time.perf_counter()
     if micro == 0:
-        micro = build.probe_micro_batch(
+        micro = module.probe_micro_batch(
             built.module,
             optimizer,
             per_rank_batch=per_rank,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sftune import config as config_mod
-from sftune.train.build import build_module
 from sftune.train.distributed import World
+from sftune.train.module import build_module
 from sftune.train.optim import build_optimizer
 from sftune.train.step import train_step
 from tiny import build_tiny_model

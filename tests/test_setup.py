@@ -12,6 +12,7 @@ import torch
 from sftune import config as config_mod
 from sftune.errors import ConfigError
 from sftune.train import build as build_mod
+from sftune.train import module as module_mod
 from sftune.train.distributed import World
 from sftune.train.optim import build_optimizer
 from tiny import build_tiny_model
@@ -58,11 +59,11 @@ def test_bad_config_files_name_the_problem(tmp_path, text, message):
 def test_micro_batch_choice_and_errors():
     cpu = torch.device("cpu")
     cfg = config_mod.from_flat({"batch_size": 32})
-    assert build_mod.resolve_micro_batch(cfg, World(), cpu) == 8  # CPU auto: largest divisor <= 8
-    assert build_mod.resolve_micro_batch(cfg, World(0, 4, 0), cpu) == 8
-    assert build_mod.resolve_micro_batch(cfg, World(), torch.device("cuda")) is None  # probed
+    assert module_mod.resolve_micro_batch(cfg, World(), cpu) == 8  # CPU auto: largest divisor <= 8
+    assert module_mod.resolve_micro_batch(cfg, World(0, 4, 0), cpu) == 8
+    assert module_mod.resolve_micro_batch(cfg, World(), torch.device("cuda")) is None  # probed
     cfg = config_mod.from_flat({"batch_size": 12, "micro_batch_size": 0})
-    assert build_mod.resolve_micro_batch(cfg, World(0, 2, 0), cpu) == 6
+    assert module_mod.resolve_micro_batch(cfg, World(0, 2, 0), cpu) == 6
     with pytest.raises(ConfigError, match="multiple of --micro-batch-size 4 x world size 2"):
         config_mod.check_world_size(
             config_mod.from_flat({"batch_size": 12, "micro_batch_size": 4}), 2
@@ -95,7 +96,7 @@ def test_probe_state_leaves_training_unchanged():
         model = build_tiny_model(32, seed=3)
         opt, sched = build_optimizer(list(model.parameters()), cfg.optim, 3, torch.device("cpu"))
         if materialize:
-            build_mod.materialize_optimizer_state(opt)
+            module_mod.materialize_optimizer_state(opt)
         for _ in range(3):
             model(x, labels=x).loss.backward()
             opt.step()
@@ -115,15 +116,15 @@ def test_speed_knobs_reach_torch(monkeypatch):
     cfg = config_mod.from_flat(
         {"compile": "on", "activation_memory_budget": 0.8, "fused_loss": "on", "device": "cpu"}
     )
-    module = build_mod.build_module(cfg, build_tiny_model(32), torch.device("cpu"), World()).module
+    module = module_mod.build_module(cfg, build_tiny_model(32), torch.device("cpu"), World()).module
     assert functorch_config.activation_memory_budget == 0.8
     assert module.compiled_loss
     off = config_mod.from_flat({"compile": "off", "fused_loss": "on", "device": "cpu"})
-    module = build_mod.build_module(off, build_tiny_model(32), torch.device("cpu"), World()).module
+    module = module_mod.build_module(off, build_tiny_model(32), torch.device("cpu"), World()).module
     assert not module.compiled_loss
     b = torch.backends.cuda
     try:
-        build_mod.set_sdpa_backend("cudnn")
+        module_mod.set_sdpa_backend("cudnn")
         assert (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled()) == (
             False,
             False,
@@ -131,16 +132,16 @@ def test_speed_knobs_reach_torch(monkeypatch):
         )
         assert b.math_sdp_enabled()  # the fallback stays
     finally:
-        build_mod.set_sdpa_backend("auto")
+        module_mod.set_sdpa_backend("auto")
     assert b.flash_sdp_enabled() and b.mem_efficient_sdp_enabled() and b.cudnn_sdp_enabled()
 
 
 def test_compile_step_is_single_device():
     cfg = config_mod.from_flat({"compile_step": True})
-    assert build_mod.choose_compile_step(cfg, sharded=False)
+    assert module_mod.choose_compile_step(cfg, sharded=False)
     with pytest.raises(ConfigError, match="--compile-step: not supported with FSDP"):
-        build_mod.choose_compile_step(cfg, sharded=True)
-    assert not build_mod.choose_compile_step(config_mod.RunConfig(), sharded=False)
+        module_mod.choose_compile_step(cfg, sharded=True)
+    assert not module_mod.choose_compile_step(config_mod.RunConfig(), sharded=False)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import torch
 from sftune import config as config_mod
 from sftune.cli import main
 from sftune.data.templates import render_alpaca
+from sftune.errors import SftuneError
 from sftune.train.loop import train
 from sftune.train.metrics import read_metrics
 from trainutil import assert_same_fp64_weights, assert_same_losses, losses, train_args, weights
@@ -230,3 +231,76 @@ def test_cli_end_to_end(workdir, tmp_path, capsys):
     )
     assert printed == tok.decode(ids[0, prompt_ids.shape[1] :], skip_special_tokens=True)
     assert printed
+
+
+def test_finished_run_keeps_what_users_load(workdir, tmp_path):
+    """A finished run without --save-every keeps final/ (world-readable under umask 022), no
+    optimizer checkpoint, and a config.yaml with every "auto" resolved."""
+    old = os.umask(0o022)
+    try:
+        r = train(_cfg(workdir, tmp_path / "run", max_steps=2, dtype="auto", micro_batch_size=0))
+    finally:
+        os.umask(old)
+    run = r.output_dir
+    assert not (run / "checkpoints").exists()
+    for path in [run / "learning_curve.png", *(run / "final").iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert (run / "final").stat().st_mode & 0o777 == 0o755
+    saved = config_mod.from_dict(__import__("yaml").safe_load((run / "config.yaml").read_text()))
+    assert saved.data.train_data == str(workdir / "train.jsonl")
+    assert saved.optim.micro_batch_size == 8 and saved.model.dtype == "fp32"
+    assert saved.model.compile == "off" and saved.model.device == "cpu"
+    assert saved.log.eval_max_batches == 16  # the CPU default
+    assert json.loads((run / "final" / "sftune.json").read_text()) == {"prompt_format": "alpaca"}
+
+
+def test_a_failed_build_leaves_no_run_directory(workdir, tmp_path):
+    bad = tmp_path / "val.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')  # line 2: no response
+    out = tmp_path / "run"
+    with pytest.raises(SftuneError, match="val.jsonl:2: field 'response': missing"):
+        train(_cfg(workdir, out, val_data=str(bad)))
+    assert not out.exists()
+
+
+def test_evaluation_is_capped_and_stops_when_asked(workdir):
+    """--eval-max-batches scores the first K micro-batches; an interrupt stops a pass between
+    two micro-batches instead of at its end."""
+    from sftune.data import PackedSFTDataset
+    from sftune.models import load_model_and_tokenizer
+    from sftune.train.evaluate import EvalInterrupted, evaluate
+    from sftune.train.module import CausalLMWithLoss
+
+    cpu = torch.device("cpu")
+    lm, tok, _ = load_model_and_tokenizer(str(workdir / "model"), device=cpu)
+    data = PackedSFTDataset(tok, workdir / "train.jsonl", 32, False, verbose=False)
+    module = CausalLMWithLoss(lm, fused=False)
+    seen = []
+    loss, tokens = evaluate(
+        module, data, micro_batch_size=4, device=cpu, max_batches=3, on_batch=lambda: seen.append(1)
+    )
+    assert len(seen) == 3 and tokens == 3 * 4 * 32
+    first, _ = evaluate(module, data, micro_batch_size=4, device=cpu, max_batches=1)
+    assert first == pytest.approx(
+        evaluate(module, data, micro_batch_size=2, device=cpu, max_batches=2)[0]
+    )
+    asked = []
+    with pytest.raises(EvalInterrupted):
+        evaluate(
+            module,
+            data,
+            micro_batch_size=4,
+            device=cpu,
+            stop_requested=lambda: asked.append(1) or len(asked) > 2,
+        )
+    assert len(asked) == 3  # two micro-batches ran, the third was not started
+
+
+def test_generation_stops_where_the_answer_ends(workdir):
+    from sftune.models import load_tokenizer
+    from sftune.train.generate import _cut_at_stop_strings, prompt_format, stop_token_ids
+
+    assert _cut_at_stop_strings(" 4.\n\n### Instruction:\nAdd 5 and 6.") == " 4.\n\n"
+    tok = load_tokenizer(str(workdir / "model"))
+    assert stop_token_ids(tok) == [tok.eos_token_id]
+    assert prompt_format(None, tok) == "alpaca"  # no chat template, no sftune.json

@@ -32,8 +32,14 @@ from sftune.models import load_model_and_tokenizer, model_flops_per_token, quiet
 from sftune.paths import cache_root
 from sftune.train import distributed
 from sftune.train.distributed import World
-from sftune.train.lm import CausalLMWithLoss, supports_fused_loss
 from sftune.train.metrics import MetricsLogger
+from sftune.train.module import (
+    build_module,
+    choose_compile_step,
+    enabled,
+    probe_micro_batch,
+    resolve_micro_batch,
+)
 from sftune.train.optim import build_optimizer
 
 # Dense bf16 peak of the GPUs people train on (MFU's denominator).
@@ -99,10 +105,6 @@ class Run:
 # ----------------------------------------------------------------------------- small choices
 
 
-def _choose(setting: str, on_cuda: bool) -> bool:
-    return setting == "on" or (setting == "auto" and on_cuda)
-
-
 def _on_off(flag: bool) -> str:
     return "on" if flag else "off"
 
@@ -127,13 +129,6 @@ def doc_mask_on(cfg: RunConfig, attn: str) -> bool:
     if cfg.data.doc_mask == "auto":
         return attn in ("flash_attention_2", "flex_attention")
     return cfg.data.doc_mask == "on"
-
-
-def choose_compile_step(cfg: RunConfig, sharded: bool) -> bool:
-    """--compile-step, which is single-device only."""
-    if cfg.optim.compile_step and sharded:
-        raise ConfigError("--compile-step: not supported with FSDP (more than one rank)")
-    return cfg.optim.compile_step
 
 
 def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
@@ -248,139 +243,41 @@ def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[tuple[str,
     return tuple(out)
 
 
-# ----------------------------------------------------------------------------- the module
+# ----------------------------------------------------------------------------- model, optimizer
 
 
-SDPA_BACKENDS = {
-    "flash": "enable_flash_sdp",
-    "cudnn": "enable_cudnn_sdp",
-    "efficient": "enable_mem_efficient_sdp",
-}
-
-
-def set_sdpa_backend(name: str) -> None:
-    """Restrict SDPA to one fused kernel (math stays as the fallback); "auto" enables all.
-
-    These are process-wide switches, read when a layer is compiled or run eagerly.
-    """
-    for backend, switch in SDPA_BACKENDS.items():
-        getattr(torch.backends.cuda, switch)(name in ("auto", backend))
-
-
-class ModuleBuild(NamedTuple):
-    module: CausalLMWithLoss
-    sharded: bool
-    notes: list[str]
-
-
-def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -> ModuleBuild:
-    """Loss wrapper, activation checkpointing, per-layer torch.compile, FSDP2: in that order."""
-    notes: list[str] = []
-    fused = _choose(cfg.model.fused_loss, device.type == "cuda")
-    if fused and not supports_fused_loss(hf_model):
-        notes.append("fused loss off: the model's logits are not a plain linear projection")
-        fused = False
-    compiled = _choose(cfg.model.compile, device.type == "cuda")
-    autocast = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
-    module = CausalLMWithLoss(
-        hf_model, fused=fused, autocast_dtype=autocast, compiled_loss=fused and compiled
-    )
-    set_sdpa_backend(cfg.model.sdpa_backend)
-    if cfg.model.sdpa_backend != "auto":
-        notes.append(f"SDPA kernel: {cfg.model.sdpa_backend}")
-    if cfg.model.activation_checkpointing:
-        hf_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-        hf_model.config.use_cache = False
-    if compiled:
-        # Read by the partitioner when each layer's graph is compiled (first step).
-        torch._functorch.config.activation_memory_budget = cfg.model.activation_memory_budget
-        mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
-        for layer in distributed.decoder_layers(hf_model):
-            layer.compile(mode=mode)
-        budget = cfg.model.activation_memory_budget
-        notes.append(
-            f"torch.compile: each decoder layer ({cfg.model.compile_mode}"
-            f"{f', activation memory budget {budget:g}' if budget < 1 else ''})"
-        )
-    sharded = distributed.use_fsdp(cfg.dist, world)
-    if sharded:
-        param_dtype = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
-        distributed.apply_fsdp(module, hf_model, cfg.dist, param_dtype)
-        notes.append(f"FSDP2 over {world.world_size} rank(s)")
-    notes.append(f"loss: {'fused chunked linear+CE' if fused else 'full logits + CE'}")
-    return ModuleBuild(module, sharded, notes)
-
-
-# ----------------------------------------------------------------------------- micro-batch
-
-
-def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Allocate AdamW's moments now (so the probe sees them) without changing any weight.
-
-    A step with lr 0 and zero gradients leaves parameters and moments at exactly their
-    start values; the step counters are reset so the first real step is step 1.
-    """
-    lrs = [g["lr"] for g in optimizer.param_groups]  # floats, or tensors (compiled step)
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-        for p in g["params"]:
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
-        g["lr"] = lr
-    for st in optimizer.state.values():
-        if "step" in st:
-            st["step"].zero_() if torch.is_tensor(st["step"]) else st.update(step=0)
-    optimizer.zero_grad(set_to_none=True)
-
-
-def probe_micro_batch(
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    per_rank_batch: int,
-    seq_length: int,
-    vocab_size: int,
-    device: torch.device,
-) -> int:
-    """Largest divisor of the per-rank batch whose forward+backward fits next to the
-    optimizer state (materialized first), with 8% of the GPU kept free."""
-    materialize_optimizer_state(optimizer)
-    total = torch.cuda.get_device_properties(device).total_memory
-    for mb in sorted(
-        (d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0), reverse=True
-    ):
-        ids = torch.randint(0, vocab_size, (mb, seq_length), device=device)
-        ok = True
-        try:
-            torch.cuda.reset_peak_memory_stats(device)
-            module(input_ids=ids, labels=ids, scale=1.0 / ids.numel()).backward()
-            torch.cuda.synchronize(device)
-            ok = torch.cuda.max_memory_allocated(device) < 0.92 * total
-        except torch.cuda.OutOfMemoryError:
-            ok = False
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        if ok:
-            return mb
-    raise SftuneError(
-        f"out of GPU memory even at micro-batch 1 x {seq_length} tokens: lower --seq-length or "
-        "add --activation-checkpointing (or shard over more GPUs)"
+def load_model(cfg: RunConfig, device: torch.device):
+    """(hf_model, tokenizer, ModelInfo): bf16-mixed loads fp32 weights for bf16 autocast."""
+    load_dtype = "fp32" if cfg.model.dtype == "bf16-mixed" else cfg.model.dtype
+    return load_model_and_tokenizer(
+        cfg.model.model,
+        device=device,
+        dtype=load_dtype,
+        attn_implementation=attention_request(cfg, device),
     )
 
 
-def resolve_micro_batch(cfg: RunConfig, world: World, device: torch.device) -> int | None:
-    """--micro-batch-size, or for 0 (auto) on a CPU the largest divisor of the per-rank batch
-    up to 8; None on a GPU, where `probe_micro_batch` finds it."""
-    if cfg.optim.micro_batch_size:
-        return cfg.optim.micro_batch_size
-    per_rank = cfg.optim.batch_size // world.world_size
-    if device.type == "cuda":
-        return None
-    return max(d for d in range(1, min(per_rank, 8) + 1) if per_rank % d == 0)
+def build_optimization(cfg: RunConfig, built, num_items: int, world: World, device: torch.device):
+    """(sampler, total steps, optimizer, scheduler, a note on the optimizer)."""
+    compile_step = choose_compile_step(cfg, built.sharded)
+    sampler = StepSampler(
+        num_items,
+        cfg.optim.batch_size,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.optim.seed,
+        rank=world.rank,
+        world_size=world.world_size,
+    )
+    steps = total_steps(cfg, sampler.steps_per_epoch)
+    optimizer, scheduler = build_optimizer(
+        list(built.module.parameters()), cfg.optim, steps, device, compiled=compile_step
+    )
+    note = (
+        "optimizer: clipping + AdamW compiled together"
+        if compile_step
+        else f"optimizer: {'fused ' if device.type == 'cuda' else ''}AdamW"
+    )
+    return sampler, steps, optimizer, scheduler, note
 
 
 # ----------------------------------------------------------------------------- build
@@ -401,13 +298,7 @@ def build(cfg: RunConfig) -> Run:
     fields = parse_fields(cfg.data.fields)
     prompt_format = "chat" if peek(train_path, fields) == "messages" else "alpaca"
 
-    load_dtype = "fp32" if cfg.model.dtype == "bf16-mixed" else cfg.model.dtype
-    hf_model, tokenizer, info = load_model_and_tokenizer(
-        cfg.model.model,
-        device=device,
-        dtype=load_dtype,
-        attn_implementation=attention_request(cfg, device),
-    )
+    hf_model, tokenizer, info = load_model(cfg, device)
     notes = [
         f"model {cfg.model.model} ({info.num_params / 1e6:.1f}M params, {info.dtype}"
         f"{' + bf16 autocast' if cfg.model.dtype == 'bf16-mixed' else ''}), attention "
@@ -419,24 +310,10 @@ def build(cfg: RunConfig) -> Run:
 
     built = build_module(cfg, hf_model, device, world)
     notes += built.notes
-    compile_step = choose_compile_step(cfg, built.sharded)
-    notes.append(
-        "optimizer: clipping + AdamW compiled together"
-        if compile_step
-        else f"optimizer: {'fused ' if device.type == 'cuda' else ''}AdamW"
+    sampler, steps, optimizer, scheduler, note = build_optimization(
+        cfg, built, len(data.train), world, device
     )
-    sampler = StepSampler(
-        len(data.train),
-        cfg.optim.batch_size,
-        shuffle=cfg.data.shuffle,
-        seed=cfg.optim.seed,
-        rank=world.rank,
-        world_size=world.world_size,
-    )
-    steps = total_steps(cfg, sampler.steps_per_epoch)
-    optimizer, scheduler = build_optimizer(
-        list(built.module.parameters()), cfg.optim, steps, device, compiled=compile_step
-    )
+    notes.append(note)
     micro = resolve_micro_batch(cfg, world, device)
     if micro is None:
         micro = probe_micro_batch(
@@ -455,7 +332,7 @@ def build(cfg: RunConfig) -> Run:
         val_data=val_path,
         dtype=cfg.model.dtype if cfg.model.dtype != "auto" else _dtype_name(info.dtype),
         attn=info.attn_implementation,
-        compile=_on_off(_choose(cfg.model.compile, device.type == "cuda")),
+        compile=_on_off(enabled(cfg.model.compile, device.type == "cuda")),
         fused_loss=_on_off(built.module.fused),
         doc_mask=_on_off(doc_mask),
         device=device.type,
@@ -472,6 +349,11 @@ def build(cfg: RunConfig) -> Run:
         config=resolved.to_dict(),
         tokens_per_step=cfg.optim.batch_size * cfg.data.seq_length,
         resume=cfg.checkpoint.resume is not None,
+    )
+    flops = (
+        model_flops_per_token(hf_model.config, cfg.data.seq_length)
+        if device.type == "cuda"
+        else None
     )
     return Run(
         cfg=resolved,
@@ -492,11 +374,7 @@ def build(cfg: RunConfig) -> Run:
         logger=logger,
         sample_prompts=sample_prompts(cfg.log.num_samples, data.val, tokenizer),
         prompt_format=prompt_format,
-        flops_per_token=(
-            model_flops_per_token(hf_model.config, cfg.data.seq_length)
-            if device.type == "cuda"
-            else None
-        ),
+        flops_per_token=flops,
         peak_flops=_peak_flops(device),
         notes=tuple(notes),
     )

@@ -87,7 +87,7 @@ def evaluate_file(
     """`sftune eval`: (loss, trained tokens) of a saved model or preset on a data file."""
     from sftune.data import PackedSFTDataset
     from sftune.models import load_model_and_tokenizer
-    from sftune.train.lm import CausalLMWithLoss
+    from sftune.train.module import CausalLMWithLoss
 
     dev = distributed.resolve_device(device, World())
     lm, tokenizer, _ = load_model_and_tokenizer(model, device=dev, dtype=dtype)

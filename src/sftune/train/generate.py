@@ -153,7 +153,7 @@ def generate_text(
     """`sftune generate`: a saved model's (or preset's) response to one prompt."""
     from sftune.models import load_model_and_tokenizer, resolve_source
     from sftune.train import distributed
-    from sftune.train.lm import CausalLMWithLoss
+    from sftune.train.module import CausalLMWithLoss
 
     dev = distributed.resolve_device(device, distributed.World())
     lm, tokenizer, _ = load_model_and_tokenizer(model, device=dev, dtype=dtype)

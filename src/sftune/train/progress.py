@@ -24,7 +24,24 @@ from sftune.train.metrics import is_main_process
 _POSTFIX_NAMES = {"train_loss": "loss", "tokens_per_s": "tok/s", "tok_s": "tok/s"}
 
 
-class ConsoleProgress:
+class _Closable:
+    """A tqdm bar held in `_bar` (None when disabled), closed once, usable with `with`."""
+
+    _bar: Any = None
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ConsoleProgress(_Closable):
     """A tqdm bar over optimizer steps with loss / lr / tok/s and an ETA.
 
     When stderr is not a terminal (CI, a log file) the bar redraws at most every 5 s so the
@@ -80,19 +97,8 @@ class ConsoleProgress:
             return
         self._bar.write(msg)
 
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
 
-    def __enter__(self) -> ConsoleProgress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class EvalBar:
+class EvalBar(_Closable):
     """The validation sub-bar from `ConsoleProgress.eval_bar`; `n` counts batches even when
     nothing is shown. Use it as a context manager so that it is erased on errors too."""
 
@@ -104,17 +110,6 @@ class EvalBar:
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def __enter__(self) -> EvalBar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _min_interval() -> float:

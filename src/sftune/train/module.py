@@ -1,0 +1,247 @@
+"""The trained module: a Hugging Face causal LM whose forward returns the token-weighted loss,
+and how it is made ready to train (loss wrapper, activation checkpointing, per-layer compile,
+FSDP2) and how large a micro-batch fits it.
+
+Putting the loss inside `forward` keeps the output projection inside the module that FSDP2
+shards as the root, so its parameters are gathered when the fused loss reads them, and lets
+`torch.compile`, FSDP and autocast treat "model + loss" as one unit.
+
+    built = build_module(cfg, hf_model, device, world)     # .module, .sharded, .notes
+    loss = built.module(input_ids=ids, labels=labels, scale=1 / n_tokens)
+    micro = probe_micro_batch(built.module, optimizer, per_rank_batch=32, seq_length=512,
+                              vocab_size=128256, device=device)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from sftune.config import RunConfig
+from sftune.errors import ConfigError, SftuneError
+from sftune.train import distributed
+from sftune.train.distributed import World
+from sftune.train.loss import cross_entropy_sum, fused_linear_cross_entropy
+
+
+def supports_fused_loss(model: nn.Module) -> bool:
+    """Fused loss needs logits == hidden @ W.T exactly: no soft-capping or logit scaling."""
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text_cfg, "final_logit_softcapping", None) or getattr(text_cfg, "logit_scale", None):
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return isinstance(head, nn.Linear) and head.bias is None
+
+
+class CausalLMWithLoss(nn.Module):
+    """A causal LM whose forward returns `scale * (sum of per-token CE over trained labels)`.
+
+        loss = module(input_ids=ids, labels=labels, position_ids=None, scale=1 / n_tokens)
+        logits = module.last_logits(input_ids=ids)    # (B, V) fp32, for decoding step by step
+
+    `last_logits` is registered with FSDP2 as a forward method (distributed.apply_fsdp), so
+    the root's parameters are gathered for it just as for forward.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        *,
+        fused: bool,
+        autocast_dtype: torch.dtype | None = None,
+        chunk_size: int = 4096,
+        compiled_loss: bool = False,
+    ):
+        super().__init__()
+        self.lm = lm
+        self.fused = fused
+        self.compiled_loss = compiled_loss
+        self.autocast_dtype = autocast_dtype
+        self.chunk_size = chunk_size
+
+    def autocast(self, device_type: str):
+        """bf16 autocast for `--dtype bf16-mixed`; nothing otherwise."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+
+    def forward(self, input_ids, labels, position_ids=None, scale=1.0):
+        with self.autocast(input_ids.device.type):
+            if self.fused:
+                return self._fused_loss(input_ids, labels, position_ids, scale)
+            logits = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            return (
+                cross_entropy_sum(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)) * scale
+            )
+
+    def last_logits(self, input_ids, position_ids=None):
+        """The logits of the last position, (B, vocab) in fp32."""
+        with self.autocast(input_ids.device.type):
+            out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return out.logits[:, -1, :].float()
+
+    def _fused_loss(self, input_ids, labels, position_ids, scale):
+        base = getattr(self.lm, self.lm.base_model_prefix)
+        hidden = base(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+        weight = self.lm.get_output_embeddings().weight
+        if self.autocast_dtype is not None:
+            hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
+        return fused_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            labels.reshape(-1),
+            scale,
+            self.chunk_size,
+            compiled=self.compiled_loss,
+        )
+
+
+# ----------------------------------------------------------------------------- building it
+
+
+def enabled(setting: str, on_cuda: bool) -> bool:
+    """An auto/on/off setting that "auto" turns on for CUDA."""
+    return setting == "on" or (setting == "auto" and on_cuda)
+
+
+SDPA_BACKENDS = {
+    "flash": "enable_flash_sdp",
+    "cudnn": "enable_cudnn_sdp",
+    "efficient": "enable_mem_efficient_sdp",
+}
+
+
+def set_sdpa_backend(name: str) -> None:
+    """Restrict SDPA to one fused kernel (math stays as the fallback); "auto" enables all.
+
+    These are process-wide switches, read when a layer is compiled or run eagerly.
+    """
+    for backend, switch in SDPA_BACKENDS.items():
+        getattr(torch.backends.cuda, switch)(name in ("auto", backend))
+
+
+class ModuleBuild(NamedTuple):
+    module: CausalLMWithLoss
+    sharded: bool
+    notes: list[str]
+
+
+def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -> ModuleBuild:
+    """Loss wrapper, activation checkpointing, per-layer torch.compile, FSDP2: in that order."""
+    notes: list[str] = []
+    fused = enabled(cfg.model.fused_loss, device.type == "cuda")
+    if fused and not supports_fused_loss(hf_model):
+        notes.append("fused loss off: the model's logits are not a plain linear projection")
+        fused = False
+    compiled = enabled(cfg.model.compile, device.type == "cuda")
+    autocast = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
+    module = CausalLMWithLoss(
+        hf_model, fused=fused, autocast_dtype=autocast, compiled_loss=fused and compiled
+    )
+    set_sdpa_backend(cfg.model.sdpa_backend)
+    if cfg.model.sdpa_backend != "auto":
+        notes.append(f"SDPA kernel: {cfg.model.sdpa_backend}")
+    if cfg.model.activation_checkpointing:
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        hf_model.config.use_cache = False
+    if compiled:
+        # Read by the partitioner when each layer's graph is compiled (first step).
+        torch._functorch.config.activation_memory_budget = cfg.model.activation_memory_budget
+        mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
+        for layer in distributed.decoder_layers(hf_model):
+            layer.compile(mode=mode)
+        budget = cfg.model.activation_memory_budget
+        notes.append(
+            f"torch.compile: each decoder layer ({cfg.model.compile_mode}"
+            f"{f', activation memory budget {budget:g}' if budget < 1 else ''})"
+        )
+    sharded = distributed.use_fsdp(cfg.dist, world)
+    if sharded:
+        param_dtype = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
+        distributed.apply_fsdp(module, hf_model, cfg.dist, param_dtype)
+        notes.append(f"FSDP2 over {world.world_size} rank(s)")
+    notes.append(f"loss: {'fused chunked linear+CE' if fused else 'full logits + CE'}")
+    return ModuleBuild(module, sharded, notes)
+
+
+# ----------------------------------------------------------------------------- micro-batch probe
+
+
+def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Allocate AdamW's moments now (so the probe sees them) without changing any weight.
+
+    A step with lr 0 and zero gradients leaves parameters and moments at exactly their
+    start values; the step counters are reset so the first real step is step 1.
+    """
+    lrs = [g["lr"] for g in optimizer.param_groups]  # floats, or tensors (compiled step)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    for st in optimizer.state.values():
+        if "step" in st:
+            st["step"].zero_() if torch.is_tensor(st["step"]) else st.update(step=0)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def probe_micro_batch(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    per_rank_batch: int,
+    seq_length: int,
+    vocab_size: int,
+    device: torch.device,
+) -> int:
+    """Largest divisor of the per-rank batch whose forward+backward fits next to the
+    optimizer state (materialized first), with 8% of the GPU kept free."""
+    materialize_optimizer_state(optimizer)
+    total = torch.cuda.get_device_properties(device).total_memory
+    for mb in sorted(
+        (d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0), reverse=True
+    ):
+        ids = torch.randint(0, vocab_size, (mb, seq_length), device=device)
+        ok = True
+        try:
+            torch.cuda.reset_peak_memory_stats(device)
+            module(input_ids=ids, labels=ids, scale=1.0 / ids.numel()).backward()
+            torch.cuda.synchronize(device)
+            ok = torch.cuda.max_memory_allocated(device) < 0.92 * total
+        except torch.cuda.OutOfMemoryError:
+            ok = False
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        if ok:
+            return mb
+    raise SftuneError(
+        f"out of GPU memory even at micro-batch 1 x {seq_length} tokens: lower --seq-length or "
+        "add --activation-checkpointing (or shard over more GPUs)"
+    )
+
+
+def resolve_micro_batch(cfg: RunConfig, world: World, device: torch.device) -> int | None:
+    """--micro-batch-size, or for 0 (auto) on a CPU the largest divisor of the per-rank batch
+    up to 8; None on a GPU, where `probe_micro_batch` finds it."""
+    if cfg.optim.micro_batch_size:
+        return cfg.optim.micro_batch_size
+    per_rank = cfg.optim.batch_size // world.world_size
+    if device.type == "cuda":
+        return None
+    return max(d for d in range(1, min(per_rank, 8) + 1) if per_rank % d == 0)
+
+
+def choose_compile_step(cfg: RunConfig, sharded: bool) -> bool:
+    """--compile-step, which is single-device only."""
+    if cfg.optim.compile_step and sharded:
+        raise ConfigError("--compile-step: not supported with FSDP (more than one rank)")
+    return cfg.optim.compile_step
