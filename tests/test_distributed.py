@@ -59,3 +59,15 @@ def test_two_ranks_match_one_and_resume_on_one(workdir, tmp_path):
     assert sorted(l3) == [3, 4]
     assert_same_losses(l1, l3)
     assert_same_fp64_weights(w1, weights(tmp_path / "again"))
+
+
+def test_lora_two_ranks_match_one(workdir, tmp_path):
+    """LoRA adapters on an FSDP2-sharded base: 2 ranks train like 1 (fp64)."""
+    lora = ("--lora", "--lora-r", "4", "--max-steps", "3")
+    one = _run(workdir, tmp_path / "one", 1, *lora)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(workdir, tmp_path / "two", 2, *lora)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / "two"))
+    assert_same_fp64_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").is_file()

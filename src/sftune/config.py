@@ -172,6 +172,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoraConfig:
+    lora: bool = _f(False, "train LoRA adapters (peft) on a frozen base instead of every weight")
+    qlora: bool = _f(
+        False, "LoRA on a 4-bit NF4 base (double quantization, bf16 compute; one CUDA GPU)"
+    )
+    lora_r: int = _f(16, "adapter rank")
+    lora_alpha: float = _f(32.0, "adapter scale numerator: the update is B A * alpha / r")
+    lora_dropout: float = _f(0.0, "dropout on the adapters' input")
+    lora_targets: str = _f(
+        "all-linear",
+        "comma-separated module names to adapt (e.g. q_proj,v_proj); all-linear: every linear "
+        "layer of the decoder blocks (not the output projection)",
+    )
+
+
+@dataclass
 class DistConfig:
     fsdp: str = _f(
         "auto", "FSDP2 sharding: auto (on when world size > 1), on, off", ("auto", "on", "off")
@@ -187,6 +203,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    adapter: LoraConfig = field(default_factory=LoraConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -391,6 +408,7 @@ def _validate(cfg: RunConfig) -> None:
         "epochs": cfg.optim.epochs,
         "num_samples": cfg.log.num_samples,
         "eval_max_batches": cfg.log.eval_max_batches or 0,
+        "lora_dropout": cfg.adapter.lora_dropout,
     }
     for name, v in non_negative.items():
         if v < 0:
@@ -398,6 +416,8 @@ def _validate(cfg: RunConfig) -> None:
     bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
     if mb and bs % mb:
         raise ConfigError(f"--batch-size {bs} is not a multiple of --micro-batch-size {mb}")
+    if cfg.adapter.lora_r < 1 or cfg.adapter.lora_alpha <= 0:
+        raise ConfigError("--lora-r must be >= 1 and --lora-alpha > 0")
     if cfg.optim.max_steps == 0 and cfg.optim.epochs <= 0:
         raise ConfigError("--epochs must be > 0 when --max-steps is 0")
     if not 0.0 < cfg.model.activation_memory_budget <= 1.0:

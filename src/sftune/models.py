@@ -201,18 +201,30 @@ def load_model_and_tokenizer(
     device: torch.device,
     dtype: str = "auto",
     attn_implementation: str = "auto",
+    quantization: dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelInfo]:
-    """Load a causal LM and its tokenizer onto `device`, from a preset or a local directory."""
+    """Load a causal LM and its tokenizer onto `device`, from a preset or a local directory.
+
+    `quantization`: extra from_pretrained arguments for a quantized base (QLoRA); such a model
+    is placed on `device` by its loader.
+    """
     torch_dtype = resolve_dtype(dtype, device)
     attention = resolve_attention(attn_implementation, device)
     if attention == "flash_attention_2" and torch_dtype == torch.float32:
         raise ConfigError("attention 'flash_attention_2' needs dtype bf16 or fp16, not fp32")
     source, preset = resolve_source(name_or_path)
     tokenizer = load_tokenizer(str(source))
+    placement = {"device_map": {"": device}} if quantization else {}
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch_dtype, attn_implementation=attention, local_files_only=True
+        source,
+        dtype=torch_dtype,
+        attn_implementation=attention,
+        local_files_only=True,
+        **(quantization or {}),
+        **placement,
     )
-    model.to(device)
+    if not quantization:
+        model.to(device)
     total, non_embedding = count_params(model)
     info = ModelInfo(
         source=str(source),

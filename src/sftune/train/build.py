@@ -30,7 +30,7 @@ from sftune.data.sampler import StepSampler
 from sftune.errors import ConfigError, SftuneError
 from sftune.models import load_model_and_tokenizer, model_flops_per_token, quiet_libraries
 from sftune.paths import cache_root
-from sftune.train import distributed
+from sftune.train import checkpoint, distributed, lora
 from sftune.train.distributed import World
 from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
@@ -58,7 +58,9 @@ class Run:
     world: World
     device: torch.device
     output_dir: Path
-    hf_model: Any
+    hf_model: Any  # with --lora, the adapters are injected into it (in place)
+    adapter: Any  # the PeftModel around hf_model with --lora/--qlora, else None
+    source: str  # the local directory the base was loaded from
     tokenizer: Any
     module: torch.nn.Module
     sharded: bool
@@ -247,14 +249,18 @@ def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[tuple[str,
 
 
 def load_model(cfg: RunConfig, device: torch.device):
-    """(hf_model, tokenizer, ModelInfo): bf16-mixed loads fp32 weights for bf16 autocast."""
+    """(hf_model, tokenizer, ModelInfo, PeftModel or None): bf16-mixed loads fp32 weights for
+    bf16 autocast; --qlora loads a 4-bit base; --lora/--qlora inject the adapters."""
     load_dtype = "fp32" if cfg.model.dtype == "bf16-mixed" else cfg.model.dtype
-    return load_model_and_tokenizer(
+    hf_model, tokenizer, info = load_model_and_tokenizer(
         cfg.model.model,
         device=device,
         dtype=load_dtype,
         attn_implementation=attention_request(cfg, device),
+        quantization=lora.quantization_kwargs(cfg),
     )
+    adapter = lora.apply_lora(hf_model, cfg) if lora.enabled(cfg) else None
+    return hf_model, tokenizer, info, adapter
 
 
 def build_optimization(cfg: RunConfig, built, num_items: int, world: World, device: torch.device):
@@ -294,16 +300,27 @@ def build(cfg: RunConfig) -> Run:
     device = distributed.resolve_device(cfg.model.device, world)
     torch.manual_seed(cfg.optim.seed)
     output_dir = plan_output_dir(cfg, world)
+    if cfg.checkpoint.resume:  # a checkpoint this run cannot take fails before the model loads
+        path = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)
+        checkpoint.check_kind(path, lora.enabled(cfg))
     train_path, val_path = data_paths(cfg, world)
     fields = parse_fields(cfg.data.fields)
     prompt_format = "chat" if peek(train_path, fields) == "messages" else "alpaca"
 
-    hf_model, tokenizer, info = load_model(cfg, device)
+    lora.check_available(cfg, device, world.world_size)
+    hf_model, tokenizer, info, adapter = load_model(cfg, device)
     notes = [
         f"model {cfg.model.model} ({info.num_params / 1e6:.1f}M params, {info.dtype}"
         f"{' + bf16 autocast' if cfg.model.dtype == 'bf16-mixed' else ''}), attention "
         f"{info.attn_implementation}"
     ]
+    if adapter is not None:
+        trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
+        notes.append(
+            f"{'QLoRA (4-bit NF4 base)' if cfg.adapter.qlora else 'LoRA'}: r {cfg.adapter.lora_r}, "
+            f"alpha {cfg.adapter.lora_alpha:g} on {lora.targets(cfg)}, {trainable / 1e6:.2f}M "
+            "trainable parameters"
+        )
     doc_mask = doc_mask_on(cfg, info.attn_implementation)
     notes.append(f"document-aware packing {_on_off(doc_mask)}")
     data = build_datasets(cfg, tokenizer, world, doc_mask, train_path, val_path)
@@ -350,9 +367,10 @@ def build(cfg: RunConfig) -> Run:
         tokens_per_step=cfg.optim.batch_size * cfg.data.seq_length,
         resume=cfg.checkpoint.resume is not None,
     )
+    # MFU's FLOPs count assumes every weight is trained; adapters skip most weight gradients.
     flops = (
         model_flops_per_token(hf_model.config, cfg.data.seq_length)
-        if device.type == "cuda"
+        if device.type == "cuda" and adapter is None
         else None
     )
     return Run(
@@ -361,6 +379,8 @@ def build(cfg: RunConfig) -> Run:
         device=device,
         output_dir=output_dir,
         hf_model=hf_model,
+        adapter=adapter,
+        source=info.source,
         tokenizer=tokenizer,
         module=built.module,
         sharded=built.sharded,

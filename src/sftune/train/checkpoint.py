@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,18 +103,24 @@ def save(
     cfg: config_mod.RunConfig,
     world: World,
     keep: int,
+    adapters_only: bool = False,
 ) -> Path:
-    """Writes checkpoint `step` atomically (all ranks call this) and prunes old ones."""
+    """Writes checkpoint `step` atomically (all ranks call this) and prunes old ones.
+
+    adapters_only (LoRA): the trainable tensors and their optimizer state, not the frozen base.
+    """
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(".tmp_" + final.name)  # one name that every rank writes into
     if world.is_main:
         temp_dir_for(final, tmp.name)
     distributed.barrier()
-    model_sd, optim_sd = get_state_dict(module, optimizer)
+    options = StateDictOptions(ignore_frozen_params=adapters_only)
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "model_optim"))
     torch.save(_rng_state(), tmp / f"rng_rank{world.rank}.pt")
     if world.is_main:
-        torch.save({**trainer_state, "world_size": world.world_size}, tmp / "trainer.pt")
+        meta = {"world_size": world.world_size, "adapters_only": adapters_only}
+        torch.save({**trainer_state, **meta}, tmp / "trainer.pt")
         config_mod.save(cfg, tmp / "config.yaml")
     distributed.barrier()
     if world.is_main:
@@ -124,17 +131,42 @@ def save(
     return final
 
 
+def check_kind(path: Path, adapters_only: bool) -> dict:
+    """The trainer state of a checkpoint that this kind of run (LoRA or full) can resume."""
+    trainer = torch.load(path / "trainer.pt", weights_only=False)
+    saved_kind = trainer.get("adapters_only", False)
+    if saved_kind != adapters_only:
+        kinds = {True: "a LoRA run (adapters only)", False: "a full fine-tune"}
+        raise SftuneError(
+            f"{path}: cannot resume: the checkpoint is from {kinds[saved_kind]}, this run is "
+            f"{kinds[adapters_only]}"
+        )
+    return trainer
+
+
 def load(
-    path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
+    path: Path,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    world: World,
+    adapters_only: bool = False,
 ) -> dict:
-    """Restores model, optimizer and this rank's RNG; returns the trainer state dict."""
-    model_sd, optim_sd = get_state_dict(module, optimizer)
+    """Restores model, optimizer and this rank's RNG; returns the trainer state dict.
+
+    A LoRA checkpoint resumes only a LoRA run and a full one only a full run (one line else).
+    """
+    trainer = check_kind(path, adapters_only)
+    options = StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path / "model_optim"))
     set_state_dict(
-        module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        module,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=options,
     )
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
     rng_file = path / f"rng_rank{world.rank}.pt"
     # Same world size: each rank gets its own RNG back. Other world sizes: rank 0's.
     if trainer["world_size"] != world.world_size or not rng_file.is_file():
@@ -165,14 +197,28 @@ def _portable_tokenizer_class(model_dir: Path) -> None:
 
 
 def save_final(
-    output_dir: Path, module: torch.nn.Module, hf_model, tokenizer, world: World
+    output_dir: Path,
+    module: torch.nn.Module,
+    hf_model,
+    tokenizer,
+    world: World,
+    write_model: Callable[[dict, Path], None] | None = None,
 ) -> Path:
-    """`save_pretrained` model + tokenizer into <output-dir>/final, atomically (all ranks call)."""
+    """`save_pretrained` model + tokenizer into <output-dir>/final, atomically (all ranks call).
+
+    `write_model(full state dict, directory)` replaces the plain save_pretrained (LoRA writes
+    its adapter and the merged model there).
+    """
     state_dict = full_model_state_dict(module)
     final = output_dir / "final"
     if world.is_main:
         with atomic_dir(final) as tmp:
-            hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if write_model is None:
+                hf_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            else:
+                write_model(state_dict, tmp)
+            if getattr(hf_model, "generation_config", None) is not None:
+                hf_model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             _portable_tokenizer_class(tmp)
     distributed.barrier()

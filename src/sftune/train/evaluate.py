@@ -86,11 +86,11 @@ def evaluate_file(
 ) -> tuple[float, int]:
     """`sftune eval`: (loss, trained tokens) of a saved model or preset on a data file."""
     from sftune.data import PackedSFTDataset
-    from sftune.models import load_model_and_tokenizer
+    from sftune.train.lora import load_for_inference
     from sftune.train.module import CausalLMWithLoss
 
     dev = distributed.resolve_device(device, World())
-    lm, tokenizer, _ = load_model_and_tokenizer(model, device=dev, dtype=dtype)
+    lm, tokenizer, _ = load_for_inference(model, device=dev, dtype=dtype)
     dataset = PackedSFTDataset(
         tokenizer, data, seq_length, False, fields=fields, response_only=response_only
     )

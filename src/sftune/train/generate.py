@@ -151,14 +151,17 @@ def generate_text(
     device: str = "auto",
 ) -> str:
     """`sftune generate`: a saved model's (or preset's) response to one prompt."""
-    from sftune.models import load_model_and_tokenizer, resolve_source
     from sftune.train import distributed
+    from sftune.train.lora import load_for_inference
     from sftune.train.module import CausalLMWithLoss
 
     dev = distributed.resolve_device(device, distributed.World())
-    lm, tokenizer, _ = load_model_and_tokenizer(model, device=dev, dtype=dtype)
+    lm, tokenizer, info = load_for_inference(model, device=dev, dtype=dtype)
     torch.manual_seed(seed)
-    fmt = prompt_format(resolve_source(model)[0], tokenizer, fmt)
+    # final/sftune.json sits beside final/adapter: look in the directory given, then its parent.
+    here = Path(model).expanduser()
+    meta_dir = next((d for d in (here, here.parent) if (d / FORMAT_FILE).is_file()), info.source)
+    fmt = prompt_format(meta_dir, tokenizer, fmt)
     return generate(
         CausalLMWithLoss(lm, fused=False),
         tokenizer,

@@ -25,7 +25,7 @@ import torch
 from sftune.config import RunConfig
 from sftune.errors import SftuneError
 from sftune.files import atomic_write_text
-from sftune.train import checkpoint, distributed
+from sftune.train import checkpoint, distributed, lora
 from sftune.train.build import Run, build
 from sftune.train.evaluate import EvalInterrupted, eval_items, evaluate
 from sftune.train.generate import FORMAT_FILE, generate
@@ -213,6 +213,7 @@ def save(r: Run, state: TrainState, bar: ConsoleProgress) -> Path:
         r.cfg,
         r.world,
         r.cfg.checkpoint.keep_checkpoints,
+        adapters_only=r.adapter is not None,
     )
     bar.write(f"step {state.step:>6} | checkpoint {path}")
     return path
@@ -220,7 +221,9 @@ def save(r: Run, state: TrainState, bar: ConsoleProgress) -> Path:
 
 def resume(r: Run) -> tuple[TrainState, str]:
     path = checkpoint.resolve_resume(r.cfg.checkpoint.resume, r.output_dir)
-    saved = checkpoint.load(path, r.module, r.optimizer, r.world)
+    saved = checkpoint.load(
+        path, r.module, r.optimizer, r.world, adapters_only=r.adapter is not None
+    )
     r.scheduler.load_state_dict(saved["scheduler"])
     try:
         r.sampler.load_state_dict(saved["sampler"])
@@ -233,10 +236,28 @@ def resume(r: Run) -> tuple[TrainState, str]:
 
 def save_final(r: Run) -> Path:
     """model + tokenizer (save_pretrained) and the prompt format, for `sftune generate`."""
-    final = checkpoint.save_final(r.output_dir, r.module, r.hf_model, r.tokenizer, r.world)
+    final = checkpoint.save_final(
+        r.output_dir, r.module, r.hf_model, r.tokenizer, r.world, write_model=_lora_writer(r)
+    )
     if r.world.is_main:
         atomic_write_text(final / FORMAT_FILE, json.dumps({"prompt_format": r.prompt_format}))
     return final
+
+
+def _lora_writer(r: Run):
+    """With adapters: final/adapter (PEFT's format) and the merged model in final/."""
+    if r.adapter is None:
+        return None
+
+    def write(state: dict, out: Path) -> None:
+        lora.save_adapter(r.adapter, state, out / lora.ADAPTER_DIR, r.source)
+        base = None
+        if r.cfg.adapter.qlora:  # the adapters go onto the bf16 base, not the 4-bit one
+            base = lora.load_base_weights(r.source, torch.bfloat16)
+        merged = lora.merged_state_dict(state, lora.scaling(r.cfg), base)
+        lora.save_merged(merged, r.hf_model.config, out)
+
+    return write
 
 
 # ----------------------------------------------------------------------------- the loop

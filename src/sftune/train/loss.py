@@ -43,18 +43,26 @@ class _FusedLinearCE(torch.autograd.Function):
         # path. Several: accumulated in fp32 (2 GiB for Llama 3's head, so only when needed).
         single = n <= chunk_size
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        grad_w = None if single else torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        # A frozen head (LoRA) needs no weight gradient: one GEMM per chunk saved.
+        need_w = weight.requires_grad
+        grad_w = (
+            None
+            if single or not need_w
+            else torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        )
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_size):
             h = hidden[start : start + chunk_size]
             chunk_loss, grad = chunk_fn(h @ weight.t(), labels[start : start + chunk_size], scale)
             loss += chunk_loss
             torch.mm(grad, weight, out=grad_h[start : start + chunk_size])
+            if not need_w:
+                continue
             if single:
                 grad_w = grad.t() @ h
             else:
                 _accumulate_wgrad(grad_w, grad, h)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return loss * scale
 
     @staticmethod
@@ -62,7 +70,7 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (
             grad_h * grad_out.to(grad_h.dtype),
-            grad_w * grad_out.to(grad_w.dtype),
+            None if grad_w is None else grad_w * grad_out.to(grad_w.dtype),
             None,
             None,
             None,
