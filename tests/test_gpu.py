@@ -100,3 +100,43 @@ def test_evaluation_loss_matches_training_loss():
     with torch.no_grad():
         evaluation = module(input_ids=ids, labels=labels)
     assert float(evaluation) == pytest.approx(float(train), rel=1e-3)
+
+
+def test_qlora_trains_and_merges_onto_the_bf16_base(tmp_path):
+    """--qlora: a 4-bit NF4 base, adapters trained, final/adapter and a merged bf16 model."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from sftune.train.loop import train
+    from tiny import byte_tokenizer, tiny_model_dir
+
+    tiny_model_dir(tmp_path / "model", byte_tokenizer(), hidden=128, intermediate=256)
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"prompt": f"Add {i} and {i}.", "response": f"{2 * i}."}) + "\n")
+    cfg = config_mod.from_flat(
+        dict(
+            model=str(tmp_path / "model"),
+            train_data=str(tmp_path / "train.jsonl"),
+            seq_length=64,
+            batch_size=8,
+            max_steps=4,
+            lr=1e-3,
+            qlora=True,
+            num_samples=1,
+            max_new_tokens=4,
+            output_dir=str(tmp_path / "run"),
+        )
+    )
+    result = train(cfg)
+    final = tmp_path / "run" / "final"
+    assert result.val_loss_end < result.val_loss_start
+    assert (final / "adapter" / "adapter_model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((final / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(final, dtype=torch.bfloat16).cuda()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16).cuda()
+    ids = torch.tensor([[5, 6, 7, 8]], device="cuda")
+    assert not torch.equal(merged(ids).logits, base(ids).logits)

@@ -36,7 +36,6 @@ from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
     build_module,
     choose_compile_step,
-    enabled,
     probe_micro_batch,
     resolve_micro_batch,
 )
@@ -349,7 +348,7 @@ def build(cfg: RunConfig) -> Run:
         val_data=val_path,
         dtype=cfg.model.dtype if cfg.model.dtype != "auto" else _dtype_name(info.dtype),
         attn=info.attn_implementation,
-        compile=_on_off(enabled(cfg.model.compile, device.type == "cuda")),
+        compile=_on_off(any(n.startswith("torch.compile") for n in built.notes)),
         fused_loss=_on_off(built.module.fused),
         doc_mask=_on_off(doc_mask),
         device=device.type,

@@ -137,7 +137,10 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
     if fused and not supports_fused_loss(hf_model):
         notes.append("fused loss off: the model's logits are not a plain linear projection")
         fused = False
-    compiled = enabled(cfg.model.compile, device.type == "cuda")
+    # bitsandbytes' 4-bit layers do not trace: auto leaves compile off for QLoRA.
+    compiled = enabled(cfg.model.compile, device.type == "cuda") and not (
+        cfg.adapter.qlora and cfg.model.compile == "auto"
+    )
     autocast = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
     module = CausalLMWithLoss(
         hf_model, fused=fused, autocast_dtype=autocast, compiled_loss=fused and compiled
