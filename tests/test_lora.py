@@ -122,7 +122,7 @@ def test_bad_lora_settings_are_one_line_errors(workdir, tmp_path):
     with pytest.raises(ConfigError, match="--lora-targets 'nope'"):
         train(_cfg(workdir, tmp_path / "a", lora_targets="nope"))
     with pytest.raises(ConfigError, match="--qlora needs a CUDA GPU"):
-        train(_cfg(workdir, tmp_path / "b", lora=False, qlora=True))
+        train(_cfg(workdir, tmp_path / "b", lora=False, qlora=True, device="cpu"))
     with pytest.raises(ConfigError, match="--lora-r must be >= 1"):
         _cfg(workdir, tmp_path / "c", lora_r=0)
     assert not any((tmp_path / d).exists() for d in "abc")

@@ -87,7 +87,9 @@ def apply_lora(hf_model, cfg: RunConfig):
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(hf_model, config)
+        # Adapters in the base's dtype: peft's default upcasts them to fp32, which turns every
+        # adapter GEMM into an fp32 one (294 of 2,390 ms per 8B step on the H200, profiled).
+        peft_model = get_peft_model(hf_model, config, autocast_adapter_dtype=False)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise ConfigError(
             f"--lora-targets {cfg.adapter.lora_targets!r}: {str(e).splitlines()[0]}"
