@@ -149,6 +149,8 @@ def test_compile_step_is_single_device():
     [
         ("demo.yaml", {"model": "smollm2-135m", "seq_length": 256, "batch_size": 2}),
         ("llama3.1-8b.yaml", {"seq_length": 512, "batch_size": 32, "lr": 2e-5}),
+        ("llama3.1-8b-lora.yaml", {"lora": True, "lora_r": 16, "lr": 2e-4}),
+        ("llama3.1-8b-qlora.yaml", {"qlora": True, "activation_checkpointing": True}),
     ],
 )
 def test_shipped_configs_parse(name, expected):

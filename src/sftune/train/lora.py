@@ -130,7 +130,11 @@ def save_merged(merged: dict[str, torch.Tensor], hf_config, out: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(out)
-    save_torch_state_dict(merged, out)  # shards, and stores tied tensors once
+    # Own storage for each tensor (a gathered FSDP state dict holds views into larger buffers,
+    # which safetensors refuses); a tied tensor stays one tensor, stored once.
+    owned: dict[int, torch.Tensor] = {}
+    merged = {k: owned.setdefault(id(v), v.detach().clone()) for k, v in merged.items()}
+    save_torch_state_dict(merged, out)
 
 
 def adapter_state_dict(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
