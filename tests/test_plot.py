@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from sftune.train.metrics import MetricsLogger
+from sftune.train.metrics import CURVE_FILE, MetricsLogger, read_metrics
 from sftune.train.plot import draw_learning_curve, plot_learning_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -142,7 +142,7 @@ def test_png_follows_the_umask(tmp_path):
     logger.log(1, {"train_loss": 1.0})
     old = os.umask(0o022)
     try:
-        path = plot_learning_curve(tmp_path)
+        path = plot_learning_curve(read_metrics(tmp_path), tmp_path / CURVE_FILE)
     finally:
         os.umask(old)
     assert path == tmp_path / "learning_curve.png"

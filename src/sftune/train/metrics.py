@@ -230,12 +230,14 @@ class MetricsLogger:
         """Write `<run_dir>/learning_curve.png` from metrics.jsonl; None when there is no loss yet."""
         if not self.enabled:
             return None
-        # Imported here: plot reads metrics.jsonl through this module, and matplotlib loads
-        # only in runs that draw a curve.
+        # Imported here: matplotlib loads only in runs that draw a curve.
         from sftune.train.plot import plot_learning_curve
 
         return plot_learning_curve(
-            self.run_dir, tokens_per_step=self.tokens_per_step, title=self.run_name
+            read_metrics(self.run_dir),
+            self.run_dir / CURVE_FILE,
+            tokens_per_step=self.tokens_per_step,
+            title=self.run_name,
         )
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """The learning curve: train (raw + smoothed) and validation loss against steps and tokens.
 
-    plot_learning_curve("runs/alpaca", tokens_per_step=65536)  # -> runs/alpaca/learning_curve.png
-    fig = draw_learning_curve(read_metrics("runs/alpaca"))     # the Figure itself, no file
+    rows = read_metrics("runs/alpaca")                          # sftune.train.metrics
+    plot_learning_curve(rows, "runs/alpaca/learning_curve.png", tokens_per_step=65536)
+    fig = draw_learning_curve(rows)                             # the Figure itself, no file
 
 Drawing is split from writing so that what the curve shows (which series, which values, the
 title) can be checked on the Figure's artists rather than on PNG bytes. Uses Figure +
@@ -19,23 +20,25 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from sftune.files import atomic_path
-from sftune.train.metrics import CURVE_FILE, read_metrics
 
 XOf = Callable[[dict], float | None]  # a row -> its x (step or tokens), None to skip it
 
 
 def plot_learning_curve(
-    run_dir: str | Path, *, tokens_per_step: int | None = None, title: str | None = None
+    rows: list[dict],
+    out: str | Path,
+    *,
+    tokens_per_step: int | None = None,
+    title: str | None = None,
 ) -> Path | None:
-    """Write `<run_dir>/learning_curve.png` from its metrics.jsonl; None when no loss was logged.
+    """Write the learning curve of metrics `rows` to the PNG `out`; None when no loss was logged.
 
     The PNG is replaced atomically, so a viewer refreshing it mid-run never sees half a file.
     """
-    run_dir = Path(run_dir)
-    fig = draw_learning_curve(read_metrics(run_dir), tokens_per_step=tokens_per_step, title=title)
+    fig = draw_learning_curve(rows, tokens_per_step=tokens_per_step, title=title)
     if fig is None:
         return None
-    out = run_dir / CURVE_FILE
+    out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     return out
