@@ -13,31 +13,15 @@ from sftune import config as config_mod
 from sftune.cli import main
 from sftune.errors import ConfigError, SftuneError
 from sftune.train.loop import train
-from trainutil import losses, weights
+from trainutil import losses, tiny_config, weights
 
 pytest.importorskip("peft")
 
 
 def _cfg(workdir: Path, out: Path, **over) -> config_mod.RunConfig:
-    values = dict(
-        model=str(workdir / "model"),
-        train_data=str(workdir / "train.jsonl"),
-        seq_length=32,
-        batch_size=8,
-        micro_batch_size=4,
-        max_steps=4,
-        lr=1e-2,
-        log_every=1,
-        output_dir=str(out),
-        num_samples=0,
-        seed=1,
-        dtype="fp64",
-        lora=True,
-        lora_r=4,
-        save_every=2,
-    )
-    values.update(over)
-    return config_mod.from_flat(values)
+    """LoRA r 4 with checkpoints every 2 steps (and micro-batches of 4) on the tiny model."""
+    lora = dict(lora=True, lora_r=4, lr=1e-2, micro_batch_size=4, save_every=2)
+    return tiny_config(workdir, out, **{**lora, **over})
 
 
 def test_lora_trains_saves_adapters_only_and_resumes_exactly(workdir, tmp_path):

@@ -19,25 +19,18 @@ from sftune.data.templates import render_alpaca
 from sftune.errors import SftuneError
 from sftune.train.loop import train
 from sftune.train.metrics import read_metrics
-from trainutil import assert_same_fp64_weights, assert_same_losses, losses, train_args, weights
+from trainutil import (
+    assert_same_fp64_weights,
+    assert_same_losses,
+    losses,
+    tiny_config,
+    train_args,
+    weights,
+)
 
 
 def _cfg(workdir: Path, out: Path, **over) -> config_mod.RunConfig:
-    values = dict(
-        model=str(workdir / "model"),
-        train_data=str(workdir / "train.jsonl"),
-        seq_length=32,
-        batch_size=8,
-        max_steps=4,
-        lr=3e-3,
-        log_every=1,
-        output_dir=str(out),
-        num_samples=0,
-        seed=1,
-        dtype="fp64",  # runs compared to fp64 rounding noise: see trainutil
-    )
-    values.update(over)
-    return config_mod.from_flat(values)
+    return tiny_config(workdir, out, **over)
 
 
 @pytest.mark.parametrize("response_only", [False, True])

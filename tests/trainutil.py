@@ -76,3 +76,24 @@ def train_args(workdir: Path, out: Path, *extra: str) -> list[str]:
         str(out),
         *extra,
     ]
+
+
+def tiny_config(workdir: Path, out: Path, **over):
+    """The config of a fp64 run of the `workdir` fixture's tiny model and arithmetic file
+    (4 steps of 8 x 32 tokens, logged every step, no samples); `over` sets any field."""
+    from sftune import config as config_mod
+
+    values = dict(
+        model=str(workdir / "model"),
+        train_data=str(workdir / "train.jsonl"),
+        seq_length=32,
+        batch_size=8,
+        max_steps=4,
+        lr=3e-3,
+        log_every=1,
+        output_dir=str(out),
+        num_samples=0,
+        seed=1,
+        dtype="fp64",  # runs compared to fp64 rounding noise: see the module doc
+    )
+    return config_mod.from_flat({**values, **over})
