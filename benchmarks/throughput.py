@@ -32,6 +32,7 @@ Modifiers, appended with "+" to any sftune run (e.g. sftune-mb8+budget0.5+cudnn)
     +cstep           clipping + AdamW compiled together (--compile-step) instead of fused AdamW
     +lora            LoRA r 16 (alpha 32) on all seven linears of every block (--lora), a frozen base
     +ac              activation checkpointing (--activation-checkpointing)
+    +qlora           the same adapters over a 4-bit NF4 base (bitsandbytes), compile off (--qlora)
 
 PEFT, the baseline for LoRA: peft-mbN (micro-batch N), peft-mbN+ac (with checkpointing): the
 plain PEFT + Hugging Face loop that TRL wraps, from the same initial adapters as +lora.
@@ -156,6 +157,8 @@ def sftune_config(args, device, *, seq, batch, micro, compile_, fused, ac, mods)
             flat["compile_step"] = True
         elif m == "lora":  # r 16 on all seven linears of every block, as the PEFT runs
             flat.update(lora=True, lora_r=LORA_R, lora_alpha=LORA_ALPHA)
+        elif m == "qlora":  # the same adapters over a 4-bit NF4 base; no compile (bnb kernels)
+            flat.update(qlora=True, lora_r=LORA_R, lora_alpha=LORA_ALPHA, compile="off")
         elif m == "ac":
             flat["activation_checkpointing"] = True
         elif m != "ce0":
@@ -187,7 +190,9 @@ def run_sftune(
     model = build_model(mcfg, device, args.dtype, seed=0)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
-    if cfg.adapter.lora:
+    if cfg.adapter.qlora:
+        quantize_4bit(model)
+    if cfg.adapter.lora or cfg.adapter.qlora:
         torch.manual_seed(1)  # the same initial adapters as the PEFT runs
         lora.apply_lora(model, cfg)
     built = module.build_module(
@@ -250,6 +255,36 @@ def run_sftune(
         docs=docs,
         attn=attn,
     )
+
+
+def quantize_4bit(model) -> None:
+    """The decoder blocks' linears as bitsandbytes 4-bit NF4 (double quantization, bf16
+    compute), in place: what `sftune train --qlora` loads through from_pretrained, done here on
+    the random-init model (no 16 GB checkpoint to write and read back)."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data,
+                    requires_grad=False,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                setattr(parent, name, q.to(child.weight.device))  # quantizes on the move
+    model.is_loaded_in_4bit = True  # peft then wraps the 4-bit layers with its bnb LoRA
+    torch.cuda.empty_cache()
 
 
 def run_peft(args, device, *, micro: int, ac: bool) -> dict:
