@@ -38,7 +38,7 @@ from sftune.errors import DataError
 from sftune.files import atomic_dir
 from sftune.paths import cache_root
 
-# 2: a chat that ends with the EOS text is cut after it and gets no second EOS (issue 18);
+# 2: a chat that ends with the EOS text is cut after it and gets no second EOS;
 # a template's BOS string is stripped only when the tokenizer adds a real BOS.
 CACHE_VERSION = 2
 
