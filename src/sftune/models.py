@@ -104,6 +104,11 @@ def resolve_source(name_or_path: str) -> tuple[Path, str | None]:
 # ----------------------------------------------------------------------------- dtype, attention
 
 
+def dtype_name(torch_name: str) -> str:
+    """ "bfloat16" (ModelInfo.dtype) -> "bf16", the config's spelling."""
+    return next(k for k, v in _DTYPES.items() if v == getattr(torch, torch_name))
+
+
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     """The parameter dtype: "auto" is bf16 on a CUDA device that supports it, fp32 elsewhere."""
     if requested == "auto":

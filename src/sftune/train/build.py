@@ -28,7 +28,12 @@ from sftune.data import PackedSFTDataset
 from sftune.data.formats import parse_fields, peek
 from sftune.data.sampler import StepSampler
 from sftune.errors import ConfigError, SftuneError
-from sftune.models import load_model_and_tokenizer, model_flops_per_token, quiet_libraries
+from sftune.models import (
+    dtype_name,
+    load_model_and_tokenizer,
+    model_flops_per_token,
+    quiet_libraries,
+)
 from sftune.paths import cache_root
 from sftune.train import checkpoint, distributed, lora
 from sftune.train.distributed import World
@@ -57,6 +62,7 @@ class Run:
     world: World
     device: torch.device
     output_dir: Path
+    resume_from: Path | None  # the checkpoint --resume named (or "latest" found), else None
     hf_model: Any  # with --lora, the adapters are injected into it (in place)
     adapter: Any  # the PeftModel around hf_model with --lora/--qlora, else None
     source: str  # the local directory the base was loaded from
@@ -178,8 +184,6 @@ def create_output_dir(out: Path, cfg: RunConfig, world: World) -> None:
 class Datasets(NamedTuple):
     train: PackedSFTDataset
     val: PackedSFTDataset
-    train_path: str
-    val_path: str | None
 
 
 def data_paths(cfg: RunConfig, world: World) -> tuple[str, str | None]:
@@ -227,7 +231,7 @@ def build_datasets(
     distributed.barrier()  # the others load what rank 0 just cached
     if not world.is_main:
         train, val = make_both()
-    return Datasets(train, val, train_path, val_path)
+    return Datasets(train, val)
 
 
 def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[tuple[str, str], ...]:
@@ -299,9 +303,10 @@ def build(cfg: RunConfig) -> Run:
     device = distributed.resolve_device(cfg.model.device, world)
     torch.manual_seed(cfg.optim.seed)
     output_dir = plan_output_dir(cfg, world)
-    if cfg.checkpoint.resume:  # a checkpoint this run cannot take fails before the model loads
-        path = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)
-        checkpoint.check_kind(path, lora.enabled(cfg))
+    resume_from = None
+    if cfg.checkpoint.resume:  # "latest" resolved once; a checkpoint this run cannot take
+        resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)
+        checkpoint.check_kind(resume_from, lora.enabled(cfg))  # fails before the model loads
     train_path, val_path = data_paths(cfg, world)
     fields = parse_fields(cfg.data.fields)
     prompt_format = "chat" if peek(train_path, fields) == "messages" else "alpaca"
@@ -346,9 +351,9 @@ def build(cfg: RunConfig) -> Run:
         cfg,
         train_data=train_path,
         val_data=val_path,
-        dtype=cfg.model.dtype if cfg.model.dtype != "auto" else _dtype_name(info.dtype),
+        dtype=cfg.model.dtype if cfg.model.dtype != "auto" else dtype_name(info.dtype),
         attn=info.attn_implementation,
-        compile=_on_off(any(n.startswith("torch.compile") for n in built.notes)),
+        compile=_on_off(built.compiled),
         fused_loss=_on_off(built.module.fused),
         doc_mask=_on_off(doc_mask),
         device=device.type,
@@ -377,6 +382,7 @@ def build(cfg: RunConfig) -> Run:
         world=world,
         device=device,
         output_dir=output_dir,
+        resume_from=resume_from,
         hf_model=hf_model,
         adapter=adapter,
         source=info.source,
@@ -397,11 +403,6 @@ def build(cfg: RunConfig) -> Run:
         peak_flops=_peak_flops(device),
         notes=tuple(notes),
     )
-
-
-def _dtype_name(torch_name: str) -> str:
-    """ "bfloat16" -> "bf16", the config's spelling."""
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}[torch_name]
 
 
 def _eval_max_batches(cfg: RunConfig, device: torch.device) -> int:

@@ -220,7 +220,7 @@ def save(r: Run, state: TrainState, bar: ConsoleProgress) -> Path:
 
 
 def resume(r: Run) -> tuple[TrainState, str]:
-    path = checkpoint.resolve_resume(r.cfg.checkpoint.resume, r.output_dir)
+    path = r.resume_from
     saved = checkpoint.load(
         path, r.module, r.optimizer, r.world, adapters_only=r.adapter is not None
     )
@@ -265,10 +265,10 @@ def _lora_writer(r: Run):
 
 def run(r: Run) -> TrainResult:
     cfg = r.cfg
-    state, resumed = resume(r) if cfg.checkpoint.resume else (TrainState(), None)
+    state, resumed = resume(r) if r.resume_from else (TrainState(), None)
     bar = ConsoleProgress(r.total_steps, initial=state.step, enabled=r.world.is_main)
     bar.write("\n".join([r.describe(), *([resumed] if resumed else [])]))
-    last_saved = state.step if cfg.checkpoint.resume else -1
+    last_saved = state.step if r.resume_from else -1
     val_start = val_end = None
     window = Window(state)
     with StopFlag(r) as stop, bar:

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sftune.config import REPORT_TO
 from sftune.errors import ConfigError, SftuneError
 from sftune.files import atomic_write_lines
 
@@ -40,7 +41,6 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 CURVE_FILE = "learning_curve.png"
 WANDB_ID_FILE = "wandb_id.txt"
-REPORT_TO = ("wandb", "tensorboard")
 
 
 def is_main_process() -> bool:

@@ -127,6 +127,7 @@ def set_sdpa_backend(name: str) -> None:
 class ModuleBuild(NamedTuple):
     module: CausalLMWithLoss
     sharded: bool
+    compiled: bool  # the decoder layers are torch.compile'd
     notes: list[str]
 
 
@@ -170,7 +171,7 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
         distributed.apply_fsdp(module, hf_model, cfg.dist, param_dtype)
         notes.append(f"FSDP2 over {world.world_size} rank(s)")
     notes.append(f"loss: {'fused chunked linear+CE' if fused else 'full logits + CE'}")
-    return ModuleBuild(module, sharded, notes)
+    return ModuleBuild(module, sharded, compiled, notes)
 
 
 # ----------------------------------------------------------------------------- micro-batch probe
