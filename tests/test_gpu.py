@@ -140,3 +140,36 @@ def test_qlora_trains_and_merges_onto_the_bf16_base(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16).cuda()
     ids = torch.tensor([[5, 6, 7, 8]], device="cuda")
     assert not torch.equal(merged(ids).logits, base(ids).logits)
+
+
+def test_memory_plan_fits_a_capped_gpu():
+    """--max-memory-gib: the allocator is capped, and the planned micro-batch (with
+    checkpointing where chosen) trains within it; nothing fitting is a one-line error."""
+    from sftune.errors import SftuneError
+    from sftune.train.module import gpu_budget, plan_memory, probe_micro_batch
+
+    device, seq, batch = torch.device("cuda"), 4096, 8
+    model = build_tiny_model(VOCAB, hidden=256, layers=4, heads=8, kv_heads=4, seed=0)
+    model = model.to(device=device, dtype=torch.bfloat16)
+    cfg = config_mod.from_flat(dict(compile="off", fused_loss="off", device="cuda"))
+    module = build_module(cfg, model, device, World()).module
+    opt, _ = build_optimizer(list(module.parameters()), cfg.optim, 1, device)
+    sizes = dict(per_rank_batch=batch, seq_length=seq, vocab_size=VOCAB, device=device)
+    try:
+        budget = gpu_budget(device, 0.5)
+        assert budget == 2**29
+        unchecked = probe_micro_batch(module, opt, budget_bytes=budget, **sizes)
+        plan = plan_memory(module, opt, budget_bytes=budget, checkpointing=False, **sizes)
+        assert unchecked is None or unchecked < batch / 2  # so checkpointing was considered
+        assert plan.checkpointing == (plan.micro_batch != unchecked)
+        torch.cuda.reset_peak_memory_stats(device)
+        ids = torch.randint(0, VOCAB, (plan.micro_batch, seq), device=device)
+        module(input_ids=ids, labels=ids, scale=1.0 / ids.numel()).backward()
+        assert torch.cuda.max_memory_allocated(device) < budget
+        with pytest.raises(SftuneError, match="even at micro-batch 1"):
+            plan_memory(
+                module, opt, budget_bytes=gpu_budget(device, 0.01), checkpointing=True, **sizes
+            )
+    finally:
+        model.gradient_checkpointing_disable()
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)

@@ -78,7 +78,16 @@ class ModelConfig:
         ("auto", "on", "off"),
     )
     activation_checkpointing: bool = _f(
-        False, "recompute each decoder layer in backward (saves memory)"
+        False,
+        "recompute each decoder layer in backward (saves memory); with --micro-batch-size 0 "
+        "on a GPU it also turns on by itself where nothing fits without it, or where it is "
+        "timed faster at the larger micro-batch it allows",
+    )
+    max_memory_gib: float = _f(
+        0.0,
+        "on a GPU: use at most this many GiB (the allocator is capped there, and the micro-batch "
+        "and checkpointing are chosen to fit), so a large card shows what fits a smaller one; "
+        "0: the whole GPU",
     )
     device: str = _f("auto", "auto (cuda when available), cpu, cuda", ("auto", "cpu", "cuda"))
 
@@ -409,6 +418,7 @@ def _validate(cfg: RunConfig) -> None:
         "num_samples": cfg.log.num_samples,
         "eval_max_batches": cfg.log.eval_max_batches or 0,
         "lora_dropout": cfg.adapter.lora_dropout,
+        "max_memory_gib": cfg.model.max_memory_gib,
     }
     for name, v in non_negative.items():
         if v < 0:

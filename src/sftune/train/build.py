@@ -41,7 +41,8 @@ from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
     build_module,
     choose_compile_step,
-    probe_micro_batch,
+    gpu_budget,
+    plan_memory,
     resolve_micro_batch,
 )
 from sftune.train.optim import build_optimizer
@@ -301,6 +302,8 @@ def build(cfg: RunConfig) -> Run:
     )
     config_mod.check_world_size(cfg, world.world_size)
     device = distributed.resolve_device(cfg.model.device, world)
+    # Before anything is allocated, so the model itself counts against --max-memory-gib.
+    budget = gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else None
     torch.manual_seed(cfg.optim.seed)
     output_dir = plan_output_dir(cfg, world)
     resume_from = None
@@ -325,6 +328,8 @@ def build(cfg: RunConfig) -> Run:
             f"alpha {cfg.adapter.lora_alpha:g} on {lora.targets(cfg)}, {trainable / 1e6:.2f}M "
             "trainable parameters"
         )
+    if cfg.model.max_memory_gib and budget is None:
+        notes.append("--max-memory-gib ignored: it caps GPU memory and this run is on the CPU")
     doc_mask = doc_mask_on(cfg, info.attn_implementation)
     notes.append(f"document-aware packing {_on_off(doc_mask)}")
     data = build_datasets(cfg, tokenizer, world, doc_mask, train_path, val_path)
@@ -336,16 +341,20 @@ def build(cfg: RunConfig) -> Run:
     )
     notes.append(note)
     micro = resolve_micro_batch(cfg, world, device)
+    checkpointing = cfg.model.activation_checkpointing
     if micro is None:
-        micro = probe_micro_batch(
+        plan = plan_memory(
             built.module,
             optimizer,
             per_rank_batch=cfg.optim.batch_size // world.world_size,
             seq_length=cfg.data.seq_length,
             vocab_size=hf_model.get_input_embeddings().weight.shape[0],
             device=device,
+            budget_bytes=budget,
+            checkpointing=checkpointing,
         )
-        notes.append(f"micro-batch {micro} (largest that fits)")
+        micro, checkpointing = plan.micro_batch, plan.checkpointing
+        notes.append(plan.note)
 
     resolved = config_mod.with_values(
         cfg,
@@ -359,6 +368,7 @@ def build(cfg: RunConfig) -> Run:
         device=device.type,
         fsdp=_on_off(built.sharded),
         micro_batch_size=micro,
+        activation_checkpointing=checkpointing,
         eval_max_batches=_eval_max_batches(cfg, device),
     )
     create_output_dir(output_dir, resolved, world)

@@ -8,13 +8,16 @@ shards as the root, so its parameters are gathered when the fused loss reads the
 
     built = build_module(cfg, hf_model, device, world)     # .module, .sharded, .notes
     loss = built.module(input_ids=ids, labels=labels, scale=1 / n_tokens)
-    micro = probe_micro_batch(built.module, optimizer, per_rank_batch=32, seq_length=512,
-                              vocab_size=128256, device=device)
+    plan = plan_memory(built.module, optimizer, per_rank_batch=32, seq_length=512,
+                       vocab_size=128256, device=device, budget_bytes=gpu_budget(device, 24),
+                       checkpointing=False)                # .micro_batch, .checkpointing
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from typing import NamedTuple
 
 import torch
@@ -138,10 +141,9 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
     if fused and not supports_fused_loss(hf_model):
         notes.append("fused loss off: the model's logits are not a plain linear projection")
         fused = False
-    # bitsandbytes' 4-bit layers do not trace: auto leaves compile off for QLoRA.
-    compiled = enabled(cfg.model.compile, device.type == "cuda") and not (
-        cfg.adapter.qlora and cfg.model.compile == "auto"
-    )
+    # bitsandbytes >= 0.50's 4-bit layers trace too: QLoRA compiles like the rest (1.39x faster
+    # and 33% less memory at micro-batch 4 on the 8B config, docs/BENCHMARKS.md).
+    compiled = enabled(cfg.model.compile, device.type == "cuda")
     autocast = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
     module = CausalLMWithLoss(
         hf_model, fused=fused, autocast_dtype=autocast, compiled_loss=fused and compiled
@@ -150,10 +152,7 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
     if cfg.model.sdpa_backend != "auto":
         notes.append(f"SDPA kernel: {cfg.model.sdpa_backend}")
     if cfg.model.activation_checkpointing:
-        hf_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-        hf_model.config.use_cache = False
+        set_checkpointing(hf_model, True)
     if compiled:
         # Read by the partitioner when each layer's graph is compiled (first step).
         torch._functorch.config.activation_memory_budget = cfg.model.activation_memory_budget
@@ -181,8 +180,11 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Allocate AdamW's moments now (so the probe sees them) without changing any weight.
 
     A step with lr 0 and zero gradients leaves parameters and moments at exactly their
-    start values; the step counters are reset so the first real step is step 1.
+    start values; the step counters are reset so the first real step is step 1. A no-op once
+    the state exists.
     """
+    if optimizer.state:
+        return
     lrs = [g["lr"] for g in optimizer.param_groups]  # floats, or tensors (compiled step)
     for g in optimizer.param_groups:
         g["lr"] = 0.0
@@ -198,6 +200,21 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def gpu_budget(device: torch.device, max_memory_gib: float) -> int:
+    """The bytes this run may use on its GPU. With `--max-memory-gib` the caching allocator is
+    capped there (an allocation past it raises out-of-memory, as on a smaller card)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    cap = int(max_memory_gib * 2**30) if max_memory_gib > 0 else total
+    if cap < total:
+        torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    return min(cap, total)
+
+
+def _fwd_bwd(module: nn.Module, ids: torch.Tensor) -> None:
+    module(input_ids=ids, labels=ids, scale=1.0 / ids.numel()).backward()
+
+
 def probe_micro_batch(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -206,11 +223,14 @@ def probe_micro_batch(
     seq_length: int,
     vocab_size: int,
     device: torch.device,
-) -> int:
+    budget_bytes: int | None = None,
+) -> int | None:
     """Largest divisor of the per-rank batch whose forward+backward fits next to the
-    optimizer state (materialized first), with 8% of the GPU kept free."""
+    optimizer state (materialized first) with 8% of the budget (default: the whole GPU) kept
+    free; None when not even one sequence fits. Every rank takes the smallest rank's answer."""
     materialize_optimizer_state(optimizer)
-    total = torch.cuda.get_device_properties(device).total_memory
+    budget = budget_bytes or torch.cuda.get_device_properties(device).total_memory
+    fits = 0
     for mb in sorted(
         (d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0), reverse=True
     ):
@@ -218,24 +238,125 @@ def probe_micro_batch(
         ok = True
         try:
             torch.cuda.reset_peak_memory_stats(device)
-            module(input_ids=ids, labels=ids, scale=1.0 / ids.numel()).backward()
+            _fwd_bwd(module, ids)
             torch.cuda.synchronize(device)
-            ok = torch.cuda.max_memory_allocated(device) < 0.92 * total
+            ok = torch.cuda.max_memory_allocated(device) < 0.92 * budget
         except torch.cuda.OutOfMemoryError:
             ok = False
+        del ids
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         if ok:
-            return mb
-    raise SftuneError(
-        f"out of GPU memory even at micro-batch 1 x {seq_length} tokens: lower --seq-length or "
-        "add --activation-checkpointing (or shard over more GPUs)"
+            fits = mb
+            break
+    agreed = -distributed.all_reduce_max(torch.tensor([-float(fits)], device=device))
+    return int(agreed.item()) or None
+
+
+def _tokens_per_s(module: nn.Module, optimizer, mb: int, seq_length: int, vocab_size: int, device):
+    """Forward+backward throughput at one micro-batch: one warm-up pass, then two timed."""
+    ids = torch.randint(0, vocab_size, (mb, seq_length), device=device)
+    _fwd_bwd(module, ids)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(2):
+        _fwd_bwd(module, ids)
+    torch.cuda.synchronize(device)
+    elapsed = torch.tensor([time.perf_counter() - t0], device=device)
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return 2 * ids.numel() / distributed.all_reduce_max(elapsed).item()
+
+
+class MemoryPlan(NamedTuple):
+    micro_batch: int
+    checkpointing: bool
+    note: str
+
+
+def plan_memory(
+    module: CausalLMWithLoss,
+    optimizer: torch.optim.Optimizer,
+    *,
+    per_rank_batch: int,
+    seq_length: int,
+    vocab_size: int,
+    device: torch.device,
+    budget_bytes: int,
+    checkpointing: bool,
+) -> MemoryPlan:
+    """The micro-batch, and whether activation checkpointing is on, for a run whose
+    micro-batch is "auto" on a GPU.
+
+    With checkpointing asked for, the largest micro-batch that fits. Otherwise the largest
+    that fits without it; when that is under half the per-rank batch (or nothing fits),
+    checkpointing is tried too, and the faster of the two (timed here, on this model) wins.
+    """
+    gib = budget_bytes / 2**30
+    probe = functools.partial(
+        probe_micro_batch,
+        module,
+        optimizer,
+        per_rank_batch=per_rank_batch,
+        seq_length=seq_length,
+        vocab_size=vocab_size,
+        device=device,
+        budget_bytes=budget_bytes,
     )
+    mb = probe()
+    if checkpointing or (mb is not None and 2 * mb >= per_rank_batch):
+        if mb is None:
+            raise _nothing_fits(seq_length, gib)
+        return MemoryPlan(mb, checkpointing, f"micro-batch {mb} (largest that fits {gib:.1f} GiB)")
+    set_checkpointing(module.lm, True)
+    mb_ac = probe()
+    if mb_ac is None:
+        raise _nothing_fits(seq_length, gib)
+    if mb is None or mb_ac <= mb:
+        set_checkpointing(module.lm, mb is None)
+        if mb is not None:
+            return MemoryPlan(mb, False, f"micro-batch {mb} (largest that fits {gib:.1f} GiB)")
+        return MemoryPlan(
+            mb_ac,
+            True,
+            f"micro-batch {mb_ac} with activation checkpointing (nothing fits {gib:.1f} GiB "
+            "without it)",
+        )
+    speed_ac = _tokens_per_s(module, optimizer, mb_ac, seq_length, vocab_size, device)
+    set_checkpointing(module.lm, False)
+    speed = _tokens_per_s(module, optimizer, mb, seq_length, vocab_size, device)
+    use_ac = speed_ac > speed
+    set_checkpointing(module.lm, use_ac)
+    return MemoryPlan(
+        mb_ac if use_ac else mb,
+        use_ac,
+        f"activation checkpointing {'on' if use_ac else 'off'} within {gib:.1f} GiB: micro-batch "
+        f"{mb_ac} with it ({speed_ac:,.0f} tokens/s forward+backward) against {mb} without "
+        f"({speed:,.0f})",
+    )
+
+
+def _nothing_fits(seq_length: int, gib: float) -> SftuneError:
+    return SftuneError(
+        f"out of GPU memory ({gib:.1f} GiB) even at micro-batch 1 x {seq_length} tokens with "
+        "activation checkpointing: lower --seq-length, use --lora/--qlora, or shard over more GPUs"
+    )
+
+
+def set_checkpointing(hf_model: nn.Module, on: bool) -> None:
+    """Recompute each decoder layer in backward (non-reentrant), or stop doing so."""
+    if on:
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        hf_model.config.use_cache = False
+    else:
+        hf_model.gradient_checkpointing_disable()
 
 
 def resolve_micro_batch(cfg: RunConfig, world: World, device: torch.device) -> int | None:
     """--micro-batch-size, or for 0 (auto) on a CPU the largest divisor of the per-rank batch
-    up to 8; None on a GPU, where `probe_micro_batch` finds it."""
+    up to 8; None on a GPU, where `plan_memory` finds it."""
     if cfg.optim.micro_batch_size:
         return cfg.optim.micro_batch_size
     per_rank = cfg.optim.batch_size // world.world_size
