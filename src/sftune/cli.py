@@ -71,6 +71,17 @@ def check_data(fields: str | None, *paths: str | None) -> None:
         peek(path, mapping)
 
 
+def check_tasks(names, task_data: str | None, task_dir: str | None):
+    """lm-eval tasks that exist, with local data that reads, and lm-eval installed; then every
+    hub lookup is switched off (before anything imports the hub)."""
+    from sftune import tasks
+
+    specs = tasks.resolve_tasks(names, task_data, task_dir)
+    tasks.check_installed()
+    tasks.go_offline()
+    return specs
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -84,6 +95,8 @@ def run_train(args: argparse.Namespace) -> int:
     check_environment(cfg.model.model)
     presets.check_seq_length(cfg.data.seq_length, cfg.model.model)
     check_data(cfg.data.fields, cfg.data.train_data, cfg.data.val_data)
+    if cfg.tasks.names:
+        check_tasks(cfg.tasks.names, cfg.tasks.task_data, cfg.tasks.task_dir)
     from sftune.train.loop import train
 
     return 130 if train(cfg).interrupted else 0
@@ -182,13 +195,9 @@ def eval_output_dir(model: str, output_dir: str | None) -> Path:
 
 def run_task_eval(args: argparse.Namespace) -> int:
     """`sftune eval --tasks`: lm-eval's table on the console, eval_results.json on disk."""
-    from sftune import tasks
-
     if args.limit < 0 or args.max_gen_toks < 0 or args.batch_size < 0:
         raise SftuneError("--limit, --max-gen-toks and --batch-size must be >= 0")
-    specs = tasks.resolve_tasks(args.tasks, args.task_data, args.task_dir)
-    if importlib.util.find_spec("lm_eval") is None:
-        raise SftuneError(f"--tasks needs lm-eval: {tasks.INSTALL}")
+    specs = check_tasks(args.tasks, args.task_data, args.task_dir)
     out = eval_output_dir(args.model, args.output_dir)
     if out.exists() and not out.is_dir():
         raise SftuneError(f"--output-dir {out}: exists and is not a directory")

@@ -22,7 +22,9 @@ Standard library and yaml only.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ SHIPPED_DIR = Path(__file__).parent / "eval_tasks"
 BUILDERS = {".jsonl": "json", ".json": "json", ".gz": "json", ".csv": "csv", ".parquet": "parquet"}
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
 INSTALL = "pip install 'sftune[eval]'"
+# Set (unless the user set them) before datasets and the hub are imported: no lookups at all.
+OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,17 @@ def parse_pairs(text: str | None, flag: str = "--task-data") -> dict[str, str]:
 
 def split_names(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def go_offline() -> None:
+    for name in OFFLINE:
+        os.environ.setdefault(name, "1")
+
+
+def check_installed() -> None:
+    """lm-eval is importable (found without importing it)."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(f"task evaluation needs lm-eval: {INSTALL}")
 
 
 def resolve_tasks(

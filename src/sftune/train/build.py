@@ -419,7 +419,7 @@ def build_task_specs(cfg: RunConfig) -> tuple[tasks.TaskSpec, ...]:
     if not cfg.tasks.names:
         return ()
     specs = tasks.resolve_tasks(cfg.tasks.names, cfg.tasks.task_data, cfg.tasks.task_dir)
-    harness.check_installed()
+    tasks.check_installed()
     return tuple(specs)
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -37,17 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftune.errors import ConfigError
-from sftune.tasks import INSTALL, TaskSpec
+from sftune.tasks import TaskSpec, check_installed, go_offline
 from sftune.train.metrics import TASK_PREFIX, task_label, task_stderr_key
 
-OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 FEWSHOT_SEED = 1234  # lm-eval's default
-
-
-def check_installed() -> None:
-    if importlib.util.find_spec("lm_eval") is None:
-        raise ConfigError(f"task evaluation needs lm-eval: {INSTALL}")
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -75,8 +67,7 @@ def run_tasks(
     model comes back in the train/eval mode it had, and the RNGs in the state they had.
     """
     check_installed()
-    for name in OFFLINE:
-        os.environ.setdefault(name, "1")
+    go_offline()
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
