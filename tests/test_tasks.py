@@ -114,7 +114,7 @@ def test_lm_eval_on_a_tiny_model_and_ten_problems(workdir, gsm8k_jsonl, tmp_path
     accuracy = saved["results"]["gsm8k"]["exact_match,strict-match"]
     assert 0.0 <= accuracy <= 1.0  # a random tiny model scores 0; the number is what matters
     assert saved["n-samples"]["gsm8k"]["effective"] == 10
-    assert saved["sftune"]["max_gen_toks"] == 24
+    assert saved["configs"]["gsm8k"]["generation_kwargs"]["max_gen_toks"] == 24
     first = json.loads((out / "eval_samples_gsm8k.jsonl").read_text().splitlines()[0])
     question = json.loads(gsm8k_jsonl.read_text().splitlines()[0])["question"]
     assert first["arguments"][0][0] == render_alpaca(question, "")[0]

@@ -40,6 +40,7 @@ from sftune.tasks import TaskSpec, check_installed, go_offline
 from sftune.train.metrics import TASK_PREFIX, task_label, task_stderr_key
 
 FEWSHOT_SEED = 1234  # lm-eval's default
+RESULTS_FILE = "eval_results.json"  # what `sftune eval --tasks` writes
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -73,25 +74,27 @@ def run_tasks(
     from lm_eval.tasks import TaskManager
 
     was_training = model.training
-    with (
-        tempfile.TemporaryDirectory(prefix=".sftune-tasks-") as tmp,
-        _quiet(verbose, progress),
-        _rng_kept(),
-        _eager(),
-    ):
-        manager = TaskManager(include_path=_task_folder(specs, Path(tmp)), include_defaults=False)
-        loaded = manager.load([s.name for s in specs])
-        for task in loaded["tasks"].values():
-            _configure(task, max_gen_toks)
-        lm = HFLM(
-            pretrained=model,
-            tokenizer=tokenizer,
-            batch_size=batch_size,
-            mixed_precision_dtype=autocast_dtype,
-        )
-        results = evaluate(lm=lm, task_dict=loaded, limit=limit or None, log_samples=log_samples)
-    model.train(was_training)
-    return results
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix=".sftune-tasks-") as tmp,
+            _quiet(verbose, progress),
+            _rng_kept(),
+            _eager(),
+        ):
+            folder = _task_folder(specs, Path(tmp))
+            manager = TaskManager(include_path=folder, include_defaults=False)
+            loaded = manager.load([s.name for s in specs])
+            for task in loaded["tasks"].values():
+                _configure(task, max_gen_toks)
+            lm = HFLM(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=batch_size,
+                mixed_precision_dtype=autocast_dtype,
+            )
+            return evaluate(lm=lm, task_dict=loaded, limit=limit or None, log_samples=log_samples)
+    finally:
+        model.train(was_training)
 
 
 def _task_folder(specs: list[TaskSpec], folder: Path) -> str:
@@ -129,7 +132,8 @@ def _quiet(verbose: bool, progress: bool) -> Iterator[None]:
     try:
         with contextlib.ExitStack() as stack:
             if not progress:  # lm-eval passes tqdm's `disable` itself: only stderr can hide them
-                stack.enter_context(contextlib.redirect_stderr(open(os.devnull, "w")))  # noqa: SIM115
+                devnull = stack.enter_context(open(os.devnull, "w"))  # noqa: SIM115
+                stack.enter_context(contextlib.redirect_stderr(devnull))
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
@@ -208,9 +212,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
-
-
-RESULTS_FILE = "eval_results.json"
 
 
 def evaluate_model(

@@ -137,6 +137,8 @@ def _draw_tasks(ax, rows: list[dict], x_of: XOf, xlabel: str) -> None:
             low = [v - e for _, v, e in points]
             high = [v + e for _, v, e in points]
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+    if all(v >= 0 for points in task_curves(rows).values() for _, v in points):
+        ax.set_ylim(bottom=0)  # accuracies: no axis below 0 when every value is 0
     ax.set_xlabel(xlabel)
     ax.set_ylabel("task accuracy")
     ax.grid(True, alpha=0.3)
