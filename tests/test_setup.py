@@ -177,7 +177,7 @@ def test_help_shows_choices_and_no_empty_defaults(capsys):
 
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"train", "eval", "generate", "prepare"}
+    assert set(commands) == {"train", "eval", "generate", "prepare", "export"}
     for name, sub in commands.items():
         assert all(a.help for a in sub._actions), name  # every flag says what it does
         with pytest.raises(SystemExit):
@@ -213,17 +213,26 @@ def test_bad_input_fails_before_torch_is_imported(tmp_path):
         (["--train-data", str(qa)], f"{qa}:1: cannot tell the record format"),
         (["--train-data", str(good), "--seq-length", "100000"], "context of 8192 positions"),
         (["--model", str(tmp_path / "nope")], "neither a preset"),
+        (["--eval-tasks", "gsm9k"], "unknown task 'gsm9k'; known: gsm8k"),
+        (["--eval-tasks", "gsm8k", "--task-data", "gsm8k=no.jsonl"], "no.jsonl: no such file"),
+    ]
+    others = [  # other commands' bad input, checked as early
+        (["export", str(tmp_path), "--out", str(tmp_path / "o")], "not a sftune checkpoint"),
+        (["eval", "--model", "smollm2-135m", "--tasks", "gsm8k"], "add --task-data gsm8k=FILE"),
     ]
     script = f"""
 import sys
 from sftune.cli import main
 for argv, message in {cases!r}:
     assert main(["train", *argv]) == 2, argv
+for argv, message in {others!r}:
+    assert main(argv) == 2, argv
 assert "torch" not in sys.modules and "transformers" not in sys.modules, "imported too early"
+assert "lm_eval" not in sys.modules and "datasets" not in sys.modules, "imported too early"
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == len(cases)
-    for line, (_, message) in zip(lines, cases, strict=True):
+    assert len(lines) == len(cases) + len(others)
+    for line, (_, message) in zip(lines, cases + others, strict=True):
         assert line.startswith("sftune: error: ") and message in line, line

@@ -4,6 +4,8 @@
     sftune eval     --model DIR --data FILE              # token-weighted loss and perplexity
     sftune generate --model DIR --prompt "..."           # a response, stopping where it ends
     sftune prepare  DATA --tokenizer TOK --seq-length N  # build and cache a packed dataset
+    sftune eval     --model DIR --tasks gsm8k --task-data gsm8k=test.jsonl   # lm-eval accuracy
+    sftune export   RUN/checkpoints/step_N --out DIR     # a checkpoint as a model directory
 
 Flags, model names and the first record of every data file are checked before torch or
 transformers are imported, so a typo costs a second, not a model load. Every user-facing error
@@ -69,6 +71,17 @@ def check_data(fields: str | None, *paths: str | None) -> None:
         peek(path, mapping)
 
 
+def check_tasks(names, task_data: str | None, task_dir: str | None):
+    """lm-eval tasks that exist, with local data that reads, and lm-eval installed; then every
+    hub lookup is switched off (before anything imports the hub)."""
+    from sftune import tasks
+
+    specs = tasks.resolve_tasks(names, task_data, task_dir)
+    tasks.check_installed()
+    tasks.go_offline()
+    return specs
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -82,6 +95,8 @@ def run_train(args: argparse.Namespace) -> int:
     check_environment(cfg.model.model)
     presets.check_seq_length(cfg.data.seq_length, cfg.model.model)
     check_data(cfg.data.fields, cfg.data.train_data, cfg.data.val_data)
+    if cfg.tasks.names:
+        check_tasks(cfg.tasks.names, cfg.tasks.task_data, cfg.tasks.task_dir)
     from sftune.train.loop import train
 
     return 130 if train(cfg).interrupted else 0
@@ -102,23 +117,53 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_eval(parser: argparse.ArgumentParser) -> None:
     _model_flags(parser)
-    parser.add_argument("--data", required=True, help="JSON Lines records (as for training)")
-    parser.add_argument(
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="loss and perplexity on JSON Lines records (as for training)")
+    what.add_argument(
+        "--tasks", help="lm-eval tasks, comma-separated, e.g. gsm8k (pip install 'sftune[eval]')"
+    )
+    loss = parser.add_argument_group("loss and perplexity (--data)")
+    loss.add_argument(
         "--seq-length", type=int, default=512, help="tokens per packed sequence (default: 512)"
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="sequences per forward (default: 8)"
-    )
-    parser.add_argument("--fields", help="field mapping, e.g. question=prompt,answer=response")
-    parser.add_argument("--response-only", action="store_true", help="score response tokens only")
-    parser.add_argument(
+    loss.add_argument("--fields", help="field mapping, e.g. question=prompt,answer=response")
+    loss.add_argument("--response-only", action="store_true", help="score response tokens only")
+    loss.add_argument(
         "--max-batches", type=int, default=0, help="score only the first N batches (default: all)"
+    )
+    tasks = parser.add_argument_group("task accuracy (--tasks, through lm-evaluation-harness)")
+    tasks.add_argument(
+        "--task-data",
+        help="TASK=FILE pairs, comma-separated: e.g. gsm8k=test.jsonl (question/answer)",
+    )
+    tasks.add_argument("--task-dir", help="a folder of lm-eval task YAMLs to add to sftune's own")
+    tasks.add_argument(
+        "--limit", type=int, default=0, help="the first K problems of each task (default: all)"
+    )
+    tasks.add_argument(
+        "--max-gen-toks", type=int, default=0, help="cap on generated tokens (default: the task's)"
+    )
+    tasks.add_argument(
+        "--output-dir", help="where eval_results.json goes (default: the model directory)"
+    )
+    tasks.add_argument(
+        "--log-samples", action="store_true", help="also write each task's prompts and outputs"
+    )
+    tasks.add_argument("--verbose", action="store_true", help="show lm-eval's own log lines")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="sequences per forward (default: 8; with --tasks, prompts per generation batch: "
+        "8 on a CPU, 64 on a GPU)",
     )
     parser.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     check_environment(args.model)
+    if args.tasks:
+        return run_task_eval(args)
     check_data(args.fields, args.data)
     from sftune.train.evaluate import evaluate_file
 
@@ -126,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.model,
         args.data,
         seq_length=args.seq_length,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 8,
         fields=parse_fields(args.fields),
         response_only=args.response_only,
         dtype=args.dtype,
@@ -137,6 +182,38 @@ def run_eval(args: argparse.Namespace) -> int:
 
     print(
         f"loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | {count} tokens | {args.data}"
+    )
+    return 0
+
+
+def eval_output_dir(model: str, output_dir: str | None) -> Path:
+    """--output-dir, else the model's own directory (the current one for a preset)."""
+    if output_dir:
+        return Path(output_dir)
+    return Path(model).expanduser() if model not in presets.PRESETS else Path.cwd()
+
+
+def run_task_eval(args: argparse.Namespace) -> int:
+    """`sftune eval --tasks`: lm-eval's table on the console, eval_results.json on disk."""
+    if args.limit < 0 or args.max_gen_toks < 0 or args.batch_size < 0:
+        raise SftuneError("--limit, --max-gen-toks and --batch-size must be >= 0")
+    specs = check_tasks(args.tasks, args.task_data, args.task_dir)
+    out = eval_output_dir(args.model, args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise SftuneError(f"--output-dir {out}: exists and is not a directory")
+    from sftune.train.harness import evaluate_model
+
+    evaluate_model(
+        args.model,
+        specs,
+        out,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_gen_toks=args.max_gen_toks,
+        dtype=args.dtype,
+        device=args.device,
+        log_samples=args.log_samples,
+        verbose=args.verbose,
     )
     return 0
 
@@ -229,6 +306,40 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint: RUN_DIR/checkpoints/step_N")
+    parser.add_argument("--out", type=Path, required=True, help="a new (or empty) directory")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="the weights' dtype (default: auto, as trained)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA: also write the merged model (in --out; the adapter goes to --out/adapter)",
+    )
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """A DCP checkpoint (any number of ranks) as a save_pretrained model directory."""
+    from sftune.train import export
+
+    export.check_checkpoint(args.checkpoint)
+    export.check_out(args.out)
+    missing = [pip for module, pip in REQUIRED.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SftuneError(f"missing dependencies: pip install {' '.join(missing)}")
+    out = export.export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, merge=args.merge)
+    print(f"sftune: {args.checkpoint} -> {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -236,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sftune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_train(sub.add_parser("train", help="fine-tune a model"))
-    add_eval(sub.add_parser("eval", help="token-weighted loss and perplexity on a file"))
+    add_eval(sub.add_parser("eval", help="loss and perplexity on a file, or lm-eval task accuracy"))
     add_generate(sub.add_parser("generate", help="a model's response to a prompt"))
     add_prepare(sub.add_parser("prepare", help="build and cache a packed dataset"))
+    add_export(sub.add_parser("export", help="a checkpoint as a model directory"))
     return parser
 
 

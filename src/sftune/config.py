@@ -206,6 +206,35 @@ class DistConfig:
 
 
 @dataclass
+class TaskEvalConfig:
+    eval_tasks: str = _f(
+        "",
+        "comma-separated lm-eval tasks to score during training, e.g. gsm8k (rank 0 runs them on "
+        "the model in training; pip install 'sftune[eval]')",
+    )
+    eval_tasks_every: int = _f(
+        0, "optimizer steps between task evaluations (0: only at the start and the end)"
+    )
+    eval_limit: int = _f(
+        0, "problems per task and evaluation: the first K of its data, the same every time; 0: all"
+    )
+    task_data: str | None = _f(
+        None,
+        "local data of the tasks, comma-separated TASK=FILE pairs, e.g. gsm8k=test.jsonl (JSON "
+        "Lines of question/answer records)",
+    )
+    task_dir: str | None = _f(None, "a folder of lm-eval task YAMLs to add to sftune's own (gsm8k)")
+    task_batch_size: int = _f(
+        0, "prompts per generation batch in task evaluation; 0: 8 on a CPU, 64 on a GPU"
+    )
+
+    @property
+    def names(self) -> list[str]:
+        """--eval-tasks as a list: [], ["gsm8k"], ..."""
+        return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,6 +243,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     adapter: LoraConfig = field(default_factory=LoraConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    tasks: TaskEvalConfig = field(default_factory=TaskEvalConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -419,6 +449,9 @@ def _validate(cfg: RunConfig) -> None:
         "eval_max_batches": cfg.log.eval_max_batches or 0,
         "lora_dropout": cfg.adapter.lora_dropout,
         "max_memory_gib": cfg.model.max_memory_gib,
+        "eval_tasks_every": cfg.tasks.eval_tasks_every,
+        "eval_limit": cfg.tasks.eval_limit,
+        "task_batch_size": cfg.tasks.task_batch_size,
     }
     for name, v in non_negative.items():
         if v < 0:

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from sftune import config as config_mod
+from sftune import tasks
 from sftune.config import RunConfig
 from sftune.data import PackedSFTDataset
 from sftune.data.formats import parse_fields, peek
@@ -35,7 +36,7 @@ from sftune.models import (
     quiet_libraries,
 )
 from sftune.paths import cache_root
-from sftune.train import checkpoint, distributed, lora
+from sftune.train import checkpoint, distributed, harness, lora
 from sftune.train.distributed import World
 from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
@@ -80,6 +81,8 @@ class Run:
     logger: MetricsLogger
     sample_prompts: tuple[tuple[str, str], ...]  # (shown prompt, rendered prompt part)
     prompt_format: str  # "alpaca" or "chat": how `sftune generate` should render prompts
+    task_specs: tuple[tasks.TaskSpec, ...]  # --eval-tasks, resolved (none: no task evaluation)
+    task_tokenizer: Any  # lm-eval's own copy of the tokenizer (None without tasks)
     flops_per_token: float | None
     peak_flops: float | None
     notes: tuple[str, ...]
@@ -315,6 +318,7 @@ def build(cfg: RunConfig) -> Run:
     prompt_format = "chat" if peek(train_path, fields) == "messages" else "alpaca"
 
     lora.check_available(cfg, device, world.world_size)
+    task_specs = build_task_specs(cfg)
     hf_model, tokenizer, info, adapter = load_model(cfg, device)
     notes = [
         f"model {cfg.model.model} ({info.num_params / 1e6:.1f}M params, {info.dtype}"
@@ -332,6 +336,8 @@ def build(cfg: RunConfig) -> Run:
         notes.append("--max-memory-gib ignored: it caps GPU memory and this run is on the CPU")
     doc_mask = doc_mask_on(cfg, info.attn_implementation)
     notes.append(f"document-aware packing {_on_off(doc_mask)}")
+    if task_specs:
+        notes.append(_task_note(cfg))
     data = build_datasets(cfg, tokenizer, world, doc_mask, train_path, val_path)
 
     built = build_module(cfg, hf_model, device, world)
@@ -370,6 +376,7 @@ def build(cfg: RunConfig) -> Run:
         micro_batch_size=micro,
         activation_checkpointing=checkpointing,
         eval_max_batches=_eval_max_batches(cfg, device),
+        task_batch_size=cfg.tasks.task_batch_size or harness.default_batch_size(device),
     )
     create_output_dir(output_dir, resolved, world)
     logger = MetricsLogger(
@@ -409,9 +416,30 @@ def build(cfg: RunConfig) -> Run:
         logger=logger,
         sample_prompts=sample_prompts(cfg.log.num_samples, data.val, tokenizer),
         prompt_format=prompt_format,
+        task_specs=task_specs,
+        task_tokenizer=harness.eval_copy(tokenizer) if task_specs else None,
         flops_per_token=flops,
         peak_flops=_peak_flops(device),
         notes=tuple(notes),
+    )
+
+
+def build_task_specs(cfg: RunConfig) -> tuple[tasks.TaskSpec, ...]:
+    """--eval-tasks with their data files checked, and lm-eval installed; () without tasks."""
+    if not cfg.tasks.names:
+        return ()
+    specs = tasks.resolve_tasks(cfg.tasks.names, cfg.tasks.task_data, cfg.tasks.task_dir)
+    tasks.check_installed()
+    return tuple(specs)
+
+
+def _task_note(cfg: RunConfig) -> str:
+    every = cfg.tasks.eval_tasks_every
+    limit = cfg.tasks.eval_limit
+    return (
+        f"task evaluation (lm-eval, rank 0): {', '.join(cfg.tasks.names)} at the start, "
+        f"{f'every {every} steps, ' if every else ''}at the end; "
+        f"{f'the first {limit} problems' if limit else 'all problems'} of each"
     )
 
 

@@ -184,7 +184,7 @@ def full_model_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
-def _portable_tokenizer_class(model_dir: Path) -> None:
+def portable_tokenizer_class(model_dir: Path) -> None:
     """transformers 5 writes tokenizer_class "TokenizersBackend", which 4.x cannot load; both
     load the same tokenizer.json as "PreTrainedTokenizerFast" (checked with 4.57 and 5.24)."""
     path = model_dir / "tokenizer_config.json"
@@ -220,6 +220,6 @@ def save_final(
             if getattr(hf_model, "generation_config", None) is not None:
                 hf_model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            _portable_tokenizer_class(tmp)
+            portable_tokenizer_class(tmp)
     distributed.barrier()
     return final

@@ -25,10 +25,11 @@ import torch
 from sftune.config import RunConfig
 from sftune.errors import SftuneError
 from sftune.files import atomic_write_text
-from sftune.train import checkpoint, distributed, lora
+from sftune.train import checkpoint, distributed, harness, lora
 from sftune.train.build import Run, build
 from sftune.train.evaluate import EvalInterrupted, eval_items, evaluate
 from sftune.train.generate import FORMAT_FILE, generate
+from sftune.train.metrics import read_metrics, task_curves, task_label
 from sftune.train.progress import ConsoleProgress
 from sftune.train.step import micro_batches, train_step
 
@@ -134,6 +135,52 @@ def write_samples(r: Run, step: int, bar: ConsoleProgress) -> None:
         r.logger.log_text(step, "samples", rows)
 
 
+def evaluate_tasks(r: Run, state: TrainState, bar: ConsoleProgress) -> None:
+    """lm-eval's tasks on the model in training, on rank 0 (the other ranks wait), logged as
+    task/<task>/<metric>[/<filter>] and drawn beside the losses."""
+    start = time.perf_counter()
+    model = task_model(r)
+    if model is not None:
+        cfg = r.cfg
+        results = harness.run_tasks(
+            model,
+            r.task_tokenizer,
+            list(r.task_specs),
+            limit=cfg.tasks.eval_limit or None,
+            batch_size=cfg.tasks.task_batch_size,
+            autocast_dtype=r.module.autocast_dtype,
+            progress=False,
+            verbose=cfg.log.verbose,
+        )
+        seconds = time.perf_counter() - start
+        r.logger.log(state.step, {**harness.metrics(results), "task_eval_seconds": seconds})
+        for line in harness.headline(results):
+            bar.write(f"step {state.step:>6} | {line} | {seconds:.0f} s")
+        r.logger.plot()
+    del model
+    distributed.barrier()
+
+
+def task_model(r: Run) -> torch.nn.Module | None:
+    """The model lm-eval gets, on rank 0 (None elsewhere): the Hugging Face model in training
+    itself; under FSDP an unsharded copy on rank 0's device, gathered from all ranks (a
+    collective), with LoRA adapters merged in."""
+    if not r.sharded:
+        return r.hf_model if r.world.is_main else None
+    state = checkpoint.full_model_state_dict(r.module)
+    if not r.world.is_main:
+        return None
+    if r.adapter is not None:
+        state = lora.merged_state_dict(state, lora.scaling(r.cfg))
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(iter(state.values())).dtype
+    with torch.device(r.device):
+        model = AutoModelForCausalLM.from_config(r.hf_model.config, dtype=dtype)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 # ----------------------------------------------------------------------------- logging
 
 
@@ -203,6 +250,7 @@ def save(r: Run, state: TrainState, bar: ConsoleProgress) -> Path:
         "train": asdict(state),
         "sampler": r.sampler.state_dict(),
         "scheduler": r.scheduler.state_dict(),
+        "prompt_format": r.prompt_format,  # for `sftune export`, which writes sftune.json too
     }
     path = checkpoint.save(
         r.output_dir,
@@ -250,7 +298,7 @@ def _lora_writer(r: Run):
         return None
 
     def write(state: dict, out: Path) -> None:
-        lora.save_adapter(r.adapter, state, out / lora.ADAPTER_DIR, r.source)
+        lora.save_adapter(r.adapter.peft_config["default"], state, out / lora.ADAPTER_DIR, r.source)
         base = None
         if r.cfg.adapter.qlora:  # the adapters go onto the bf16 base, not the 4-bit one
             base = lora.load_base_weights(r.source, torch.bfloat16)
@@ -275,6 +323,8 @@ def run(r: Run) -> TrainResult:
         try:
             if state.step == 0:
                 val_start = validate(r, state, bar, stop)
+                if r.task_specs:
+                    evaluate_tasks(r, state, bar)
             while state.step < r.total_steps:
                 batches = micro_batches(
                     r.train_data, r.sampler.next_indices(), r.micro_batch_size, r.device, r.varlen
@@ -297,10 +347,12 @@ def run(r: Run) -> TrainResult:
                     flush(r, state, window, bar)
                 if every["eval"] and state.step < r.total_steps:
                     validate(r, state, bar, stop)
+                if every["tasks"] and state.step < r.total_steps:
+                    evaluate_tasks(r, state, bar)
                 if every["save"]:
                     save(r, state, bar)
                     last_saved = state.step
-                if every["eval"] or every["save"]:  # evaluation and saving are not training time
+                if every["eval"] or every["tasks"] or every["save"]:  # not training time
                     window.reset(state)
                 # Under torchrun agreeing is a collective, so only at log steps.
                 if (every["log"] or not r.world.distributed) and stop.agreed():
@@ -308,6 +360,8 @@ def run(r: Run) -> TrainResult:
             flush(r, state, window, bar)
             if state.step == r.total_steps:
                 val_end = validate(r, state, bar, stop)
+                if r.task_specs:
+                    evaluate_tasks(r, state, bar)
         except EvalInterrupted:
             pass
         if state.step < r.total_steps or val_end is None:  # stopped by SIGINT / SIGTERM
@@ -324,7 +378,7 @@ def run(r: Run) -> TrainResult:
 
 
 def _due(cfg: RunConfig, step: int) -> dict[str, bool]:
-    """What the loop does after `step`: log a line, evaluate, save a checkpoint."""
+    """What the loop does after `step`: log a line, evaluate, score the tasks, save a checkpoint."""
 
     def every(n: int) -> bool:
         return bool(n) and step % n == 0
@@ -332,6 +386,7 @@ def _due(cfg: RunConfig, step: int) -> dict[str, bool]:
     return {
         "log": every(cfg.log.log_every),
         "eval": every(cfg.log.eval_every),
+        "tasks": bool(cfg.tasks.names) and every(cfg.tasks.eval_tasks_every),
         "save": every(cfg.checkpoint.save_every),
     }
 
@@ -362,5 +417,7 @@ def print_summary(result: TrainResult) -> None:
         print(f"val loss      : {result.val_loss_end:.4f}")
     if result.final_dir:
         print(f"model         : {result.final_dir}")
+    for key, points in task_curves(read_metrics(out)).items():
+        print(f"{task_label(key)}: " + " -> ".join(f"{v:.4f} (step {s})" for s, v in points))
     print(f"metrics       : {out / 'metrics.jsonl'}")
     print(f"learning curve: {out / 'learning_curve.png'}")

@@ -75,17 +75,30 @@ def targets(cfg: RunConfig) -> str | list[str]:
     return ALL_LINEAR if names in ([], [ALL_LINEAR]) else names
 
 
-def apply_lora(hf_model, cfg: RunConfig):
-    """Freeze the base and inject the adapters in place; returns the PeftModel (for its config)."""
-    from peft import LoraConfig, get_peft_model
+def peft_config(cfg: RunConfig, target_modules: str | list[str] | None = None):
+    """peft's LoraConfig for the run (`target_modules`: the modules adapted, else --lora-targets)."""
+    from peft import LoraConfig
 
-    config = LoraConfig(
+    return LoraConfig(
         r=cfg.adapter.lora_r,
         lora_alpha=cfg.adapter.lora_alpha,
         lora_dropout=cfg.adapter.lora_dropout,
-        target_modules=targets(cfg),
+        target_modules=target_modules or targets(cfg),
         task_type="CAUSAL_LM",
     )
+
+
+def adapted_modules(state: dict[str, torch.Tensor]) -> list[str]:
+    """The full names of the modules that hold adapters (model.layers.0.self_attn.q_proj, ...),
+    from a state dict's keys: what peft resolves "all-linear" to."""
+    return sorted(k[: -len(_A)] for k in state if k.endswith(_A))
+
+
+def apply_lora(hf_model, cfg: RunConfig):
+    """Freeze the base and inject the adapters in place; returns the PeftModel (for its config)."""
+    from peft import get_peft_model
+
+    config = peft_config(cfg)
     try:
         # Adapters in the base's dtype: peft's default upcasts them to fp32, which turns every
         # adapter GEMM into an fp32 one (294 of 2,390 ms per 8B step on the H200, profiled).
@@ -146,12 +159,13 @@ def adapter_state_dict(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     }
 
 
-def save_adapter(peft_model, full: dict[str, torch.Tensor], out: Path, base_path: str) -> None:
-    """final/adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+def save_adapter(lora_config, full: dict[str, torch.Tensor], out: Path, base_path: str) -> None:
+    """final/adapter in PEFT's format (adapter_config.json + adapter_model.safetensors), from
+    peft's LoraConfig (a PeftModel's `peft_config["default"]`, or `peft_config(cfg, ...)`)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    config = peft_model.peft_config["default"].to_dict()
+    config = lora_config.to_dict()
     config["base_model_name_or_path"] = base_path
     config["target_modules"] = sorted(config["target_modules"] or [])
     config["task_type"] = "CAUSAL_LM"

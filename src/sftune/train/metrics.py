@@ -11,7 +11,8 @@ process (rank 0) and costs nothing when disabled:
 
 Files in the run directory:
 
-    metrics.jsonl        {"step": 10, "train_loss": 1.93, "lr": 2e-05, ..., "time": 1718000000.0}
+    metrics.jsonl        {"step": 10, "train_loss": 1.93, "lr": 2e-05, ..., "time": 1718000000.0};
+                         task accuracy as {"task/gsm8k/exact_match/strict-match": 0.04, ...}
     samples.jsonl        {"step": 10, "name": "samples", "prompt": "...", "output": "..."}
     learning_curve.png   train/val loss against optimizer steps and against tokens
     tensorboard/         only with report_to=["tensorboard"]  (pip install 'sftune[tensorboard]')
@@ -41,6 +42,7 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 CURVE_FILE = "learning_curve.png"
 WANDB_ID_FILE = "wandb_id.txt"
+TASK_PREFIX = "task/"  # lm-eval task metrics: task/<task>/<metric>[/<filter>], and <metric>_stderr
 
 
 def is_main_process() -> bool:
@@ -77,6 +79,32 @@ def _read_jsonl(path: Path) -> list[dict]:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All rows of `<run_dir>/metrics.jsonl` in order ([] when there is none); null stays None."""
     return _read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+def task_curves(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Each task metric logged in `rows` (not its stderr) as (step, value) points, by its key."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(TASK_PREFIX) and "_stderr" not in key and _is_number(value):
+                curves.setdefault(key, []).append((int(row["step"]), float(value)))
+    return curves
+
+
+def task_label(key: str) -> str:
+    """ "task/gsm8k/exact_match/strict-match" -> "gsm8k exact_match (strict-match)"."""
+    task, metric, *filt = key[len(TASK_PREFIX) :].split("/")
+    return f"{task} {metric}" + (f" ({filt[0]})" if filt else "")
+
+
+def task_stderr_key(key: str) -> str:
+    """The key of a task metric's standard error."""
+    task, metric, *rest = key[len(TASK_PREFIX) :].split("/")
+    return "/".join([TASK_PREFIX + task, metric + "_stderr", *rest])
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _import_tensorboard():

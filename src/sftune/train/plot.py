@@ -1,4 +1,5 @@
-"""The learning curve: train (raw + smoothed) and validation loss against steps and tokens.
+"""The learning curve: train (raw + smoothed) and validation loss against steps and tokens, and
+beside them, when the run scored lm-eval tasks, their accuracy against steps and tokens.
 
     rows = read_metrics("runs/alpaca")                          # sftune.train.metrics
     plot_learning_curve(rows, "runs/alpaca/learning_curve.png", tokens_per_step=65536)
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from sftune.files import atomic_path
+from sftune.train.metrics import task_curves, task_label, task_stderr_key
 
 XOf = Callable[[dict], float | None]  # a row -> its x (step or tokens), None to skip it
 
@@ -51,21 +53,29 @@ def draw_learning_curve(
 
     The first axes plot loss against optimizer steps; a second plots it against tokens, taken
     from each row's `tokens` key, else step * tokens_per_step, and is left out without either.
-    The title names the final validation loss (else the final train loss). None when no row
-    holds a train or validation loss.
+    Rows with task metrics (task/<task>/<metric>[/<filter>], from lm-eval) add a column beside
+    the losses: each metric against steps (and tokens), its standard error as a band. The
+    title names the final validation loss (else the final train loss) and the last value of
+    the first task metric. None when no row holds a train or validation loss.
     """
     rows = [r for r in rows if "step" in r]
     if not any(_is_number(r.get(k)) for r in rows for k in ("train_loss", "val_loss")):
         return None
     tokens_of = _tokens_of(tokens_per_step)
     with_tokens = any(tokens_of(r) is not None for r in rows)
-    fig = Figure(figsize=(8, 8 if with_tokens else 4.5), layout="constrained")
+    with_tasks = bool(task_curves(rows))
+    nrows, ncols = 2 if with_tokens else 1, 2 if with_tasks else 1
+    fig = Figure(figsize=(8 * ncols, 8 if with_tokens else 4.5), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2 if with_tokens else 1, 1, squeeze=False)[:, 0]
-    _draw_losses(axes[0], rows, lambda r: r["step"], "optimizer step")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    xs = [(lambda r: r["step"], "optimizer step"), (tokens_of, "tokens")][:nrows]
+    for i, (x_of, xlabel) in enumerate(xs):
+        _draw_losses(axes[i, 0], rows, x_of, xlabel)
+        if with_tasks:
+            _draw_tasks(axes[i, 1], rows, x_of, xlabel)
     if with_tokens:
-        _draw_losses(axes[1], rows, tokens_of, "tokens")
-        axes[1].xaxis.set_major_formatter(EngFormatter())  # 1.2M rather than an offset of 1e6
+        for ax in axes[1]:
+            ax.xaxis.set_major_formatter(EngFormatter())  # 1.2M rather than an offset of 1e6
     fig.suptitle(_curve_title(rows, title))
     return fig
 
@@ -114,6 +124,27 @@ def _draw_losses(ax, rows: list[dict], x_of: XOf, xlabel: str) -> None:
     ax.legend(loc="upper right", fontsize="small")
 
 
+def _draw_tasks(ax, rows: list[dict], x_of: XOf, xlabel: str) -> None:
+    """Each task metric (lm-eval's, logged as task/...) with its standard error as a band."""
+    for key in task_curves(rows):
+        err_key = task_stderr_key(key)
+        points = [(x_of(r), r[key], r.get(err_key)) for r in rows if _is_number(r.get(key))]
+        points = [p for p in points if p[0] is not None]
+        x = [p[0] for p in points]
+        y = [p[1] for p in points]
+        (line,) = ax.plot(x, y, marker="o", linewidth=1.2, label=task_label(key))
+        if all(_is_number(p[2]) for p in points):
+            low = [v - e for _, v, e in points]
+            high = [v + e for _, v, e in points]
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+    if all(v >= 0 for points in task_curves(rows).values() for _, v in points):
+        ax.set_ylim(bottom=0)  # accuracies: no axis below 0 when every value is 0
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("task accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+
+
 def _curve_title(rows: list[dict], name: str | None) -> str:
     val = [r for r in rows if _is_number(r.get("val_loss"))]
     train = [r for r in rows if _is_number(r.get("train_loss"))]
@@ -121,4 +152,8 @@ def _curve_title(rows: list[dict], name: str | None) -> str:
         summary = f"final val loss {val[-1]['val_loss']:.4f} (step {val[-1]['step']})"
     else:
         summary = f"final train loss {train[-1]['train_loss']:.4f} (step {train[-1]['step']})"
+    curves = task_curves(rows)
+    if curves:
+        key, points = next(iter(curves.items()))
+        summary += f"; {task_label(key)} {points[-1][1]:.4f} (step {points[-1][0]})"
     return f"{name}: {summary}" if name else summary
