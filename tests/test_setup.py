@@ -213,6 +213,8 @@ def test_bad_input_fails_before_torch_is_imported(tmp_path):
         (["--train-data", str(qa)], f"{qa}:1: cannot tell the record format"),
         (["--train-data", str(good), "--seq-length", "100000"], "context of 8192 positions"),
         (["--model", str(tmp_path / "nope")], "neither a preset"),
+        (["--fp8", "tensorwise", "--lora"], "--fp8 is for full fine-tuning"),
+        (["--fp8", "e4m3"], "argument --fp8: invalid choice: 'e4m3'"),
     ]
     script = f"""
 import sys

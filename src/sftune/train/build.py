@@ -6,9 +6,10 @@
                             # printed at the start and saved as <output-dir>/config.yaml
 
 Features plug in here, at build time (a model transform, a renderer), never as flags threaded
-through the step. The order matters only where noted: the loss wrapper, activation
-checkpointing, per-layer compile and FSDP2 are applied in that order (`build_module`), and the
-micro-batch is probed once the optimizer's state exists (`resolve_micro_batch`).
+through the step. The order matters only where noted: FP8 linears, the loss wrapper,
+activation checkpointing, per-layer compile and FSDP2 are applied in that order
+(`build_module`), and the micro-batch is probed once the optimizer's state exists
+(`resolve_micro_batch`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from sftune.models import (
     quiet_libraries,
 )
 from sftune.paths import cache_root
-from sftune.train import checkpoint, distributed, lora
+from sftune.train import checkpoint, distributed, fp8, lora
 from sftune.train.distributed import World
 from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
@@ -312,6 +313,7 @@ def build(cfg: RunConfig) -> Run:
     prompt_format = "chat" if peek(train_path, fields) == "messages" else "alpaca"
 
     lora.check_available(cfg, device, world.world_size)
+    fp8.check_available(cfg.model.fp8, device)
     hf_model, tokenizer, info, adapter = load_model(cfg, device)
     notes = [
         f"model {cfg.model.model} ({info.num_params / 1e6:.1f}M params, {info.dtype}"
@@ -335,6 +337,8 @@ def build(cfg: RunConfig) -> Run:
         cfg, built, len(data.train), world, device
     )
     notes.append(note)
+    if built.fp8_all_gather:
+        fp8.precompute_scales_after_steps(optimizer, built.module)
     micro = resolve_micro_batch(cfg, world, device)
     if micro is None:
         micro = probe_micro_batch(
