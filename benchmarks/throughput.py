@@ -36,6 +36,9 @@ Modifiers, appended with "+" to any sftune run (e.g. sftune-mb8+budget0.5+cudnn)
     +eager           nothing compiled (--compile off)
     +capN            at most N GiB of GPU memory (--max-memory-gib N); with micro-batch 0 the
                      probe picks the micro-batch and checkpointing that fit
+    +fp8tw, +fp8rw   FP8 linears in the decoder blocks, torchao's tensorwise or rowwise recipe (--fp8)
+
+`lean` takes modifiers too (e.g. lean+fp8tw: micro-batch 8, budget 0.8, FP8 tensorwise).
 
 PEFT, the baseline for LoRA: peft-mbN (micro-batch N), peft-mbN+ac (with checkpointing),
 peft-mbN+ac+qlora (over the same 4-bit base): the plain PEFT + Hugging Face loop that TRL wraps,
@@ -43,7 +46,8 @@ from the same initial adapters as +lora.
 
 --profile NAME[,NAME] profiles two more steps of those runs after the timing: a kernel table by
 category (GEMM, attention, compiled Triton, optimizer, ...) and GPU idle time, in
-<out dir>/profile_<NAME>.txt.
+<out dir>/profile_<NAME>.txt. The GEMMs that aten::_scaled_mm launched are counted apart, as
+"gemm (fp8)"; the other GEMMs of an FP8 run (output projection, loss) stay "gemm".
 """
 
 from __future__ import annotations
@@ -72,10 +76,11 @@ from course_loop import (  # noqa: E402
 )
 from sftune import config as config_mod  # noqa: E402
 from sftune.models import model_flops_per_token  # noqa: E402
-from sftune.train import distributed, lora, module, step  # noqa: E402
+from sftune.train import distributed, fp8, lora, module, step  # noqa: E402
 from sftune.train.optim import build_optimizer, lr_factor, warmup_steps  # noqa: E402
 
 LORA_R, LORA_ALPHA = 16, 32.0  # the LoRA runs: r 16 on every linear of the decoder blocks
+FP8_MODS = {"fp8tw": "tensorwise", "fp8rw": "rowwise"}
 
 
 def global_batches(vocab: int, batch: int, seq: int, steps: int, seed: int = 0, docs: bool = False):
@@ -169,6 +174,8 @@ def sftune_config(args, device, *, seq, batch, micro, compile_, fused, ac, mods)
             flat["max_memory_gib"] = float(m.removeprefix("cap"))
         elif m == "ac":
             flat["activation_checkpointing"] = True
+        elif m in FP8_MODS:
+            flat["fp8"] = FP8_MODS[m]
         elif m != "ce0":
             raise SystemExit(f"unknown modifier +{m}")
     return config_mod.from_flat(flat)
@@ -215,6 +222,8 @@ def run_sftune(
         device,
         compiled=module.choose_compile_step(cfg, built.sharded),
     )
+    if built.fp8_all_gather:
+        fp8.precompute_scales_after_steps(optimizer, built.module)
     per_rank = batch // world.world_size
     t_probe = time.perf_counter()
     budget = module.gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else 0
@@ -392,12 +401,16 @@ def profile_steps(one_step, batches, micro, device, args, name) -> None:
         torch.cuda.synchronize()
     # GPU-side events, less the spans of record_function annotations (e.g. the whole
     # "Optimizer.step" range), which would count their kernels twice.
+    events = prof.events()
     kernels = [
         e
-        for e in prof.events()
+        for e in events
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
     ]
-    text = profile_table(kernels, len(batches), name)
+    # The kernels that FP8 matmuls launched (eager or from a compiled graph, both go through
+    # aten::_scaled_mm), so that the table can count them apart from the bf16 GEMMs.
+    fp8_gemms = {k.name for e in events if e.name == "aten::_scaled_mm" for k in e.kernels}
+    text = profile_table(kernels, len(batches), name, fp8_gemms)
     if args.world.is_main:
         print(text, flush=True)
         if args.out:
@@ -406,7 +419,7 @@ def profile_steps(one_step, batches, micro, device, args, name) -> None:
             )
 
 
-def profile_table(kernels, steps: int, name: str) -> str:
+def profile_table(kernels, steps: int, name: str, fp8_gemms: frozenset | set = frozenset()) -> str:
     """GPU busy and idle time over the kernels' span, kernel time by category, top kernels."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, cur_s, cur_e = 0.0, None, None
@@ -422,7 +435,7 @@ def profile_table(kernels, steps: int, name: str) -> str:
     by_name: dict[str, list] = {}
     for e in kernels:
         us = e.time_range.elapsed_us()
-        cat = kernel_category(e.name)
+        cat = "gemm (fp8)" if e.name in fp8_gemms else kernel_category(e.name)
         by_cat[cat] = by_cat.get(cat, 0.0) + us
         rec = by_name.setdefault(e.name, [0.0, 0, cat])
         rec[0] += us
@@ -476,11 +489,13 @@ def dispatch(name: str, args, device) -> dict:
             args, device, micro=int(micro), ac="ac" in peft_mods, qlora="qlora" in peft_mods
         )
     if mods:
-        micro = {"sftune": 0}.get(base)
+        micro = {"sftune": 0, "lean": 8}.get(base)
         if micro is None and base.startswith("sftune-mb"):
             micro = int(base.removeprefix("sftune-mb"))
         if micro is None:
-            raise SystemExit(f"modifiers apply to sftune and sftune-mbN only: {name!r}")
+            raise SystemExit(f"modifiers apply to sftune, sftune-mbN and lean only: {name!r}")
+        if base == "lean":
+            mods = ["budget0.8", *mods]
         return run_sftune(args, device, micro=micro, mods=tuple(mods), name=name)
     if name == "baseline":
         return run_baseline(args, device)
@@ -551,10 +566,12 @@ def main() -> None:
     if args.world.distributed and "baseline" in runs:
         runs.remove("baseline")  # the course loop is single-GPU
     report = print if main_rank else (lambda *a, **k: None)
+    precision_casts = torch._inductor.config.emulate_precision_casts  # rowwise FP8 sets it
     for name in runs:
         # Compiled graphs are reused across models of one shape: start each run from scratch so
         # that its own compile settings take effect (and the last model is not pinned).
         torch._dynamo.reset()
+        torch._inductor.config.emulate_precision_casts = precision_casts
         if device.type == "cuda":
             _free()
             if main_rank:

@@ -215,6 +215,8 @@ def test_bad_input_fails_before_torch_is_imported(tmp_path):
         (["--model", str(tmp_path / "nope")], "neither a preset"),
         (["--eval-tasks", "gsm9k"], "unknown task 'gsm9k'; known: gsm8k"),
         (["--eval-tasks", "gsm8k", "--task-data", "gsm8k=no.jsonl"], "no.jsonl: no such file"),
+        (["--fp8", "tensorwise", "--lora"], "--fp8 is for full fine-tuning"),
+        (["--fp8", "e4m3"], "argument --fp8: invalid choice: 'e4m3'"),
     ]
     others = [  # other commands' bad input, checked as early
         (["export", str(tmp_path), "--out", str(tmp_path / "o")], "not a sftune checkpoint"),

@@ -89,6 +89,12 @@ class ModelConfig:
         "and checkpointing are chosen to fit), so a large card shows what fits a smaller one; "
         "0: the whole GPU",
     )
+    fp8: str = _f(
+        "off",
+        "FP8 matmuls for the decoder's linear layers (torchao; GPUs of compute capability 8.9+: "
+        "H100, H200, L40S): tensorwise (fastest), rowwise (more robust to outliers), off",
+        ("off", "tensorwise", "rowwise"),
+    )
     device: str = _f("auto", "auto (cuda when available), cpu, cuda", ("auto", "cpu", "cuda"))
 
 
@@ -459,6 +465,10 @@ def _validate(cfg: RunConfig) -> None:
     bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
     if mb and bs % mb:
         raise ConfigError(f"--batch-size {bs} is not a multiple of --micro-batch-size {mb}")
+    if cfg.model.fp8 != "off" and (cfg.adapter.lora or cfg.adapter.qlora):
+        raise ConfigError(
+            "--fp8 is for full fine-tuning: it cannot be combined with --lora or --qlora"
+        )
     if cfg.adapter.lora_r < 1 or cfg.adapter.lora_alpha <= 0:
         raise ConfigError("--lora-r must be >= 1 and --lora-alpha > 0")
     if cfg.optim.max_steps == 0 and cfg.optim.epochs <= 0:

@@ -6,9 +6,10 @@
                             # printed at the start and saved as <output-dir>/config.yaml
 
 Features plug in here, at build time (a model transform, a renderer), never as flags threaded
-through the step. The order matters only where noted: the loss wrapper, activation
-checkpointing, per-layer compile and FSDP2 are applied in that order (`build_module`), and the
-micro-batch is probed once the optimizer's state exists (`resolve_micro_batch`).
+through the step. The order matters only where noted: FP8 linears, the loss wrapper,
+activation checkpointing, per-layer compile and FSDP2 are applied in that order
+(`build_module`), and the micro-batch is probed once the optimizer's state exists
+(`resolve_micro_batch`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sftune.models import (
     quiet_libraries,
 )
 from sftune.paths import cache_root
-from sftune.train import checkpoint, distributed, harness, lora
+from sftune.train import checkpoint, distributed, fp8, harness, lora
 from sftune.train.distributed import World
 from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
@@ -319,6 +320,7 @@ def build(cfg: RunConfig) -> Run:
 
     lora.check_available(cfg, device, world.world_size)
     task_specs = build_task_specs(cfg)
+    fp8.check_available(cfg.model.fp8, device)
     hf_model, tokenizer, info, adapter = load_model(cfg, device)
     notes = [
         f"model {cfg.model.model} ({info.num_params / 1e6:.1f}M params, {info.dtype}"
@@ -346,6 +348,8 @@ def build(cfg: RunConfig) -> Run:
         cfg, built, len(data.train), world, device
     )
     notes.append(note)
+    if built.fp8_all_gather:
+        fp8.precompute_scales_after_steps(optimizer, built.module)
     micro = resolve_micro_batch(cfg, world, device)
     checkpointing = cfg.model.activation_checkpointing
     if micro is None:

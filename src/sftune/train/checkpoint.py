@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from sftune import config as config_mod
 from sftune.errors import SftuneError
 from sftune.files import atomic_dir, atomic_write_text, commit_dir, temp_dir_for
-from sftune.train import distributed
+from sftune.train import distributed, fp8
 from sftune.train.distributed import World
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -116,6 +116,7 @@ def save(
     distributed.barrier()
     options = StateDictOptions(ignore_frozen_params=adapters_only)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
+    model_sd = fp8.plain_state_dict(model_sd)  # plain tensors: loadable without torchao
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "model_optim"))
     torch.save(_rng_state(), tmp / f"rng_rank{world.rank}.pt")
     if world.is_main:
@@ -158,7 +159,7 @@ def load(
     trainer = check_kind(path, adapters_only)
     options = StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": fp8.plain_state_dict(model_sd), "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path / "model_optim"))
     set_state_dict(
         module,

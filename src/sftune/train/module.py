@@ -1,6 +1,6 @@
 """The trained module: a Hugging Face causal LM whose forward returns the token-weighted loss,
-and how it is made ready to train (loss wrapper, activation checkpointing, per-layer compile,
-FSDP2) and how large a micro-batch fits it.
+and how it is made ready to train (FP8 linears, loss wrapper, activation checkpointing,
+per-layer compile, FSDP2) and how large a micro-batch fits it.
 
 Putting the loss inside `forward` keeps the output projection inside the module that FSDP2
 shards as the root, so its parameters are gathered when the fused loss reads them, and lets
@@ -25,7 +25,7 @@ from torch import nn
 
 from sftune.config import RunConfig
 from sftune.errors import ConfigError, SftuneError
-from sftune.train import distributed
+from sftune.train import distributed, fp8
 from sftune.train.distributed import World
 from sftune.train.loss import cross_entropy_sum, fused_linear_cross_entropy
 
@@ -132,11 +132,20 @@ class ModuleBuild(NamedTuple):
     sharded: bool
     compiled: bool  # the decoder layers are torch.compile'd
     notes: list[str]
+    # FP8 weights all-gathered under FSDP2: their scales are precomputed after each optimizer
+    # step (fp8.precompute_scales_after_steps, once the optimizer exists)
+    fp8_all_gather: bool = False
 
 
 def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -> ModuleBuild:
-    """Loss wrapper, activation checkpointing, per-layer torch.compile, FSDP2: in that order."""
+    """FP8 linears, loss wrapper, activation checkpointing, per-layer torch.compile, FSDP2: in
+    that order."""
     notes: list[str] = []
+    sharded = distributed.use_fsdp(cfg.dist, world)
+    all_gather = sharded and cfg.model.fp8 == "tensorwise"
+    if fp8.enabled(cfg.model.fp8):  # before compile and fully_shard see the layers
+        fp8.check_available(cfg.model.fp8, device)
+        notes.append(fp8.convert(hf_model, cfg.model.fp8, all_gather=all_gather))
     fused = enabled(cfg.model.fused_loss, device.type == "cuda")
     if fused and not supports_fused_loss(hf_model):
         notes.append("fused loss off: the model's logits are not a plain linear projection")
@@ -164,13 +173,14 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
             f"torch.compile: each decoder layer ({cfg.model.compile_mode}"
             f"{f', activation memory budget {budget:g}' if budget < 1 else ''})"
         )
-    sharded = distributed.use_fsdp(cfg.dist, world)
     if sharded:
         param_dtype = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
         distributed.apply_fsdp(module, hf_model, cfg.dist, param_dtype)
         notes.append(f"FSDP2 over {world.world_size} rank(s)")
     notes.append(f"loss: {'fused chunked linear+CE' if fused else 'full logits + CE'}")
-    return ModuleBuild(module, sharded, compiled, notes)
+    if fp8.enabled(cfg.model.fp8) and not compiled:
+        notes.append("FP8 without compile: its casts run as separate kernels, eating the gain")
+    return ModuleBuild(module, sharded, compiled, notes, fp8_all_gather=all_gather)
 
 
 # ----------------------------------------------------------------------------- micro-batch probe
