@@ -1,12 +1,12 @@
 """The trained module: a Hugging Face causal LM whose forward returns the token-weighted loss,
 and how it is made ready to train (loss wrapper, activation checkpointing, per-layer compile,
-FSDP2) and how large a micro-batch fits it.
+DDP or FSDP2) and how large a micro-batch fits it.
 
 Putting the loss inside `forward` keeps the output projection inside the module that FSDP2
 shards as the root, so its parameters are gathered when the fused loss reads them, and lets
 `torch.compile`, FSDP and autocast treat "model + loss" as one unit.
 
-    built = build_module(cfg, hf_model, device, world)     # .module, .sharded, .notes
+    built = build_module(cfg, hf_model, device, world)     # .module, .dist, .notes
     loss = built.module(input_ids=ids, labels=labels, scale=1 / n_tokens)
     micro = probe_micro_batch(built.module, optimizer, per_rank_batch=32, seq_length=512,
                               vocab_size=128256, device=device)
@@ -126,13 +126,19 @@ def set_sdpa_backend(name: str) -> None:
 
 class ModuleBuild(NamedTuple):
     module: CausalLMWithLoss
-    sharded: bool
+    dist: str  # "none", "ddp" (replicated) or "fsdp" (sharded): --dist resolved
+    reshard_after_forward: bool  # FSDP's layers free their gathered parameters after forward
     compiled: bool  # the decoder layers are torch.compile'd
     notes: list[str]
 
+    @property
+    def sharded(self) -> bool:
+        return self.dist == "fsdp"
+
 
 def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -> ModuleBuild:
-    """Loss wrapper, activation checkpointing, per-layer torch.compile, FSDP2: in that order."""
+    """Loss wrapper, activation checkpointing, per-layer torch.compile, DDP or FSDP2: in that
+    order."""
     notes: list[str] = []
     fused = enabled(cfg.model.fused_loss, device.type == "cuda")
     if fused and not supports_fused_loss(hf_model):
@@ -165,13 +171,21 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
             f"torch.compile: each decoder layer ({cfg.model.compile_mode}"
             f"{f', activation memory budget {budget:g}' if budget < 1 else ''})"
         )
-    sharded = distributed.use_fsdp(cfg.dist, world)
-    if sharded:
+    plan = distributed.plan(cfg.dist, world, hf_model, device)
+    if plan.strategy == "fsdp":
         param_dtype = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
-        distributed.apply_fsdp(module, hf_model, cfg.dist, param_dtype)
-        notes.append(f"FSDP2 over {world.world_size} rank(s)")
+        distributed.apply_fsdp(
+            module,
+            hf_model,
+            cfg.dist,
+            param_dtype,
+            reshard_after_forward=plan.reshard_after_forward,
+        )
+    elif plan.strategy == "ddp":
+        distributed.apply_ddp(module, device)
+    notes.append(distributed.describe(plan, world))
     notes.append(f"loss: {'fused chunked linear+CE' if fused else 'full logits + CE'}")
-    return ModuleBuild(module, sharded, compiled, notes)
+    return ModuleBuild(module, plan.strategy, plan.reshard_after_forward, compiled, notes)
 
 
 # ----------------------------------------------------------------------------- micro-batch probe
@@ -210,7 +224,12 @@ def probe_micro_batch(
     """Largest divisor of the per-rank batch whose forward+backward fits next to the
     optimizer state (materialized first), with 8% of the GPU kept free."""
     materialize_optimizer_state(optimizer)
+    if distributed.is_replicated(module):
+        # DDP's memory is the same without its all-reduce (gradients are its buckets), and a
+        # candidate that fails on one rank then leaves no collective half done on the others.
+        distributed.set_grad_sync(module, False)
     total = torch.cuda.get_device_properties(device).total_memory
+    found = 0
     for mb in sorted(
         (d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0), reverse=True
     ):
@@ -226,11 +245,16 @@ def probe_micro_batch(
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         if ok:
-            return mb
-    raise SftuneError(
-        f"out of GPU memory even at micro-batch 1 x {seq_length} tokens: lower --seq-length or "
-        "add --activation-checkpointing (or shard over more GPUs)"
-    )
+            found = mb
+            break
+    # Every rank must run the same number of micro-batches (their collectives pair up).
+    found = distributed.min_over_ranks(found, device)
+    if not found:
+        raise SftuneError(
+            f"out of GPU memory even at micro-batch 1 x {seq_length} tokens: lower --seq-length "
+            "or add --activation-checkpointing (or shard over more GPUs: --dist fsdp)"
+        )
+    return found
 
 
 def resolve_micro_batch(cfg: RunConfig, world: World, device: torch.device) -> int | None:
@@ -245,7 +269,7 @@ def resolve_micro_batch(cfg: RunConfig, world: World, device: torch.device) -> i
 
 
 def choose_compile_step(cfg: RunConfig, sharded: bool) -> bool:
-    """--compile-step, which is single-device only."""
+    """--compile-step, on plain (not FSDP-sharded) parameters only."""
     if cfg.optim.compile_step and sharded:
-        raise ConfigError("--compile-step: not supported with FSDP (more than one rank)")
+        raise ConfigError("--compile-step: not supported with FSDP (use --dist ddp or none)")
     return cfg.optim.compile_step
