@@ -206,14 +206,18 @@ def test_ddp_on_two_nodes_matches_one_process_and_resumes_in_one_under_fsdp(
 
 
 @pytest.mark.slow
-def test_lora_two_ranks_match_one(workdir, tmp_path):
-    """LoRA adapters on an FSDP2-sharded base: 2 ranks train like 1 process (fp64)."""
+def test_lora_two_ranks_match_one_under_both_engines(workdir, tmp_path):
+    """LoRA adapters on a replicated (DDP, what auto picks) or FSDP2-sharded base: 2 ranks
+    train like 1 process (fp64), and the adapter is saved in PEFT's format."""
     lora = ("--lora", "--lora-r", "4", "--max-steps", "3")
-    one, two = tmp_path / "one", tmp_path / "two"
+    runs = {"one": (), "ddp": ("--dist", "ddp"), "fsdp": ("--dist", "fsdp")}
     _ok(
-        _train(workdir, one, *lora),
-        _train(workdir, two, *lora, "--dist", "fsdp", launcher=_torchrun(2)),
+        *(
+            _train(workdir, tmp_path / name, *lora, *dist, launcher=_torchrun(2) if dist else None)
+            for name, dist in runs.items()
+        )
     )
-    assert_same_losses(losses(one), losses(two))
-    assert_same_fp64_weights(weights(one), weights(two))
-    assert (two / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    for name in ("ddp", "fsdp"):
+        assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / name))
+        assert_same_fp64_weights(weights(tmp_path / "one"), weights(tmp_path / name))
+        assert (tmp_path / name / "final" / "adapter" / "adapter_model.safetensors").is_file()

@@ -151,16 +151,20 @@ def training_state_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def fits_replicated(model: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
     """Whether a whole copy of the training state leaves room for activations on one GPU, and
     why. On the CPU there is no device memory to budget: replicated."""
     need = training_state_bytes(model)
     if device.type != "cuda":
-        return True, f"{need / 2**30:.2f} GiB of training state in host memory (CPU: not budgeted)"
+        return True, f"training state {_size(need)} in host memory (CPU: not budgeted)"
     total = torch.cuda.get_device_properties(device).total_memory
     fits = need <= REPLICATE_MAX_SHARE * total
     why = (
-        f"weights + gradients + AdamW state {need / 2**30:.1f} GiB = {100 * need / total:.0f}% of "
+        f"weights + gradients + AdamW state {_size(need)} = {100 * need / total:.0f}% of "
         f"the GPU's {total / 2**30:.0f} GiB ({'within' if fits else 'over'} "
         f"{100 * REPLICATE_MAX_SHARE:.0f}%)"
     )
@@ -214,15 +218,22 @@ def apply_ddp(root: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DDP in place (`replicate`): the module keeps its class, names and methods.
 
     The rotary tables are the only buffers and are the same on every rank: no broadcast of
-    them before every forward. Gradients live in DDP's buckets (no second copy).
+    them before every forward. The gradients are views of DDP's all-reduce buckets instead of
+    a second copy (gradient_as_bucket_view).
     """
-    from torch.distributed._composable.replicate import replicate
+    import inspect
 
+    from torch.distributed._composable.replicate import replicate
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch 2.13 renamed the switch (the old name warns; the new one still syncs once at init).
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
     # Dynamo would split each compiled layer's graph at DDP's bucket boundaries
     # (DDPOptimizer), which only pays for a whole-model graph; the layers' graphs are small
     # and their gradients reach DDP's hooks when each layer's backward ends.
     torch._dynamo.config.optimize_ddp = False
-    replicate(root, device_id=device, broadcast_buffers=False, gradient_as_bucket_view=True)
+    replicate(root, device_id=device, gradient_as_bucket_view=True, **no_buffer_sync)
     return root
 
 

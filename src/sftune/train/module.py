@@ -225,8 +225,9 @@ def probe_micro_batch(
     optimizer state (materialized first), with 8% of the GPU kept free."""
     materialize_optimizer_state(optimizer)
     if distributed.is_replicated(module):
-        # DDP's memory is the same without its all-reduce (gradients are its buckets), and a
-        # candidate that fails on one rank then leaves no collective half done on the others.
+        # No all-reduce while probing: the gradients then stay outside DDP's buckets, as on the
+        # micro-batches a step accumulates (the larger memory of the two), and a candidate
+        # that fails on one rank leaves no collective half done on the others.
         distributed.set_grad_sync(module, False)
     total = torch.cuda.get_device_properties(device).total_memory
     found = 0

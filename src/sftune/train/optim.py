@@ -27,11 +27,13 @@ def lr_factor(step: int, total_steps: int, warmup: int, min_lr_ratio: float) -> 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, sharded: bool) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_; for FSDP2's sharded (DTensor) gradients, the same on
-    their local shards: each rank's norm, one all-reduce of the squares, the same scaling,
-    without DTensor's dispatch for every gradient. Returns the norm before clipping."""
-    if not sharded:
+def clip_grad_norm_(
+    params: list[torch.Tensor], max_norm: float, local_shards: bool = False
+) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_; with local_shards (FSDP2's DTensor gradients), the same
+    on each rank's shards: their norm, one all-reduce of the squares, the same scaling, without
+    DTensor's dispatch for every gradient. Returns the norm before clipping."""
+    if not local_shards:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [distributed.local_tensor(p.grad) for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
@@ -61,7 +63,8 @@ class AdamW(torch.optim.AdamW):
             kw.update(fused=device.type == "cuda")
         super().__init__(groups, **kw)
         self.compiled = compiled
-        self.sharded = any(
+        # FSDP2's DTensors: stepped on their local shards (benchmarks turn it off to compare).
+        self.on_local_shards = any(
             distributed.is_dtensor(p) for g in self.param_groups for p in g["params"]
         )
         self._step_fn = torch.compile(self._clip_and_step) if compiled else self._clip_and_step
@@ -70,7 +73,7 @@ class AdamW(torch.optim.AdamW):
         """torch's, then each DTensor in the lists it filled (parameters, gradients, moments)
         replaced by its local shard."""
         out = super()._init_group(group, *lists)
-        if self.sharded:
+        if self.on_local_shards:
             for xs in lists:
                 if isinstance(xs, list):
                     xs[:] = [distributed.local_tensor(x) for x in xs]
@@ -78,7 +81,7 @@ class AdamW(torch.optim.AdamW):
 
     def _clip_and_step(self, max_norm: float) -> torch.Tensor:
         params = [p for g in self.param_groups for p in g["params"]]
-        norm = clip_grad_norm_(params, max_norm, self.sharded)
+        norm = clip_grad_norm_(params, max_norm, self.on_local_shards)
         self.step()
         return norm
 
