@@ -248,26 +248,6 @@ def run_sftune(
     name: str = "",
 ) -> dict:
     """sftune's own build and train step, as `sftune train` runs them, on the random batches."""
-    with allocator(mods):
-        return _run_sftune(
-            args,
-            device,
-            micro=micro,
-            compile_=compile_,
-            fused=fused,
-            ac=ac,
-            seq=seq,
-            batch=batch,
-            docs=docs,
-            attn=attn,
-            mods=mods,
-            name=name,
-        )
-
-
-def _run_sftune(
-    args, device, *, micro, compile_, fused, ac, seq, batch, docs, attn, mods, name
-) -> dict:
     seq, batch, world = seq or args.seq, batch or args.batch, args.world
     options = dict(micro=micro, compile_=compile_, fused=fused, ac=ac, mods=mods)
     cfg = sftune_config(args, device, seq=seq, batch=batch, **options)
@@ -555,7 +535,8 @@ def dispatch(name: str, args, device) -> dict:
             micro = int(base.removeprefix("sftune-mb"))
         if micro is None:
             raise SystemExit(f"modifiers apply to sftune and sftune-mbN only: {name!r}")
-        return run_sftune(args, device, micro=micro, mods=tuple(mods), name=name)
+        with allocator(tuple(mods)):
+            return run_sftune(args, device, micro=micro, mods=tuple(mods), name=name)
     if name == "baseline":
         return run_baseline(args, device)
     if name == "sftune":

@@ -7,6 +7,7 @@ The runs are compared in float64 (`--dtype fp64`), to its rounding noise: see tr
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -84,10 +85,11 @@ def test_dist_flags_and_their_old_name(tmp_path):
     assert config_mod.from_flat({"fsdp": "on"}).dist.dist == "fsdp"
     assert config_mod.from_flat({"fsdp": "off"}).dist.dist == "none"
     f = tmp_path / "run.yaml"
-    f.write_text("dist:\n  fsdp: on\n")  # YAML reads a bare on as true
-    parser = __import__("argparse").ArgumentParser()
+    f.write_text("dist:\n  fsdp: on\n  reshard_after_forward: off\n")  # YAML: booleans
+    parser = argparse.ArgumentParser()
     config_mod.add_arguments(parser)
-    assert config_mod.from_args(parser.parse_args(["--config", str(f)])).dist.dist == "fsdp"
+    dist = config_mod.from_args(parser.parse_args(["--config", str(f)])).dist
+    assert (dist.dist, dist.reshard_after_forward) == ("fsdp", "off")
     flags = parser.parse_args(["--config", str(f), "--dist", "ddp"])
     assert config_mod.from_args(flags).dist.dist == "ddp"  # a flag beats the file
     with pytest.raises(ConfigError, match="--fsdp on and --dist ddp disagree"):

@@ -271,6 +271,8 @@ def _coerce(name: str, value: Any) -> Any:
             return bool(value)
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
+        if tp is str and isinstance(value, bool) and "on" in (f.metadata["choices"] or ()):
+            return "on" if value else "off"  # YAML reads a bare on/off as a boolean
         return tp(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
