@@ -284,7 +284,6 @@ def run_sftune(
             vocab_size=mcfg.vocab_size,
             device=device,
         )
-        micro = distributed.min_over_ranks(micro, device)
     probe_s = time.perf_counter() - t_probe
     one_step = functools.partial(
         step.train_step,
