@@ -179,7 +179,7 @@ def plan(cfg: DistConfig, world: World, model: torch.nn.Module, device: torch.de
         if cfg.cpu_offload:
             wanted, why = "fsdp", "--cpu-offload is FSDP2's CPUOffloadPolicy"
         elif not world.distributed:
-            wanted, why = "none", "one process"
+            wanted, why = "none", "--dist auto"
         elif cfg.reduce_fp32:
             wanted, why = "fsdp", "--reduce-fp32 is an FSDP setting"
         else:
