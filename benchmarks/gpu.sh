@@ -23,9 +23,9 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
   dist        Llama-3.2-1B shape at world size 1 (torchrun): one process, DDP, FSDP2 (now,
               and as before: resharding, DTensor optimizer), allocator and compile
               variants, with kernel and operator profiles (one GPU; estimated 5 minutes)
-  scaling     DDP/FSDP2 on 1 GPU and on all GPUs of this machine (or $NGPU): the 8B config
-              with FSDP2 and the 1B shape with --dist auto, 512 and 4,096 tokens, the same
-              tokens per GPU; tokens/s per GPU and scaling efficiency
+  scaling     1 GPU and all GPUs of this machine (or $NGPU): the 8B config with FSDP2 and
+              the 1B shape with --dist auto ($SCALING_MODELS="8b 1b"), 512 and 4,096 tokens,
+              the same tokens per GPU; tokens/s per GPU and scaling efficiency
   gemm        every GEMM and the attention of one step timed alone: the step's floor
   trl         SmolLM2-135M on GSM8K, 3 epochs: `sftune train` and TRL's SFTTrainer
   gsm8k       SmolLM2-135M on GSM8K at lr 1e-4 and 2e-5: GSM8K accuracy before and after
@@ -152,19 +152,20 @@ suite_dist() {
         --profile sftune+none,sftune+fsdp,sftune+fsdp+reshard+dtensoropt --out "$RESULTS/dist.json"
 }
 # 1 GPU, then N, at the same tokens per GPU (weak scaling): 32 x 512 or 4 x 4,096 per GPU.
+# The 8B config with FSDP2, the 1B shape with --dist auto; SCALING_MODELS="1b" runs one.
 suite_scaling() {
-    local n=${NGPU:-$(nvidia-smi -L | wc -l)} g seq per
-    for g in 1 "$n"; do
-        for seq in 512 4096; do
-            per=$((seq == 512 ? 32 : 4))
-            PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "scaling_${seq}_$g" \
-                "$PY" -m torch.distributed.run --standalone --nproc-per-node "$g" \
-                benchmarks/throughput.py --steps 15 --seq "$seq" --batch $((per * g)) \
-                --config llama3.1-8b --runs sftune+fsdp --out "$RESULTS/scaling_8b_${seq}_$g.json"
-            PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "scaling_1b_${seq}_$g" \
-                "$PY" -m torch.distributed.run --standalone --nproc-per-node "$g" \
-                benchmarks/throughput.py --steps 15 --seq "$seq" --batch $((per * g)) \
-                --config llama3.2-1b --runs sftune --out "$RESULTS/scaling_1b_${seq}_$g.json"
+    local n=${NGPU:-$(nvidia-smi -L | wc -l)} model g seq per
+    declare -A config=([8b]=llama3.1-8b [1b]=llama3.2-1b) runs=([8b]=sftune+fsdp [1b]=sftune)
+    for model in ${SCALING_MODELS:-8b 1b}; do
+        for g in 1 "$n"; do
+            for seq in 512 4096; do
+                per=$((seq == 512 ? 32 : 4))
+                PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "scaling_${model}_${seq}_$g" \
+                    "$PY" -m torch.distributed.run --standalone --nproc-per-node "$g" \
+                    benchmarks/throughput.py --steps 15 --seq "$seq" --batch $((per * g)) \
+                    --config "${config[$model]}" --runs "${runs[$model]}" \
+                    --out "$RESULTS/scaling_${model}_${seq}_$g.json"
+            done
         done
     done
     "$PY" benchmarks/scaling.py "$RESULTS" | tee "$RESULTS/scaling.txt"
