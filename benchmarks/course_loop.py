@@ -75,6 +75,24 @@ CONFIGS = {
         bos_token_id=128000,
         eos_token_id=128001,
     ),
+    # meta-llama/Llama-3.2-1B config.json (tied embeddings: 1.24B parameters)
+    "llama3.2-1b": _llama(128256, 2048, 8192, 16, 32, 8)
+    | dict(
+        head_dim=64,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     # HuggingFaceTB/SmolLM2-135M-Instruct config.json: the embedded default model's shape
     "smollm2-135m": _llama(49152, 576, 1536, 30, 9, 3)
     | dict(

@@ -22,6 +22,12 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
               profile; LoRA within 24 GiB and QLoRA within 12 GiB as --max-memory-gib plans them
   docmask     document-aware packing at 2,048 and 4,096 tokens: FlexAttention and SDPA masks
   levers      one lever at a time, with kernel profiles (the longest suite)
+  dist        Llama-3.2-1B shape at world size 1 (torchrun): one process, DDP, FSDP2 (now,
+              and as before: resharding, DTensor optimizer), allocator and compile
+              variants, with kernel and operator profiles (one GPU; estimated 5 minutes)
+  scaling     1 GPU and all GPUs of this machine (or $NGPU): the 8B config with FSDP2 and
+              the 1B shape with --dist auto ($SCALING_MODELS="8b 1b"), 512 and 4,096 tokens,
+              the same tokens per GPU; tokens/s per GPU and scaling efficiency
   gemm        every GEMM and the attention of one step timed alone: the step's floor
   fp8         FP8 training (torchao) on the 8B config: the course's loop, sftune in bf16, FP8
               tensorwise and rowwise (both profiled), and two FP8 settings for 80 GB cards
@@ -52,7 +58,8 @@ the like): the 8B runs use a random init, the others sftune's embedded SmolLM2 p
 EOF
 }
 
-ALL=(throughput lora qlora docmask levers gemm fp8 fp8parity trl gsm8k gsm8k_lora tests)
+ALL=(throughput lora qlora docmask levers dist scaling gemm fp8 fp8parity trl gsm8k gsm8k_lora
+    tests)
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
 WHEELS="" RESULTS="" GSM8K="" SUITES=()
@@ -158,6 +165,33 @@ suite_levers() {
     throughput levers_autotune --runs sftune+autotune --steps 12
     throughput levers_cstep --steps 20 --profile sftune+cstep \
         --runs baseline,sftune+cstep,sftune,sftune-mb8+cstep,sftune-mb8+budget0.8+cstep
+}
+# What DDP and FSDP2 cost on one GPU, under torchrun, with the allocator `sftune train` uses.
+suite_dist() {
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step dist \
+        "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/throughput.py \
+        --config llama3.2-1b --steps 30 --warmup 5 --reference sftune+none \
+        --runs sftune+none,sftune+ddp,sftune+fsdp,sftune+fsdp+reshard,sftune+fsdp+reshard+dtensoropt,sftune+fsdp+reshard+dtensoropt+noexpand,sftune+none+eager,sftune+fsdp+eager \
+        --profile sftune+none,sftune+fsdp,sftune+fsdp+reshard+dtensoropt --out "$RESULTS/dist.json"
+}
+# 1 GPU, then N, at the same tokens per GPU (weak scaling): 32 x 512 or 4 x 4,096 per GPU.
+# The 8B config with FSDP2, the 1B shape with --dist auto; SCALING_MODELS="1b" runs one.
+suite_scaling() {
+    local n=${NGPU:-$(nvidia-smi -L | wc -l)} model g seq per
+    declare -A config=([8b]=llama3.1-8b [1b]=llama3.2-1b) runs=([8b]=sftune+fsdp [1b]=sftune)
+    for model in ${SCALING_MODELS:-8b 1b}; do
+        for g in 1 "$n"; do
+            for seq in 512 4096; do
+                per=$((seq == 512 ? 32 : 4))
+                PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "scaling_${model}_${seq}_$g" \
+                    "$PY" -m torch.distributed.run --standalone --nproc-per-node "$g" \
+                    benchmarks/throughput.py --steps 15 --seq "$seq" --batch $((per * g)) \
+                    --config "${config[$model]}" --runs "${runs[$model]}" \
+                    --out "$RESULTS/scaling_${model}_${seq}_$g.json"
+            done
+        done
+    done
+    "$PY" benchmarks/scaling.py "$RESULTS" | tee "$RESULTS/scaling.txt"
 }
 suite_gemm() { step gemm "$PY" benchmarks/gemm_floor.py --out "$RESULTS/gemm_floor.json"; }
 # FP8: the course loop and bf16 sftune as the references, both recipes at the probed micro-batch

@@ -1,4 +1,5 @@
-"""Single-GPU training throughput: the course's loop against sftune's trainer, same model and data.
+"""Training throughput: the course's loop against sftune's trainer, same model and data, on one
+GPU or many.
 
 Each run starts from the same random init (seed 0) and sees the same token batches, so the
 per-step losses of the baseline and of sftune are comparable step by step.
@@ -8,7 +9,12 @@ per-step losses of the baseline and of sftune are comparable step by step.
     # CPU smoke test with a tiny Llama:
     python benchmarks/throughput.py --config tiny --runs baseline,sftune-mb4,lean \
         --steps 5 --warmup 1 --device cpu
-    # many GPUs (FSDP2; the same global batch split over the ranks; the baseline is skipped):
+    # what DDP and FSDP2 cost at world size 1 (Llama-3.2-1B shape; `benchmarks/gpu.sh dist`):
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True torchrun --standalone --nproc-per-node 1 \
+        benchmarks/throughput.py --config llama3.2-1b --reference sftune+none \
+        --runs sftune+none,sftune+ddp,sftune+fsdp,sftune+fsdp+reshard --profile sftune+fsdp
+    # many GPUs (--dist auto: DDP or FSDP2; the same global batch split over the ranks; the
+    # baseline is skipped); `benchmarks/gpu.sh scaling` runs 1 and N GPUs and compares:
     torchrun --standalone --nproc-per-node 8 benchmarks/throughput.py --runs sftune
 
 Runs (comma-separated --runs):
@@ -37,6 +43,13 @@ Modifiers, appended with "+" to any sftune run (e.g. sftune-mb8+budget0.5+cudnn)
     +capN            at most N GiB of GPU memory (--max-memory-gib N); with micro-batch 0 the
                      probe picks the micro-batch and checkpointing that fit
     +fp8tw, +fp8rw   FP8 linears in the decoder blocks, torchao's tensorwise or rowwise recipe (--fp8)
+    +none, +ddp, +fsdp  how the ranks hold the model (--dist; default auto: none on one rank)
+    +reshard, +noreshard  FSDP frees each layer's gathered parameters after forward, or keeps
+                     them (--reshard-after-forward on/off; default auto)
+    +dtensoropt      FSDP: torch's clipping and AdamW on the DTensors, as sftune did before it
+                     stepped their local shards
+    +expand, +noexpand  the CUDA allocator's expandable segments on or off for this run
+                     (`sftune train` turns them on; PYTORCH_CUDA_ALLOC_CONF sets the default)
 
 `lean` takes modifiers too (e.g. lean+fp8tw: micro-batch 8, budget 0.8, FP8 tensorwise).
 
@@ -45,17 +58,25 @@ peft-mbN+ac+qlora (over the same 4-bit base): the plain PEFT + Hugging Face loop
 from the same initial adapters as +lora.
 
 --profile NAME[,NAME] profiles two more steps of those runs after the timing: a kernel table by
-category (GEMM, attention, compiled Triton, optimizer, ...) and GPU idle time, in
-<out dir>/profile_<NAME>.txt. The GEMMs that aten::_scaled_mm launched are counted apart, as
-"gemm (fp8)"; the other GEMMs of an FP8 run (output projection, loss) stay "gemm".
+category (GEMM, attention, compiled Triton, optimizer, ...), GPU idle time, and torch.profiler's
+operator tables (self CPU time, self GPU time), in <out dir>/profile_<NAME>.txt ("+" written
+as "_"). The GEMMs that aten::_scaled_mm launched are counted apart, as "gemm (fp8)"; the
+other GEMMs of an FP8 run (output projection, loss) stay "gemm". --reference NAME compares
+every run with that one (speed, losses); default baseline.
+
+Each run's JSON also holds what explains a slow run without a profile: the engine and
+resharding (`dist`), the allocator's retries and device allocations during the timed steps
+(`allocator`), and the compiler's graph and graph-break counts (`dynamo`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -176,9 +197,52 @@ def sftune_config(args, device, *, seq, batch, micro, compile_, fused, ac, mods)
             flat["activation_checkpointing"] = True
         elif m in FP8_MODS:
             flat["fp8"] = FP8_MODS[m]
-        elif m != "ce0":
+        elif m in ("none", "ddp", "fsdp"):
+            flat["dist"] = m
+        elif m in ("reshard", "noreshard"):
+            flat["reshard_after_forward"] = "on" if m == "reshard" else "off"
+        elif m not in ("ce0", "expand", "noexpand", "dtensoropt"):
             raise SystemExit(f"unknown modifier +{m}")
     return config_mod.from_flat(flat)
+
+
+@contextlib.contextmanager
+def allocator(mods: tuple[str, ...]):
+    """+expand / +noexpand: the CUDA allocator's expandable segments for one run, then back to
+    what PYTORCH_CUDA_ALLOC_CONF said."""
+    wanted = {"expand": True, "noexpand": False}.get(next((m for m in mods if "expand" in m), ""))
+    if wanted is None or not torch.cuda.is_available():
+        yield
+        return
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF", ""))
+    before = "expandable_segments:true" in conf.replace(" ", "").lower()
+    torch.cuda.memory._set_allocator_settings(f"expandable_segments:{wanted}")
+    try:
+        yield
+    finally:
+        _free()
+        torch.cuda.memory._set_allocator_settings(f"expandable_segments:{before}")
+
+
+def allocator_stats() -> dict:
+    """The caching allocator's counters since the timed steps began: retries (a cudaFree of
+    cached blocks and a second try, which synchronizes), device allocations and frees."""
+    stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+    keys = ("num_alloc_retries", "num_ooms", "num_sync_all_streams", "num_device_alloc")
+    return {k: stats[k] for k in (*keys, "num_device_free") if k in stats}
+
+
+def dynamo_stats() -> dict:
+    """What the compiler did in this run: graphs, graph breaks (top reasons), frames."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    return {
+        "stats": dict(counters["stats"]),
+        "frames": dict(counters["frames"]),
+        "graph_breaks": sum(breaks.values()),
+        "graph_break_reasons": [f"{n} x {r[:200]}" for r, n in breaks.most_common(5)],
+    }
 
 
 def run_sftune(
@@ -210,9 +274,7 @@ def run_sftune(
     if cfg.adapter.lora or cfg.adapter.qlora:
         torch.manual_seed(1)  # the same initial adapters as the PEFT runs
         lora.apply_lora(model, cfg)
-    built = module.build_module(
-        cfg, model, device, world
-    )  # FSDP2 when world_size > 1 (fsdp "auto")
+    built = module.build_module(cfg, model, device, world)  # --dist auto: DDP or FSDP2 on > 1
     if "ce0" in mods:
         built.module.compiled_loss = False
     optimizer, scheduler = build_optimizer(
@@ -224,6 +286,8 @@ def run_sftune(
     )
     if built.fp8_all_gather:
         fp8.precompute_scales_after_steps(optimizer, built.module)
+    if "dtensoropt" in mods:
+        optimizer.on_local_shards = False
     per_rank = batch // world.world_size
     t_probe = time.perf_counter()
     budget = module.gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else 0
@@ -281,6 +345,10 @@ def run_sftune(
         max_memory_gib=cfg.model.max_memory_gib,
         docs=docs,
         attn=attn,
+        dist=built.dist,
+        reshard_after_forward=built.reshard_after_forward,
+        allocator=allocator_stats(),
+        dynamo=dynamo_stats(),
     )
 
 
@@ -380,6 +448,7 @@ def time_steps(one_step, batches, micro, device, warmup) -> tuple[list, list[flo
     for i, b in enumerate(batches):
         if i == warmup:
             torch.cuda.synchronize()
+            torch.cuda.reset_accumulated_memory_stats()
             t0 = time.perf_counter()
         w0 = time.perf_counter()
         losses.append(one_step(_split(b, micro, device))[0])
@@ -411,12 +480,21 @@ def profile_steps(one_step, batches, micro, device, args, name) -> None:
     # aten::_scaled_mm), so that the table can count them apart from the bf16 GEMMs.
     fp8_gemms = {k.name for e in events if e.name == "aten::_scaled_mm" for k in e.kernels}
     text = profile_table(kernels, len(batches), name, fp8_gemms)
+    ops = prof.key_averages()
+    tables = []
+    for key in ("self_cpu_time_total", "self_device_time_total"):
+        try:
+            table = ops.table(sort_by=key, row_limit=40, max_name_column_width=60)
+        except Exception as e:  # a key this torch does not know: the other table still comes
+            table = f"({type(e).__name__}: {e})"
+        tables.append(
+            f"operators by {key} (torch.profiler key_averages, {len(batches)} steps)\n{table}"
+        )
     if args.world.is_main:
         print(text, flush=True)
         if args.out:
-            Path(args.out).parent.joinpath(f"profile_{name.replace('+', '_')}.txt").write_text(
-                text + "\n"
-            )
+            path = Path(args.out).parent / f"profile_{name.replace('+', '_')}.txt"
+            path.write_text("\n\n".join([text, *tables]) + "\n")
 
 
 def profile_table(kernels, steps: int, name: str, fp8_gemms: frozenset | set = frozenset()) -> str:
@@ -496,7 +574,8 @@ def dispatch(name: str, args, device) -> dict:
             raise SystemExit(f"modifiers apply to sftune, sftune-mbN and lean only: {name!r}")
         if base == "lean":
             mods = ["budget0.8", *mods]
-        return run_sftune(args, device, micro=micro, mods=tuple(mods), name=name)
+        with allocator(tuple(mods)):
+            return run_sftune(args, device, micro=micro, mods=tuple(mods), name=name)
     if name == "baseline":
         return run_baseline(args, device)
     if name == "sftune":
@@ -537,9 +616,13 @@ def main() -> None:
     ap.add_argument("--compile", default="on", choices=["on", "off"], help="for sftune runs")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default="", help="comma-separated run names to profile")
+    ap.add_argument("--reference", default="baseline", help="the run the others are compared with")
     args = ap.parse_args()
     args.profile = [p for p in args.profile.split(",") if p]
-    args.world = distributed.init(args.device)
+    # A process group even for one process without torchrun: +ddp and +fsdp need one.
+    args.world = distributed.init(args.device, group=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     device = (
         torch.device(args.device, args.world.local_rank)
         if args.device == "cuda"
@@ -550,6 +633,7 @@ def main() -> None:
         torch.cuda.synchronize = lambda *a, **k: None
         torch.cuda.empty_cache = lambda *a, **k: None
         torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
+        torch.cuda.reset_accumulated_memory_stats = lambda *a, **k: None
         torch.cuda.max_memory_allocated = lambda *a, **k: 0
         torch.Tensor.pin_memory = lambda self, *a, **k: self
     results = {
@@ -572,6 +656,7 @@ def main() -> None:
         # that its own compile settings take effect (and the last model is not pinned).
         torch._dynamo.reset()
         torch._inductor.config.emulate_precision_casts = precision_casts
+        torch._dynamo.utils.counters.clear()
         if device.type == "cuda":
             _free()
             if main_rank:
@@ -602,20 +687,23 @@ def main() -> None:
         results["runs"][name] = res
         if args.out and main_rank:
             Path(args.out).write_text(json.dumps(results, indent=1))
-    base = results["runs"].get("baseline", {})
+    ref = args.reference
+    base = results["runs"].get(ref, {})
+    results["reference"] = ref
+    what = "the course loop" if ref == "baseline" else ref
     for name, res in results["runs"].items():
-        if name != "baseline" and "tokens_per_s" in res and "tokens_per_s" in base:
+        if name != ref and "tokens_per_s" in res and "tokens_per_s" in base:
             n = min(len(res["losses"]), len(base["losses"]))
             diff = max(
                 abs(a - b) for a, b in zip(res["losses"][:n], base["losses"][:n], strict=True)
             )
-            res["speedup_vs_baseline"] = res["tokens_per_s"] / base["tokens_per_s"]
-            res["max_loss_diff_vs_baseline"] = diff if res["seq_len"] == base["seq_len"] else None
+            res["speedup_vs_reference"] = res["tokens_per_s"] / base["tokens_per_s"]
+            res["max_loss_diff_vs_reference"] = diff if res["seq_len"] == base["seq_len"] else None
             report(
-                f"{name:>14}: {res['speedup_vs_baseline']:.2f}x the course loop; "
-                f"max |loss - baseline| over {n} steps = {diff:.4f}"
+                f"{name:>14}: {res['speedup_vs_reference']:.2f}x {what}; "
+                f"max |loss - {ref}| over {n} steps = {diff:.4f}"
                 if res["seq_len"] == base["seq_len"]
-                else f"{name:>14}: {res['speedup_vs_baseline']:.2f}x (different sequence length)"
+                else f"{name:>14}: {res['speedup_vs_reference']:.2f}x (different sequence length)"
             )
     if args.out and main_rank:
         Path(args.out).write_text(json.dumps(results, indent=1))

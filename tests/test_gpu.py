@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from sftune import config as config_mod
+from sftune.train import distributed
 from sftune.train.distributed import World
-from sftune.train.module import build_module
+from sftune.train.module import build_module, probe_micro_batch
 from sftune.train.optim import build_optimizer
 from sftune.train.step import train_step
 from tiny import build_tiny_model
@@ -66,6 +67,8 @@ def _losses(
     fp8: str = "off",
     steps: int = STEPS,
     zipf: bool = False,
+    dist: str = "auto",
+    probe: bool = False,
 ) -> list[float]:
     device = torch.device("cuda")
     model = build_tiny_model(
@@ -84,10 +87,14 @@ def _losses(
             fused_loss=fused,
             fp8=fp8,
             device="cuda",
+            dist=dist,
         )
     )
     module = build_module(cfg, model, device, World()).module
     opt, sched = build_optimizer(list(module.parameters()), cfg.optim, steps, device)
+    if probe:  # finds a micro-batch without changing the weights; the run keeps `micro`
+        kw = dict(per_rank_batch=BATCH, seq_length=SEQ, vocab_size=VOCAB, device=device)
+        assert probe_micro_batch(module, opt, **kw) == BATCH
     out = []
     for b in _batches(docs, steps, zipf):
         mbs = [
@@ -102,6 +109,21 @@ def test_fast_path_matches_plain_path():
     plain = _losses(micro=2, compile_="off", fused="off")
     fast = _losses(micro=8, compile_="on", fused="on")
     assert fast == pytest.approx(plain, rel=2e-2), (plain, fast)
+
+
+def test_ddp_and_fsdp_on_one_gpu_train_like_one_process():
+    """--dist ddp and --dist fsdp in one process (a one-process NCCL group), compiled and
+    fused, with accumulation: the losses of the plain module; DDP's probe leaves no
+    all-reduce pending."""
+    plain = _losses(micro=4, compile_="on", fused="on")
+    distributed.init("cuda", group=True)
+    try:
+        ddp = _losses(micro=4, compile_="on", fused="on", dist="ddp", probe=True)
+        fsdp = _losses(micro=4, compile_="on", fused="on", dist="fsdp")
+    finally:
+        distributed.shutdown()
+    assert ddp == pytest.approx(plain, rel=1e-2), (plain, ddp)
+    assert fsdp == pytest.approx(plain, rel=1e-2), (plain, fsdp)
 
 
 def test_document_mask_sdpa_and_flex_agree():

@@ -204,8 +204,20 @@ class LoraConfig:
 
 @dataclass
 class DistConfig:
-    fsdp: str = _f(
-        "auto", "FSDP2 sharding: auto (on when world size > 1), on, off", ("auto", "on", "off")
+    dist: str = _f(
+        "auto",
+        "how the ranks of torchrun hold the model: auto (ddp when weights, gradients and AdamW "
+        "state take at most 40% of one GPU, else fsdp; none for one process), ddp (replicated, "
+        "gradients all-reduced), fsdp (FSDP2: parameters, gradients and optimizer state sharded), "
+        "none (one process, nothing wrapped)",
+        ("auto", "ddp", "fsdp", "none"),
+    )
+    reshard_after_forward: str = _f(
+        "auto",
+        "FSDP: free each layer's gathered parameters after its forward and gather them again for "
+        "its backward (saves memory, costs a gather): auto (on only when the model would not fit "
+        "replicated), on, off",
+        ("auto", "on", "off"),
     )
     reduce_fp32: bool = _f(False, "FSDP: reduce gradients in fp32")
     cpu_offload: bool = _f(False, "FSDP: keep parameters and optimizer state on the CPU")
@@ -261,6 +273,8 @@ class RunConfig:
 
 SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
 REPORT_TO = ("wandb", "tensorboard")
+# Earlier names still read from flags and files: old name -> (field, {old value: new value}).
+ALIASES = {"fsdp": ("dist", {"on": "fsdp", "off": "none", "auto": "auto"})}
 
 
 def _section_fields() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -302,6 +316,8 @@ def _coerce(name: str, value: Any) -> Any:
             return bool(value)
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
+        if tp is str and isinstance(value, bool) and "on" in (f.metadata["choices"] or ()):
+            return "on" if value else "off"  # YAML reads a bare on/off as a boolean
         return tp(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
@@ -342,6 +358,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 metavar="{" + ",".join(choices) + "}" if choices else None,
                 help=help_text,
             )
+    for old, (name, values) in ALIASES.items():
+        renamed = ", ".join(f"{a} = {b}" for a, b in values.items())
+        groups[FIELDS[name][0]].add_argument(
+            "--" + old, dest=old, default=None, choices=tuple(values), help=f"--{name}: {renamed}"
+        )
 
 
 def _flatten_file(path: str) -> dict[str, Any]:
@@ -362,19 +383,36 @@ def _flatten_file(path: str) -> dict[str, Any]:
         if key in SECTIONS and isinstance(value, dict):
             for sub, v in value.items():
                 sub = str(sub).replace("-", "_")
-                if sub not in FIELDS or FIELDS[sub][0] != key:
+                owner = FIELDS[ALIASES[sub][0]][0] if sub in ALIASES else FIELDS.get(sub, ("",))[0]
+                if owner != key:
                     raise ConfigError(f"{path}: unknown setting {key}.{sub}")
                 flat[sub] = v
-        elif key in FIELDS:
+        elif key in FIELDS or key in ALIASES:
             flat[key] = value
         else:
             raise ConfigError(f"{path}: unknown setting {key!r}")
     return flat
 
 
+def _unalias(values: dict[str, Any]) -> dict[str, Any]:
+    """`fsdp: on` -> `dist: fsdp` (YAML reads a bare on/off as a boolean)."""
+    out = dict(values)
+    for old, (name, mapping) in ALIASES.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        if value not in mapping:
+            raise ConfigError(f"--{old}: {value!r} is not one of {sorted(mapping)}")
+        if name in out and out[name] != mapping[value]:
+            raise ConfigError(f"--{old} {value} and --{name} {out[name]} disagree: give --{name}")
+        out[name] = mapping[value]
+    return out
+
+
 def from_flat(values: dict[str, Any]) -> RunConfig:
     cfg = RunConfig()
-    for name, value in values.items():
+    for name, value in _unalias(values).items():
         if name not in FIELDS:
             raise ConfigError(f"unknown setting {name!r}")
         section, _ = FIELDS[name]
@@ -386,11 +424,9 @@ def from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults < --config file < flags."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        values.update(_flatten_file(args.config))
-    for name in FIELDS:
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
+        values.update(_unalias(_flatten_file(args.config)))
+    flags = {name: getattr(args, name, None) for name in [*FIELDS, *ALIASES]}
+    values.update(_unalias({k: v for k, v in flags.items() if v is not None}))
     return from_flat(values)
 
 
@@ -415,7 +451,13 @@ def with_values(cfg: RunConfig, **values: Any) -> RunConfig:
 
 
 def check_world_size(cfg: RunConfig, world_size: int) -> None:
-    """The batch splits evenly over the ranks (and their micro-batches)."""
+    """The batch splits evenly over the ranks (and their micro-batches); several ranks share
+    one model (replicated or sharded)."""
+    if cfg.dist.dist == "none" and world_size > 1:
+        raise ConfigError(
+            f"--dist none: {world_size} ranks would train {world_size} separate models; use "
+            "--dist auto, ddp or fsdp"
+        )
     bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
     if bs % world_size:
         raise ConfigError(f"--batch-size {bs} is not a multiple of the world size {world_size}")
@@ -483,6 +525,9 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.dist.dist in ("ddp", "none") and (cfg.dist.cpu_offload or cfg.dist.reduce_fp32):
+        flag = "--cpu-offload" if cfg.dist.cpu_offload else "--reduce-fp32"
+        raise ConfigError(f"{flag} is an FSDP setting: use --dist fsdp (or auto) with it")
     for name in cfg.log.backends:
         if name not in REPORT_TO:
             raise ConfigError(f"--report-to: unknown backend {name!r} ({', '.join(REPORT_TO)})")

@@ -7,7 +7,7 @@
 
 Features plug in here, at build time (a model transform, a renderer), never as flags threaded
 through the step. The order matters only where noted: FP8 linears, the loss wrapper,
-activation checkpointing, per-layer compile and FSDP2 are applied in that order
+activation checkpointing, per-layer compile and DDP or FSDP2 are applied in that order
 (`build_module`), and the micro-batch is probed once the optimizer's state exists
 (`resolve_micro_batch`).
 """
@@ -71,7 +71,7 @@ class Run:
     source: str  # the local directory the base was loaded from
     tokenizer: Any
     module: torch.nn.Module
-    sharded: bool
+    dist: str  # "none", "ddp" or "fsdp"
     varlen: bool  # flash-attn's variable-length path: batches are flattened to (1, B*T)
     train_data: PackedSFTDataset
     val_data: PackedSFTDataset
@@ -87,6 +87,11 @@ class Run:
     flops_per_token: float | None
     peak_flops: float | None
     notes: tuple[str, ...]
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: parameters are gathered in step on every rank (generation runs on all)."""
+        return self.dist == "fsdp"
 
     @property
     def micro_batch_size(self) -> int:
@@ -302,7 +307,8 @@ def build(cfg: RunConfig) -> Run:
     cfg.validate()
     quiet_libraries(cfg.log.verbose)
     world = distributed.init(
-        "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu"
+        "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu",
+        group=cfg.dist.dist in ("ddp", "fsdp") or cfg.dist.cpu_offload,
     )
     config_mod.check_world_size(cfg, world.world_size)
     device = distributed.resolve_device(cfg.model.device, world)
@@ -376,7 +382,8 @@ def build(cfg: RunConfig) -> Run:
         fused_loss=_on_off(built.module.fused),
         doc_mask=_on_off(doc_mask),
         device=device.type,
-        fsdp=_on_off(built.sharded),
+        dist=built.dist,
+        reshard_after_forward=_on_off(built.reshard_after_forward),
         micro_batch_size=micro,
         activation_checkpointing=checkpointing,
         eval_max_batches=_eval_max_batches(cfg, device),
@@ -409,7 +416,7 @@ def build(cfg: RunConfig) -> Run:
         source=info.source,
         tokenizer=tokenizer,
         module=built.module,
-        sharded=built.sharded,
+        dist=built.dist,
         varlen=doc_mask and info.attn_implementation == "flash_attention_2",
         train_data=data.train,
         val_data=data.val,

@@ -1,4 +1,4 @@
-"""The training loop: `sftune train`, the same code on a CPU, one GPU or many (torchrun + FSDP2).
+"""The training loop: `sftune train`, the same code on a CPU, one GPU or many (DDP or FSDP2).
 
     sftune train --config configs/demo.yaml
     sftune train --model DIR --train-data train.jsonl --val-data val.jsonl --lr 2e-5

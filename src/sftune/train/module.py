@@ -1,12 +1,12 @@
 """The trained module: a Hugging Face causal LM whose forward returns the token-weighted loss,
 and how it is made ready to train (FP8 linears, loss wrapper, activation checkpointing,
-per-layer compile, FSDP2) and how large a micro-batch fits it.
+per-layer compile, DDP or FSDP2) and how large a micro-batch fits it.
 
 Putting the loss inside `forward` keeps the output projection inside the module that FSDP2
 shards as the root, so its parameters are gathered when the fused loss reads them, and lets
 `torch.compile`, FSDP and autocast treat "model + loss" as one unit.
 
-    built = build_module(cfg, hf_model, device, world)     # .module, .sharded, .notes
+    built = build_module(cfg, hf_model, device, world)     # .module, .dist, .notes
     loss = built.module(input_ids=ids, labels=labels, scale=1 / n_tokens)
     plan = plan_memory(built.module, optimizer, per_rank_batch=32, seq_length=512,
                        vocab_size=128256, device=device, budget_bytes=gpu_budget(device, 24),
@@ -129,20 +129,25 @@ def set_sdpa_backend(name: str) -> None:
 
 class ModuleBuild(NamedTuple):
     module: CausalLMWithLoss
-    sharded: bool
+    dist: str  # "none", "ddp" (replicated) or "fsdp" (sharded): --dist resolved
+    reshard_after_forward: bool  # FSDP's layers free their gathered parameters after forward
     compiled: bool  # the decoder layers are torch.compile'd
     notes: list[str]
     # FP8 weights all-gathered under FSDP2: their scales are precomputed after each optimizer
     # step (fp8.precompute_scales_after_steps, once the optimizer exists)
     fp8_all_gather: bool = False
 
+    @property
+    def sharded(self) -> bool:
+        return self.dist == "fsdp"
+
 
 def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -> ModuleBuild:
-    """FP8 linears, loss wrapper, activation checkpointing, per-layer torch.compile, FSDP2: in
-    that order."""
+    """FP8 linears, loss wrapper, activation checkpointing, per-layer torch.compile, DDP or
+    FSDP2: in that order."""
     notes: list[str] = []
-    sharded = distributed.use_fsdp(cfg.dist, world)
-    all_gather = sharded and cfg.model.fp8 == "tensorwise"
+    plan = distributed.plan(cfg.dist, world, hf_model, device)
+    all_gather = plan.strategy == "fsdp" and cfg.model.fp8 == "tensorwise"
     if fp8.enabled(cfg.model.fp8):  # before compile and fully_shard see the layers
         fp8.check_available(cfg.model.fp8, device)
         notes.append(fp8.convert(hf_model, cfg.model.fp8, all_gather=all_gather))
@@ -173,14 +178,24 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
             f"torch.compile: each decoder layer ({cfg.model.compile_mode}"
             f"{f', activation memory budget {budget:g}' if budget < 1 else ''})"
         )
-    if sharded:
+    if plan.strategy == "fsdp":
         param_dtype = torch.bfloat16 if cfg.model.dtype == "bf16-mixed" else None
-        distributed.apply_fsdp(module, hf_model, cfg.dist, param_dtype)
-        notes.append(f"FSDP2 over {world.world_size} rank(s)")
+        distributed.apply_fsdp(
+            module,
+            hf_model,
+            cfg.dist,
+            param_dtype,
+            reshard_after_forward=plan.reshard_after_forward,
+        )
+    elif plan.strategy == "ddp":
+        distributed.apply_ddp(module, device)
+    notes.append(distributed.describe(plan, world))
     notes.append(f"loss: {'fused chunked linear+CE' if fused else 'full logits + CE'}")
     if fp8.enabled(cfg.model.fp8) and not compiled:
         notes.append("FP8 without compile: its casts run as separate kernels, eating the gain")
-    return ModuleBuild(module, sharded, compiled, notes, fp8_all_gather=all_gather)
+    return ModuleBuild(
+        module, plan.strategy, plan.reshard_after_forward, compiled, notes, all_gather
+    )
 
 
 # ----------------------------------------------------------------------------- micro-batch probe
@@ -241,6 +256,11 @@ def probe_micro_batch(
     materialize_optimizer_state(optimizer)
     budget = budget_bytes or torch.cuda.get_device_properties(device).total_memory
     fits = 0
+    if distributed.is_replicated(module):
+        # No all-reduce while probing: the gradients then stay outside DDP's buckets, as on the
+        # micro-batches a step accumulates (the larger memory of the two), and a candidate
+        # that fails on one rank leaves no collective half done on the others.
+        distributed.set_grad_sync(module, False)
     for mb in sorted(
         (d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0), reverse=True
     ):
@@ -259,8 +279,8 @@ def probe_micro_batch(
         if ok:
             fits = mb
             break
-    agreed = -distributed.all_reduce_max(torch.tensor([-float(fits)], device=device))
-    return int(agreed.item()) or None
+    # Every rank must run the same number of micro-batches (their collectives pair up).
+    return distributed.min_over_ranks(fits, device) or None
 
 
 def _tokens_per_s(module: nn.Module, optimizer, mb: int, seq_length: int, vocab_size: int, device):
@@ -376,7 +396,7 @@ def resolve_micro_batch(cfg: RunConfig, world: World, device: torch.device) -> i
 
 
 def choose_compile_step(cfg: RunConfig, sharded: bool) -> bool:
-    """--compile-step, which is single-device only."""
+    """--compile-step, on plain (not FSDP-sharded) parameters only."""
     if cfg.optim.compile_step and sharded:
-        raise ConfigError("--compile-step: not supported with FSDP (more than one rank)")
+        raise ConfigError("--compile-step: not supported with FSDP (use --dist ddp or none)")
     return cfg.optim.compile_step

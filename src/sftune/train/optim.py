@@ -11,6 +11,7 @@ import math
 import torch
 
 from sftune.config import OptimConfig
+from sftune.train import distributed
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
@@ -26,6 +27,22 @@ def lr_factor(step: int, total_steps: int, warmup: int, min_lr_ratio: float) -> 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def clip_grad_norm_(
+    params: list[torch.Tensor], max_norm: float, local_shards: bool = False
+) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_; with local_shards (FSDP2's DTensor gradients), the same
+    on each rank's shards: their norm, one all-reduce of the squares, the same scaling, without
+    DTensor's dispatch for every gradient. Returns the norm before clipping."""
+    if not local_shards:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [distributed.local_tensor(p.grad) for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    norm = distributed.all_reduce_sum(norm.square()).sqrt()  # each element lives on one rank
+    if grads:  # torch's scaling, as clip_grads_with_norm_ does it to .grad of parameters
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+
+
 class AdamW(torch.optim.AdamW):
     """torch's AdamW plus `clip_and_step`: gradient-norm clipping and the update in one call.
 
@@ -33,6 +50,10 @@ class AdamW(torch.optim.AdamW):
     torch.nn.utils does it. compiled=True: both under one `torch.compile`, so clipping's
     scaling and the update become a few fused passes over the parameters; this needs the
     learning rate as a tensor (the scheduler updates it in place, so nothing recompiles).
+
+    FSDP2's parameters, gradients and moments are DTensors; the update is elementwise, so it
+    runs on each rank's local shards as plain tensors (in place, so the DTensors see it), and
+    the state stays DTensors for checkpoints.
     """
 
     def __init__(self, groups, *, compiled: bool, device: torch.device, **kw):
@@ -42,11 +63,25 @@ class AdamW(torch.optim.AdamW):
             kw.update(fused=device.type == "cuda")
         super().__init__(groups, **kw)
         self.compiled = compiled
+        # FSDP2's DTensors: stepped on their local shards (benchmarks turn it off to compare).
+        self.on_local_shards = any(
+            distributed.is_dtensor(p) for g in self.param_groups for p in g["params"]
+        )
         self._step_fn = torch.compile(self._clip_and_step) if compiled else self._clip_and_step
+
+    def _init_group(self, group, *lists):
+        """torch's, then each DTensor in the lists it filled (parameters, gradients, moments)
+        replaced by its local shard."""
+        out = super()._init_group(group, *lists)
+        if self.on_local_shards:
+            for xs in lists:
+                if isinstance(xs, list):
+                    xs[:] = [distributed.local_tensor(x) for x in xs]
+        return out
 
     def _clip_and_step(self, max_norm: float) -> torch.Tensor:
         params = [p for g in self.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = clip_grad_norm_(params, max_norm, self.on_local_shards)
         self.step()
         return norm
 

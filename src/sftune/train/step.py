@@ -62,7 +62,7 @@ def train_step(
     """
     count = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).float()
     global_count = distributed.all_reduce_sum(count.clone())
-    # Each rank's gradient is averaged over ranks by FSDP/all-reduce, hence the world size.
+    # DDP and FSDP average each gradient over the ranks, hence the world size.
     scale = world_size / global_count.clamp(min=1.0)
     losses = []
     for i, b in enumerate(batches):
@@ -76,8 +76,6 @@ def train_step(
         loss.backward()
         losses.append(loss.detach())
     grad_norm = optimizer.clip_and_step(grad_clip if grad_clip > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return torch.stack(losses).sum() / world_size, grad_norm, global_count  # the loss's dtype
