@@ -212,7 +212,7 @@ suite_fp8parity() {
 # suite is asked for (lm-eval installed) it also scores GSM8K accuracy (200 problems) every 98
 # steps, whichever suite trains it first.
 TASKS=()
-[[ " ${SUITES[*]} " =~ " gsm8k(_lora)? " ]] && TASKS=(--eval-tasks gsm8k
+[[ " ${SUITES[*]} " == *" gsm8k "* ]] && TASKS=(--eval-tasks gsm8k
     --task-data "gsm8k=$GSM8K/test.jsonl" --eval-tasks-every 98 --eval-limit 200)
 finetune() {  # finetune TAG [TRAIN FLAGS...]: the SmolLM2 GSM8K run into smollm2_TAG
     local tag=$1
