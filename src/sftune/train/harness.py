@@ -252,7 +252,6 @@ def evaluate_model(
         verbose=verbose,
     )
     seconds = time.perf_counter() - start
-    print(table(results))
     extra = {
         "model": model,
         "tasks": {s.name: {"yaml": str(s.yaml_path), **s.overrides} for s in specs},
@@ -268,6 +267,7 @@ def evaluate_model(
         atomic_write_lines(
             out / f"eval_samples_{task}.jsonl", (json.dumps(r, default=_plain) for r in rows)
         )
+    print(table(results))  # after the results are on disk: minutes of generation are never lost
     done = sum(n["effective"] for n in results.get("n-samples", {}).values())
     print(f"{done} problems in {seconds:.1f} s on {dev} | {out / RESULTS_FILE}")
     return results
