@@ -25,7 +25,7 @@ import torch
 from sftune import config as config_mod
 from sftune.config import RunConfig
 from sftune.data import PackedSFTDataset
-from sftune.data.formats import parse_fields, peek
+from sftune.data.formats import CHAT_FORMATS, parse_fields, peek
 from sftune.data.sampler import StepSampler
 from sftune.errors import ConfigError, SftuneError
 from sftune.models import (
@@ -215,7 +215,9 @@ def build_datasets(
             shuffle,
             seed=cfg.optim.seed,
             fields=parse_fields(cfg.data.fields),
+            train_on=cfg.data.train_on,
             response_only=cfg.data.response_only,
+            system_prompt=cfg.data.system_prompt,
             position_ids=doc_mask,
             verbose=world.is_main,
             **kw,
@@ -241,11 +243,14 @@ def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[tuple[str,
     out = []
     for r in val.sample_records(n):
         prompt_part, _ = render_record(r, tokenizer)
-        shown = r.prompt or (
-            r.messages[-2]["content"] if r.messages and len(r.messages) > 1 else ""
-        )
-        out.append((shown, prompt_part))
+        out.append((r.prompt or _last_user_turn(r.messages), prompt_part))
     return tuple(out)
+
+
+def _last_user_turn(messages) -> str:
+    """The content of the user turn before a chat's last assistant turn (what it answers)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
 
 
 # ----------------------------------------------------------------------------- model, optimizer
@@ -309,7 +314,7 @@ def build(cfg: RunConfig) -> Run:
         checkpoint.check_kind(resume_from, lora.enabled(cfg))  # fails before the model loads
     train_path, val_path = data_paths(cfg, world)
     fields = parse_fields(cfg.data.fields)
-    prompt_format = "chat" if peek(train_path, fields) == "messages" else "alpaca"
+    prompt_format = "chat" if peek(train_path, fields) in CHAT_FORMATS else "alpaca"
 
     lora.check_available(cfg, device, world.world_size)
     hf_model, tokenizer, info, adapter = load_model(cfg, device)
@@ -360,6 +365,8 @@ def build(cfg: RunConfig) -> Run:
         fsdp=_on_off(built.sharded),
         micro_batch_size=micro,
         eval_max_batches=_eval_max_batches(cfg, device),
+        train_on=data.train.train_on,
+        response_only=False,  # an alias, resolved into train_on
     )
     create_output_dir(output_dir, resolved, world)
     logger = MetricsLogger(
