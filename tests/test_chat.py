@@ -413,3 +413,13 @@ def test_prepare_refuses_response_only_with_another_mode(served, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--response-only means --train-on assistant" in err
     assert main([*args, "--show", "-1"]) == 2
+
+
+def test_generation_prompt_opens_with_the_system_prompt(smollm2_tokenizer):
+    from sftune.train.generate import prompt_ids
+
+    text = smollm2_tokenizer.decode(prompt_ids(smollm2_tokenizer, "Hi", "chat", "Be brief."))
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
