@@ -1,6 +1,8 @@
-"""Benchmark PackedSFTDataset at scale: cold build, bare tokenization, cache load, memory, access.
+"""Benchmark PackedSFTDataset at scale: cold build, bare tokenization, cache load, memory, access,
+and the cost of masking every assistant turn of multi-turn chats.
 
     .venv/bin/python benchmarks/packing.py [--documents 200000] [--seq-length 2048] [--out FILE]
+                                           [--parts course,chat]
 
 A synthetic file of `--documents` records (default 200,000, about 57M Llama 3 tokens) is made
 in a temporary directory from ../shared/data: record i is GSM8K train question i (mod 7,473)
@@ -17,6 +19,14 @@ Measured, each build in its own subprocess so that one pass does not pollute ano
   (target <= 2 s);
 * random `__getitem__` rate and `iterate_batches` rate.
 
+Chat part: `--documents` OpenAI-messages chats of two exchanges (chat i: a system prompt, GSM8K
+question i, its answer, AlpacaEval instruction 7i, its output), Llama 3 tokenizer with the
+Llama 3 Instruct chat template and EOS `<|eot_id|>`. Each of `--train-on all` (no mask),
+`last` (the final turn only: the conversation as a single response, what `--response-only`
+trained before) and `assistant` (both turns, each located by rendering prefixes) is a cold
+build in its own subprocess, run `--chat-repeats` times in rotation; the table gives each
+mode's fastest build and the ratio assistant / last (target <= 1.5) and assistant / all.
+
 Prints a table and, with --out, writes the numbers as JSON.
 """
 
@@ -26,6 +36,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +45,17 @@ from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's sftune
+CHAT_MODES = ("all", "last", "assistant")
+# Meta-Llama-3-8B-Instruct's chat template (as in tests/chat_templates.py).
+LLAMA3_INSTRUCT = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
 
 
 def make_file(path: Path, documents: int) -> None:
@@ -47,6 +69,23 @@ def make_file(path: Path, documents: int) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def make_chat_file(path: Path, documents: int) -> None:
+    """The synthetic two-exchange chats (see the module docstring)."""
+    gsm = _read_jsonl(SHARED / "data/gsm8k/train.jsonl")
+    alpaca = _read_jsonl(SHARED / "data/alpaca_eval/alpaca_eval.jsonl")
+    with open(path, "w") as f:
+        for i in range(documents):
+            g, a = gsm[i % len(gsm)], alpaca[(7 * i) % len(alpaca)]
+            messages = [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": g["question"]},
+                {"role": "assistant", "content": g["answer"]},
+                {"role": "user", "content": a["instruction"]},
+                {"role": "assistant", "content": a["output"]},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -54,6 +93,12 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads (the tokenizer's pool too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def child_build(args: argparse.Namespace) -> dict:
@@ -64,12 +109,23 @@ def child_build(args: argparse.Namespace) -> dict:
     from sftune.llama3_tokenizer import build_llama3_tokenizer
 
     tokenizer = build_llama3_tokenizer(args.tokenizer_dir)
+    if args.train_on != "all":  # the chat part
+        tokenizer.chat_template, tokenizer.eos_token = LLAMA3_INSTRUCT, "<|eot_id|>"
     rss_before = _peak_rss_mb()
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
-    ds = PackedSFTDataset(tokenizer, args.data, args.seq_length, args.shuffle, verbose=True)
+    ds = PackedSFTDataset(
+        tokenizer,
+        args.data,
+        args.seq_length,
+        args.shuffle,
+        train_on=args.train_on.removeprefix("chat-"),
+        verbose=True,
+    )
     seconds = time.perf_counter() - start
     result = {
         "seconds": seconds,
+        "cpu_seconds": _cpu_seconds() - cpu_start,
         "peak_rss_mb": _peak_rss_mb(),
         "rss_before_build_mb": rss_before,
         "from_cache": ds.stats.from_cache,
@@ -77,6 +133,8 @@ def child_build(args: argparse.Namespace) -> dict:
         "tokens": ds.stats.tokens,
         "items": ds.stats.items,
         "tokens_kept_fraction": ds.stats.tokens_kept_fraction,
+        "trained_tokens": ds.num_trained_tokens,
+        "seq_length": args.seq_length,
     }
     if args.access:
         indices = np.random.default_rng(0).integers(0, len(ds), 20_000)
@@ -106,10 +164,12 @@ def bare_tokenization(args: argparse.Namespace) -> float:
     return time.perf_counter() - start
 
 
-def run_child(args: argparse.Namespace, shuffle: bool, access: bool) -> dict:
-    command = [sys.executable, __file__, "--child", "--data", str(args.data)]
+def run_child(
+    args: argparse.Namespace, shuffle: bool, access: bool, data: Path | None = None, mode="all"
+) -> dict:
+    command = [sys.executable, __file__, "--child", "--data", str(data or args.data)]
     command += ["--tokenizer-dir", str(args.tokenizer_dir), "--seq-length", str(args.seq_length)]
-    command += ["--shuffle"] * shuffle + ["--access"] * access
+    command += ["--shuffle"] * shuffle + ["--access"] * access + ["--train-on", mode]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -119,6 +179,13 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=200_000)
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--parts", default="course,chat", help="which parts to run: course, chat (default: both)"
+    )
+    parser.add_argument(
+        "--chat-repeats", type=int, default=2, help="cold builds per --train-on mode (default: 2)"
+    )
+    parser.add_argument("--train-on", default="all", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer-dir", type=Path, help=argparse.SUPPRESS)
@@ -141,6 +208,55 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
     os.environ["SFTUNE_CACHE_DIR"] = str(tmp / "cache")
     args.tokenizer_dir = tmp / "tokenizer"
     build_llama3_tokenizer(args.tokenizer_dir)
+    parts = {p.strip() for p in args.parts.split(",")}
+    results = {"machine": f"{os.cpu_count()}-core CPU, {sys.platform}"}
+    if "course" in parts:
+        results |= course_benchmark(args, tmp)
+    if "chat" in parts:
+        results |= chat_benchmark(args, tmp)
+    return results
+
+
+def chat_benchmark(args: argparse.Namespace, tmp: Path) -> dict:
+    """Cold builds of the chat file per --train-on mode, in rotation; the fastest of each."""
+    chats = tmp / "chats.jsonl"
+    make_chat_file(chats, args.documents)
+    seconds: dict[str, list[float]] = {mode: [] for mode in CHAT_MODES}
+    cpu: dict[str, list[float]] = {mode: [] for mode in CHAT_MODES}
+    builds = {}
+    for repeat in range(args.chat_repeats):
+        for mode in CHAT_MODES:
+            os.environ["SFTUNE_CACHE_DIR"] = str(tmp / f"chat-cache-{mode}-{repeat}")
+            builds[mode] = run_child(args, False, False, data=chats, mode=f"chat-{mode}")
+            seconds[mode].append(builds[mode]["seconds"])
+            cpu[mode].append(builds[mode]["cpu_seconds"])
+            shutil.rmtree(tmp / f"chat-cache-{mode}-{repeat}", ignore_errors=True)
+    best = {mode: min(times) for mode, times in seconds.items()}
+    best_cpu = {mode: min(times) for mode, times in cpu.items()}
+    return {
+        "chat_documents": builds["all"]["documents"],
+        "chat_tokens": builds["all"]["tokens"],
+        "chat_file_mb": chats.stat().st_size / 2**20,
+        **{f"chat_cold_build_{mode}_s": best[mode] for mode in CHAT_MODES},
+        **{f"chat_cold_build_{mode}_cpu_s": best_cpu[mode] for mode in CHAT_MODES},
+        **{f"chat_cold_builds_{mode}_s": _listed(seconds[mode]) for mode in CHAT_MODES},
+        **{f"chat_trained_fraction_{mode}": _trained_fraction(builds[mode]) for mode in CHAT_MODES},
+        "chat_assistant_over_last": best["assistant"] / best["last"],
+        "chat_assistant_over_all": best["assistant"] / best["all"],
+        "chat_assistant_over_last_cpu": best_cpu["assistant"] / best_cpu["last"],
+        "chat_assistant_over_all_cpu": best_cpu["assistant"] / best_cpu["all"],
+    }
+
+
+def _listed(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+def _trained_fraction(build: dict) -> float:
+    return build["trained_tokens"] / (build["items"] * build["seq_length"])
+
+
+def course_benchmark(args: argparse.Namespace, tmp: Path) -> dict:
     args.data = tmp / "synthetic.jsonl"
     make_file(args.data, args.documents)
     cold = run_child(args, shuffle=False, access=False)
@@ -148,7 +264,6 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
     warm = run_child(args, shuffle=False, access=True)
     warm_shuffled = run_child(args, shuffle=True, access=False)
     return {
-        "machine": f"{os.cpu_count()}-core CPU, {sys.platform}",
         "documents": cold["documents"],
         "tokens": cold["tokens"],
         "seq_length": args.seq_length,

@@ -1,4 +1,5 @@
-"""Shared fixtures: the shared data folder, the Llama 3 tokenizer (built once), a tmp cache.
+"""Shared fixtures: the shared data folder, the Llama 3 tokenizer (built once), the embedded
+presets' tokenizers (SmolLM2, Gemma 3: read once from their GGUF), a tmp cache.
 
 Being the rootdir's conftest in a folder without __init__.py, this file puts tests/ on sys.path
 (pytest's default "prepend" import mode), so tests import their helpers by name:
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,36 @@ def llama3_tokenizer(llama3_tokenizer_dir: Path):
 def llama3_copy(llama3_tokenizer):
     """A private copy of the Llama 3 tokenizer that a test may change (chat template, EOS)."""
     return copy.deepcopy(llama3_tokenizer)
+
+
+def _preset_tokenizer(name: str, tokenizer_class: str):
+    """A preset's tokenizer read straight from its GGUF with its own class: what
+    `load_tokenizer(name)` loads, without converting the model (30 s for SmolLM2) and without
+    AutoTokenizer's parse of the whole GGUF for a config (40 s for Gemma 3)."""
+    import transformers
+
+    from sftune.presets import PRESETS, package_dir
+
+    preset = PRESETS[name]
+    if package_dir(preset.package) is None:
+        pytest.skip(f"{preset.package} is not installed ({preset.install})")
+    with tempfile.TemporaryDirectory(prefix="sftune-gguf-") as scratch:
+        gguf = preset.locate(Path(scratch))
+        loader = getattr(transformers, tokenizer_class)
+        return loader.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer and ChatML template, < 1 s (shared: do not mutate)."""
+    return _preset_tokenizer("smollm2-135m", "PreTrainedTokenizerFast")
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer():
+    """Gemma 3 270M's tokenizer (262k tokens, about 5 s; shared: do not mutate). The preset is
+    the base model, whose GGUF carries no chat template."""
+    return _preset_tokenizer("gemma3-270m", "GemmaTokenizer")
 
 
 @pytest.fixture(autouse=True)

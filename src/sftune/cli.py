@@ -6,6 +6,7 @@
     sftune prepare  DATA --tokenizer TOK --seq-length N  # build and cache a packed dataset
     sftune eval     --model DIR --tasks gsm8k --task-data gsm8k=test.jsonl   # lm-eval accuracy
     sftune export   RUN/checkpoints/step_N --out DIR     # a checkpoint as a model directory
+    sftune prepare  chats.jsonl --tokenizer TOK --seq-length N --show 2   # ... and see the masks
 
 Flags, model names and the first record of every data file are checked before torch or
 transformers are imported, so a typo costs a second, not a model load. Every user-facing error
@@ -43,6 +44,7 @@ REQUIRED = {
 }
 DTYPES = config_mod.FIELDS["dtype"][1].metadata["choices"]
 DEVICES = config_mod.FIELDS["device"][1].metadata["choices"]
+TRAIN_ON = config_mod.FIELDS["train_on"][1]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,7 +132,7 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
         "--seq-length", type=int, default=512, help="tokens per packed sequence (default: 512)"
     )
     loss.add_argument("--fields", help="field mapping, e.g. question=prompt,answer=response")
-    loss.add_argument("--response-only", action="store_true", help="score response tokens only")
+    _train_on_flags(loss, "scored")
     loss.add_argument(
         "--max-batches", type=int, default=0, help="score only the first N batches (default: all)"
     )
@@ -176,6 +178,7 @@ def run_eval(args: argparse.Namespace) -> int:
         seq_length=args.seq_length,
         batch_size=args.batch_size or 8,
         fields=parse_fields(args.fields),
+        train_on=args.train_on,
         response_only=args.response_only,
         dtype=args.dtype,
         device=args.device,
@@ -219,6 +222,19 @@ def run_task_eval(args: argparse.Namespace) -> int:
         verbose=args.verbose,
     )
     return 0
+
+
+def _train_on_flags(parser: argparse.ArgumentParser, verb: str = "trained") -> None:
+    """--train-on (the config's choices and help) and its old name --response-only."""
+    parser.add_argument(
+        "--train-on",
+        default="auto",
+        choices=TRAIN_ON.metadata["choices"],
+        help=f"which labels are {verb}: " + TRAIN_ON.metadata["help"].split(": ", 1)[1],
+    )
+    parser.add_argument(
+        "--response-only", action="store_true", help="the old name of --train-on assistant"
+    )
 
 
 # ----------------------------------------------------------------------------- generate
@@ -279,33 +295,54 @@ def add_prepare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shuffle", action="store_true", help="shuffle documents before packing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
     parser.add_argument("--fields", help="field mapping, e.g. question=prompt,answer=response")
-    parser.add_argument("--response-only", action="store_true", help="train only on responses")
+    _train_on_flags(parser)
+    parser.add_argument(
+        "--system-prompt", help="a system message for every chat that has none (chats only)"
+    )
     parser.add_argument("--cache-dir", type=Path, help="default: <cache root>/packed")
+    parser.add_argument(
+        "--show",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the first N packed documents with their trained tokens marked (green on a "
+        "terminal, [[brackets]] otherwise)",
+    )
     parser.set_defaults(func=run_prepare)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Build (or load from the cache) the packed dataset and print its statistics, so training
-    with the same file, tokenizer, mapping and masking starts from the cache."""
+    with the same file, tokenizer, mapping and masking starts from the cache; with --show N,
+    also its first N documents, trained tokens marked."""
     if not Path(args.data).is_file():
         raise DataError(args.data, "no such file")
+    if args.show < 0:
+        raise SftuneError(f"--show must be >= 0, got {args.show}")
     check_data(args.fields, str(args.data))
     from sftune import models
     from sftune.data import PackedSFTDataset
+    from sftune.data.show import show_documents
 
+    tokenizer = models.load_tokenizer(args.tokenizer)
     dataset = PackedSFTDataset(
-        models.load_tokenizer(args.tokenizer),
+        tokenizer,
         args.data,
         args.seq_length,
         args.shuffle,
         seed=args.seed,
         fields=parse_fields(args.fields),
+        train_on=args.train_on,
         response_only=args.response_only,
+        system_prompt=args.system_prompt,
         cache_dir=args.cache_dir,
         verbose=True,
     )
     stats = dataset.stats
     print(f"trained tokens: {stats.trained_tokens:,} of {stats.items * stats.seq_length:,}")
+    if args.show:
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        print(show_documents(dataset, tokenizer, args.show, colour))
     return 0
 
 

@@ -111,8 +111,17 @@ class DataConfig:
     )
     fields: str | None = _f(None, "field mapping, e.g. 'prompt=question,response=answer' (GSM8K)")
     seq_length: int = _f(512, "tokens per packed sequence")
-    response_only: bool = _f(
-        False, "train on response tokens only (prompt and template labels are -100)"
+    train_on: str = _f(
+        "auto",
+        "which labels are trained (the others are -100): all (every token), assistant (the "
+        "responses; every assistant turn of a chat, its end-of-turn token included), last (a "
+        "chat's final assistant turn only); auto: assistant for chats, all for prompt/response "
+        "and Alpaca records",
+        ("auto", "all", "assistant", "last"),
+    )
+    response_only: bool = _f(False, "the old name of --train-on assistant")
+    system_prompt: str | None = _f(
+        None, "a system message for every chat that has none (chats only; kept where present)"
     )
     doc_mask: str = _f(
         "auto",
@@ -523,6 +532,10 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if cfg.data.response_only and cfg.data.train_on not in ("auto", "assistant"):
+        raise ConfigError(
+            f"--response-only means --train-on assistant, not --train-on {cfg.data.train_on}"
+        )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.dist.dist in ("ddp", "none") and (cfg.dist.cpu_offload or cfg.dist.reduce_fp32):

@@ -7,12 +7,14 @@
 The modules, in the order a file goes through them:
 
     formats.py    read and validate records; `peek` checks a file's first record   stdlib only
-    templates.py  render a record to (prompt part, full text)                      stdlib only
+    chat.py       a chat record as OpenAI messages: roles, tool calls, turn flags   stdlib only
+    templates.py  render a record and find its trained characters (`--train-on`)   stdlib only
     tokenize.py   encode rendered documents into one file-order token stream        numpy
     cache.py      keep that stream on disk, keyed by file, tokenizer and settings   numpy
     packing.py    PackedSFTDataset: select, shuffle and window the stream           numpy, torch
     batches.py    `iterate_batches`: one epoch for your own loop (the course's API) numpy, torch
     sampler.py    `StepSampler`: the trainer's resumable, rank-sharded step order  numpy
+    show.py       `sftune prepare --show`: documents with trained tokens marked     numpy
     demo.py       the generated demo dataset                                        stdlib only
     constants.py  IGNORE_INDEX, shared with the loss                                no imports
 
@@ -40,6 +42,7 @@ _EXPORTS = {
     "peek": "formats",
     "read_records": "formats",
     "ALPACA_TEMPLATE": "templates",
+    "DocumentRenderer": "templates",
     "render_alpaca": "templates",
     "render_chat": "templates",
     "render_record": "templates",
@@ -56,6 +59,7 @@ _EXPORTS = {
     "collate": "batches",
     "iterate_batches": "batches",
     "StepSampler": "sampler",
+    "show_documents": "show",
     "ensure_demo_dataset": "demo",
     "write_demo_dataset": "demo",
 }
@@ -63,6 +67,7 @@ _EXPORTS = {
 __all__ = [  # the keys of _EXPORTS (a test checks they agree)
     "ALPACA_TEMPLATE",
     "DocumentEncoder",
+    "DocumentRenderer",
     "EpochBatches",
     "IGNORE_INDEX",
     "PackStats",
@@ -86,6 +91,7 @@ __all__ = [  # the keys of _EXPORTS (a test checks they agree)
     "render_chat",
     "render_record",
     "select_documents",
+    "show_documents",
     "write_demo_dataset",
 ]
 
@@ -118,5 +124,12 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     )
     from sftune.data.packing import PackedSFTDataset, PackStats, select_documents
     from sftune.data.sampler import StepSampler
-    from sftune.data.templates import ALPACA_TEMPLATE, render_alpaca, render_chat, render_record
+    from sftune.data.show import show_documents
+    from sftune.data.templates import (
+        ALPACA_TEMPLATE,
+        DocumentRenderer,
+        render_alpaca,
+        render_chat,
+        render_record,
+    )
     from sftune.data.tokenize import DocumentEncoder, build_stream

@@ -7,12 +7,13 @@ a node shares one copy in the page cache:
 
     <cache dir>/<file name>-<key>/tokens.npy       int32, the stream
                                   doc_offsets.npy  int64, where each document starts, then L
-                                  mask.npy         bool, trained labels (response_only only)
+                                  mask.npy         bool, trained labels (absent: all are)
                                   meta.json        source path, documents, tokens
 
 The key hashes what changes the stream: the file's bytes, the tokenizer (its full backend
-JSON, BOS/EOS and chat template), the Alpaca template, the field mapping, `response_only`
-and `CACHE_VERSION` (bumped whenever the packing rule changes). Shuffle, holdout and position
+JSON, BOS/EOS, special tokens and chat template), the Alpaca template, the field mapping, the
+`--train-on` mode (resolved: `auto` keys as what it became), the default system prompt and
+`CACHE_VERSION` (bumped whenever the packing rule changes). Shuffle, holdout and position
 ids are applied after loading, so one entry serves them all. Entries are written through
 `sftune.files.atomic_dir`: a reader sees a complete entry or none, and of two processes
 building the same entry the first to finish wins.
@@ -32,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from sftune.data.templates import template_fingerprint
+from sftune.data.formats import peek
+from sftune.data.templates import resolve_train_on, template_fingerprint
 from sftune.data.tokenize import build_stream
 from sftune.errors import DataError
 from sftune.files import atomic_dir
@@ -40,7 +42,8 @@ from sftune.paths import cache_root
 
 # 2: a chat that ends with the EOS text is cut after it and gets no second EOS;
 # a template's BOS string is stripped only when the tokenizer adds a real BOS.
-CACHE_VERSION = 2
+# 3: --train-on (every assistant turn located by prefix rendering), ShareGPT, tools, system prompt.
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -48,7 +51,7 @@ class PackedStream:
     """The file-order token stream: documents back to back, each (BOS) ... EOS.
 
     `doc_offsets[j]` is where document j starts (length documents + 1, the last entry is L);
-    `mask[k]` is True when token k is trained as a label target (response_only), else None.
+    `mask[k]` is True when token k is trained as a label target; None when every token is.
     """
 
     tokens: np.ndarray  # int32, shape (L,)
@@ -83,22 +86,31 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         tokenizer.bos_token_id,
         tokenizer.eos_token_id,
         getattr(tokenizer, "chat_template", None),
+        getattr(tokenizer, "special_tokens_map", None),  # what a chat template may read
     ]
     digest.update(json.dumps(extra, default=str).encode())
     return digest.hexdigest()
 
 
 def cache_key(
-    tokenizer: Any, path: Path, fields: Mapping[str, str] | None, response_only: bool
+    tokenizer: Any,
+    path: Path,
+    fields: Mapping[str, str] | None,
+    train_on: str | bool = "all",
+    system_prompt: str | None = None,
 ) -> str:
-    """The cache key of a file-order stream: contents, tokenizer, template, fields, masking."""
+    """The cache key of a file-order stream: contents, tokenizer, templates, fields, masking.
+
+    `train_on` as `build_stream` takes it (a mode, `auto`, or the old `response_only` bool).
+    """
     parts = {
         "version": CACHE_VERSION,
         "file": file_digest(path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template_fingerprint(),
         "fields": sorted((fields or {}).items()),
-        "response_only": bool(response_only),
+        "train_on": resolve_train_on(train_on, peek(path, fields)),
+        "system_prompt": system_prompt or None,
     }
     return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()
 
@@ -107,22 +119,24 @@ def load_or_build(
     tokenizer: Any,
     path: Path,
     fields: Mapping[str, str] | None = None,
-    response_only: bool = False,
+    train_on: str | bool = "all",
     *,
+    system_prompt: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
 ) -> tuple[PackedStream, bool]:
     """The file-order stream of `path`, from the cache when present: (stream, from_cache)."""
     if not path.is_file():
         raise DataError(path, "no such file")
+    settings = (fields, train_on, system_prompt)
     if not use_cache:
-        tokens, lengths, mask = build_stream(tokenizer, path, fields, response_only)
+        tokens, lengths, mask = build_stream(tokenizer, path, *settings)
         return _in_memory(tokens, lengths, mask), False
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = root / f"{path.name}-{cache_key(tokenizer, path, fields, response_only)}"
+    entry = root / f"{path.name}-{cache_key(tokenizer, path, *settings)}"
     if (entry / "meta.json").is_file():
         return _load_entry(entry), True
-    tokens, lengths, mask = build_stream(tokenizer, path, fields, response_only)
+    tokens, lengths, mask = build_stream(tokenizer, path, *settings)
     _write_entry(entry, tokens, lengths, mask, source=str(path))
     return _load_entry(entry), False
 

@@ -1,12 +1,18 @@
 """Read SFT records from JSON Lines (plain or gzip) or a JSON list, validated with line numbers.
 
-Three record shapes are recognised from the first record, or forced with a field mapping:
+Four record shapes are recognised from the first record, or forced with a field mapping:
 
     {"prompt": "What is 2+2?", "response": "4"}                     prompt/response (default)
     {"instruction": "Add.", "input": "2+2", "output": "4"}          Alpaca
     {"messages": [{"role": "user", "content": "2+2?"},
-                  {"role": "assistant", "content": "4"}]}            chat, rendered by the
-                                                                     tokenizer's chat template
+                  {"role": "assistant", "content": "4"}]}            OpenAI messages
+    {"conversations": [{"from": "human", "value": "2+2?"},
+                       {"from": "gpt", "value": "4"}]}               ShareGPT conversations
+
+Chats (the last two, read by `chat.py`: tool calls, a record-level `tools` list, per-turn
+`"train": false`) are rendered by the tokenizer's chat template. Every record of a file must
+have the first record's shape: a file that mixes them is an error naming the first line that
+differs.
 
 For Alpaca records the prompt is `instruction + "\\n\\n" + input` when `input` is non-empty,
 and just `instruction` otherwise (the choice of Stanford Alpaca's own "with input" prompt,
@@ -25,6 +31,8 @@ file before it pays for importing torch: `peek` reads and validates just the fir
 
     >>> peek("train.jsonl")  # doctest: +SKIP
     'prompt/response'
+    >>> FORMAT_NAMES[peek("chats.jsonl")]  # doctest: +SKIP
+    'ShareGPT conversations'
 """
 
 from __future__ import annotations
@@ -36,44 +44,67 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from sftune.data.chat import Chat, parse_chat, with_system_prompt
 from sftune.errors import ConfigError, DataError
 
 PROMPT_RESPONSE = "prompt/response"
 ALPACA = "alpaca"
-MESSAGES = "messages"
+MESSAGES = "messages"  # OpenAI
+SHAREGPT = "sharegpt"
+CHAT_FORMATS = (MESSAGES, SHAREGPT)
+FORMAT_NAMES = {
+    PROMPT_RESPONSE: "prompt/response",
+    ALPACA: "Alpaca",
+    MESSAGES: "OpenAI messages",
+    SHAREGPT: "ShareGPT conversations",
+}
 CANONICAL_FIELDS = ("prompt", "response", "messages")
+_CHAT_KEYS = {MESSAGES: "messages", SHAREGPT: "conversations"}
 
 
 class Record(NamedTuple):
     """One training example. `messages` is set (and prompt/response are empty) for chat records.
 
     `line` is the 1-based line in the file (the record's index for a `.json` list), for errors.
+    Chats also carry the record's `tools` (or None) and `train`, each message's training flag
+    (None: as `--train-on` decides; see `chat.py`).
     """
 
     prompt: str
     response: str
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     line: int = 0
+    tools: tuple[dict[str, Any], ...] | None = None
+    train: tuple[bool | None, ...] | None = None
 
 
-def read_records(path: str | Path, fields: Mapping[str, str] | None = None) -> list[Record]:
+def read_records(
+    path: str | Path, fields: Mapping[str, str] | None = None, system_prompt: str | None = None
+) -> list[Record]:
     """All records of `path` as a list (see `iter_records` for the streaming form)."""
-    return list(iter_records(path, fields))
+    return list(iter_records(path, fields, system_prompt))
 
 
-def iter_records(path: str | Path, fields: Mapping[str, str] | None = None) -> Iterator[Record]:
+def iter_records(
+    path: str | Path, fields: Mapping[str, str] | None = None, system_prompt: str | None = None
+) -> Iterator[Record]:
     """Yield the records of `path` one by one, so a large file is never held in memory.
 
     `fields` maps our names (`prompt`, `response` or `messages`) to the file's keys. Without
-    it, the shape is detected from the first record. Raises `DataError` for a missing or
-    empty file and for any bad line (the records before it have been yielded already).
+    it, the shape is detected from the first record, and a later record of another shape is
+    an error. `system_prompt` becomes the first message of every chat that has no system
+    message. Raises `DataError` for a missing or empty file and for any bad line (the records
+    before it have been yielded already).
     """
     path = _existing(path)
-    parse = None
+    parse = shape = None
     count = 0
     for line_no, obj in _iter_objects(path):
         if parse is None:
-            parse, _ = _parser_for(path, line_no, obj, fields)
+            parse, shape = _parser_for(path, line_no, obj, fields, system_prompt)
+            first_line = line_no
+        elif not fields:
+            _check_same_shape(path, line_no, obj, shape, first_line)
         yield parse(obj, line_no)
         count += 1
     if count == 0:
@@ -81,14 +112,15 @@ def iter_records(path: str | Path, fields: Mapping[str, str] | None = None) -> I
 
 
 def peek(path: str | Path, fields: Mapping[str, str] | None = None) -> str:
-    """The record format of `path` (`prompt/response`, `alpaca` or `messages`), from its first
-    record, which is validated exactly as `iter_records` would (same `DataError`s).
+    """The record format of `path` (`prompt/response`, `alpaca`, `messages` or `sharegpt`; see
+    `FORMAT_NAMES`), from its first record, which is validated exactly as `iter_records` would
+    (same `DataError`s).
 
     A JSON Lines file is read only up to its first record; a `.json` list is parsed whole.
     """
     path = _existing(path)
     for line_no, obj in _iter_objects(path):
-        parse, shape = _parser_for(path, line_no, obj, fields)
+        parse, shape = _parser_for(path, line_no, obj, fields, None)
         parse(obj, line_no)
         return shape
     raise _no_records(path)
@@ -154,30 +186,53 @@ def detect_format(obj: Any, fields: Mapping[str, str] | None = None) -> str:
     keys = set(fields) if fields else set(obj) if isinstance(obj, dict) else set()
     if "messages" in keys:
         return MESSAGES
+    if not fields and "conversations" in keys:
+        return SHAREGPT
     if not fields and "prompt" not in keys and "response" not in keys and "instruction" in keys:
         return ALPACA
     return PROMPT_RESPONSE
 
 
+_KNOWN_KEYS = {"prompt", "response", "instruction", "messages", "conversations"}
+
+
+def _check_same_shape(path: Path, line_no: int, obj: Any, shape: str, first_line: int) -> None:
+    """One shape per file: a record of another is named with the line that set the shape."""
+    if not isinstance(obj, dict) or not _KNOWN_KEYS & set(obj):
+        return  # not a record of any shape: the parser names what is missing
+    other = detect_format(obj)
+    if other != shape:
+        raise DataError(
+            path,
+            f"a {FORMAT_NAMES[other]} record in a file of {FORMAT_NAMES[shape]} records "
+            f"(line {first_line}): one format per file",
+            line=line_no,
+        )
+
+
 def _parser_for(
-    path: Path, line_no: int, first: Any, fields: Mapping[str, str] | None
+    path: Path,
+    line_no: int,
+    first: Any,
+    fields: Mapping[str, str] | None,
+    system_prompt: str | None,
 ) -> tuple[Callable[[Any, int], Record], str]:
     """(a function (obj, line) -> Record, the shape's name) for the shape of the first record."""
     fields = _check_fields(path, fields)
     if not isinstance(first, dict):
         raise DataError(path, f"a record must be a JSON object, not {_kind(first)}", line=line_no)
-    if not fields and not {"prompt", "response", "instruction", "messages"} & set(first):
+    if not fields and not _KNOWN_KEYS & set(first):
         raise DataError(
             path,
             "cannot tell the record format: expected keys prompt/response, "
-            "instruction/output or messages (or a field mapping)",
+            "instruction/output, messages or conversations (or a field mapping)",
             line=line_no,
         )
     shape = detect_format(first, fields)
     fields = fields or {}
-    if shape == MESSAGES:
-        key = fields.get("messages", "messages")
-        return (lambda obj, line: _messages_record(path, obj, line, key)), shape
+    if shape in CHAT_FORMATS:
+        key = fields.get("messages", _CHAT_KEYS[shape])
+        return (lambda obj, line: _chat_record(path, obj, line, key, system_prompt)), shape
     if shape == ALPACA:
         return (lambda obj, line: _alpaca_record(path, obj, line)), shape
     p_key, r_key = fields.get("prompt", "prompt"), fields.get("response", "response")
@@ -224,25 +279,15 @@ def _alpaca_record(path: Path, obj: Any, line: int) -> Record:
     return Record(prompt, _string(path, obj, line, "output"), None, line)
 
 
-def _messages_record(path: Path, obj: Any, line: int, key: str) -> Record:
-    """A chat: a list of {role, content} strings whose last message is the assistant's."""
-    if not isinstance(obj, dict) or key not in obj:
+def _chat_record(path: Path, obj: Any, line: int, key: str, system_prompt: str | None) -> Record:
+    """A chat: OpenAI messages or ShareGPT conversations, normalised by `chat.parse_chat`."""
+    if not isinstance(obj, dict):
+        raise DataError(path, f"a record must be a JSON object, not {_kind(obj)}", line=line)
+    if key not in obj:
         raise DataError(path, "missing", line=line, field=key)
-    messages = obj[key]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(path, "must be a non-empty list of messages", line=line, field=key)
-    for i, m in enumerate(messages):
-        if not (
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-        ):
-            raise DataError(
-                path, f"message {i} needs string 'role' and 'content'", line=line, field=key
-            )
-    if messages[-1]["role"] != "assistant":
-        raise DataError(path, "the last message must be the assistant's", line=line, field=key)
-    return Record("", "", tuple(messages), line)
+    chat: Chat = parse_chat(path, obj[key], obj.get("tools"), line=line, key=key)
+    chat = with_system_prompt(chat, system_prompt)
+    return Record("", "", chat.messages, line, chat.tools, chat.train)
 
 
 def parse_fields(text: str | None) -> dict[str, str] | None:

@@ -31,11 +31,26 @@ B b1 b2 b3; E (EOS) ends each one:
 
 Options beyond the course:
 
-* `response_only=True` sets to -100 every label whose target token belongs to the prompt
-  part (BOS, template text and prompt; found from the fast tokenizer's character offsets).
-  If a1 is prompt and a2 the response, item 0's labels become -100 a2 E and item 1's
-  -100 -100 b2 (B and b1 are prompt). The EOS and the response stay trained, and
-  the windows are the same as without masking.
+* `train_on` chooses the trained labels; the others are -100 (found from the fast tokenizer's
+  character offsets), and the windows are the same as without masking. `all` (the course's
+  rule, the default for prompt/response and Alpaca records) trains every label; `assistant`
+  (the default for chats; `response_only=True` is its old name) trains the responses, or every
+  assistant turn of a chat; `last` only a chat's final assistant turn. If a1 is prompt and a2
+  the response, `assistant` makes item 0's labels -100 a2 E and item 1's -100 -100 b2 (B and b1
+  are prompt). The EOS and the response stay trained.
+
+  A chat, in ChatML (SmolLM2; s = `<|im_start|>`, e = `<|im_end|>`, which is also the EOS, so
+  the document ends with the template's own e and gets no second one; n = newline):
+
+      messages   user "hi", assistant "yo", user "2+2?", assistant "4"
+      text       s user n hi e n s assistant n yo e n s user n 2+2? e n s assistant n 4 e
+      trained                                 yo e                                   4 e
+
+  Each assistant turn is trained with its end-of-turn e (so the model learns to stop); its
+  header (s assistant n), the newline after e, the user turns and the system prompt are not.
+  Where e is not the EOS (Gemma's `<end_of_turn>`, EOS `<eos>`), the EOS is appended after the
+  last turn's e and trained with it. The chat worked example with real token ids is in
+  docs/DATA.md; `sftune prepare --show N` prints any file's first documents this way.
 * `position_ids=True` adds positions that restart at 0 at every document start AND at each
   item's first token (item 1 above: E is the end of document A, yet starts at 0). Flash
   attention's varlen path and transformers' packed-sequence detection read a restart to 0
@@ -46,14 +61,14 @@ Options beyond the course:
 
 The file-order stream, its document offsets and the label mask live in numpy arrays cached on
 disk (`cache.py`: `SFTUNE_CACHE_DIR`, default `platformdirs.user_cache_dir("sftune")`,
-subfolder `packed`), keyed by the file's contents, the tokenizer, the template, the field
-mapping and `response_only`. Shuffle, holdout and position ids are applied when loading, so
+subfolder `packed`), keyed by the file's contents, the tokenizer (its chat template included),
+the Alpaca template, the field mapping, the `train_on` mode and the system prompt. Shuffle, holdout and position ids are applied when loading, so
 one cache entry serves them all. The dataset remembers its file, field mapping and the
 file-order indices of its documents, so `sample_records(n)` can show a few of its records
 (the trainer's sample generations) without splitting the file again:
 
     >>> ds = PackedSFTDataset(tok, "sft_sample.jsonl", seq_length=32, shuffle=False)  # doctest: +SKIP
-    sftune: sft_sample.jsonl: 5 documents, 2,431 tokens -> 75 items of 32 (98.7% of tokens kept), built in 0.3 s
+    sftune: sft_sample.jsonl: prompt/response records (detected), training on every token: 5 documents, 2,431 tokens -> 75 items of 32 (98.7% of tokens kept), built in 0.3 s
     >>> ds[0]["input_ids"][:4]  # doctest: +SKIP
     tensor([128000,  39314,    374,    459])
     >>> [r.line for r in ds.sample_records(2)]  # doctest: +SKIP
@@ -74,7 +89,8 @@ import torch
 
 from sftune.data.cache import PackedStream, load_or_build
 from sftune.data.constants import IGNORE_INDEX
-from sftune.data.formats import Record, iter_records
+from sftune.data.formats import CHAT_FORMATS, FORMAT_NAMES, Record, iter_records, peek
+from sftune.data.templates import resolve_train_on
 from sftune.errors import ConfigError, DataError
 
 _HOLDOUT_STREAM, _SHUFFLE_STREAM = 1, 2  # independent random streams derived from `seed`
@@ -92,6 +108,9 @@ class PackStats:
     trained_tokens: int
     from_cache: bool
     seconds: float = 0.0
+    format: str = ""  # formats.FORMAT_NAMES key; "" when unknown
+    train_on: str = "all"
+    detected: bool = True  # the format came from the first record, not a field mapping
 
     @property
     def tokens_kept_fraction(self) -> float:
@@ -100,18 +119,36 @@ class PackStats:
 
     def summary(self) -> str:
         how = "loaded from cache" if self.from_cache else "built"
+        what = ""
+        if self.format:
+            source = "detected" if self.detected else "--fields"
+            what = (
+                f"{FORMAT_NAMES[self.format]} records ({source}), training on "
+                f"{describe_train_on(self.train_on, self.format)}: "
+            )
         return (
-            f"sftune: {self.file}: {self.documents:,} documents, {self.tokens:,} tokens -> "
+            f"sftune: {self.file}: {what}{self.documents:,} documents, {self.tokens:,} tokens -> "
             f"{self.items:,} items of {self.seq_length} ({self.tokens_kept_fraction:.1%} of "
             f"tokens kept), {how} in {self.seconds:.1f} s"
         )
 
 
+def describe_train_on(train_on: str, shape: str) -> str:
+    """What `train_on` trains in records of `shape`, in words (`PackStats.summary`)."""
+    if train_on == "all":
+        return "every token"
+    if shape not in CHAT_FORMATS:
+        return "responses"
+    return "assistant turns" if train_on == "assistant" else "the last assistant turn"
+
+
 class PackedSFTDataset(torch.utils.data.Dataset):
     """Fixed-length windows over the packed token stream of an SFT file (see the module doc).
 
-    Besides the windows it keeps where they came from: `path`, `fields` and `document_indices`
-    (the file-order indices of the records it holds, ascending), for `sample_records`.
+    Besides the windows it keeps where they came from: `path`, `fields`, `system_prompt`,
+    `document_indices` (the file-order indices of the records it holds, ascending), for
+    `sample_records`, and `stream_documents` (the same in stream order, after any shuffle).
+    `train_on` is the resolved mode (`all`, `assistant` or `last`).
     """
 
     def __init__(
@@ -123,7 +160,9 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         *,
         seed: int = 0,
         fields: Mapping[str, str] | None = None,
+        train_on: str = "auto",
         response_only: bool = False,
+        system_prompt: str | None = None,
         position_ids: bool = False,
         holdout_fraction: float = 0.0,
         holdout: bool = False,
@@ -136,15 +175,25 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         _check_arguments(tokenizer, path, seq_length, holdout_fraction)
         self.path = path
         self.fields = dict(fields) if fields else None
+        self.system_prompt = system_prompt or None
         self.seq_length = seq_length
         self.with_position_ids = position_ids
+        self.format = peek(path, fields)
+        self.train_on = resolve_train_on(train_on, self.format, response_only)
         base, from_cache = load_or_build(
-            tokenizer, path, fields, response_only, cache_dir=cache_dir, use_cache=use_cache
+            tokenizer,
+            path,
+            fields,
+            self.train_on,
+            system_prompt=self.system_prompt,
+            cache_dir=cache_dir,
+            use_cache=use_cache,
         )
         docs = select_documents(len(base.doc_offsets) - 1, holdout_fraction, holdout, seed)
         self.document_indices = docs
         if shuffle:
             docs = np.random.default_rng((seed, _SHUFFLE_STREAM)).permutation(docs)
+        self.stream_documents = docs
         self._tokens, self._mask, self._doc_starts = _arrange(base, docs)
         total = len(self._tokens)
         self.num_items = max(total - 1, 0) // seq_length
@@ -163,6 +212,9 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             trained_tokens=self._count_trained(),
             from_cache=from_cache,
             seconds=time.perf_counter() - start,
+            format=self.format,
+            train_on=self.train_on,
+            detected=not fields,
         )
         if verbose:
             print(self.stats.summary(), flush=True)
@@ -176,6 +228,11 @@ class PackedSFTDataset(torch.utils.data.Dataset):
     def doc_starts(self) -> np.ndarray:
         """Where each document starts in `tokens` (its BOS, for tokenizers that add one)."""
         return self._doc_starts
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """Which tokens of `tokens` are trained as label targets (None: all of them)."""
+        return self._mask
 
     @property
     def num_trained_tokens(self) -> int:
@@ -195,7 +252,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             return []
         wanted = {int(kept[i * len(kept) // count]) for i in range(count)}
         out: list[Record] = []
-        for index, record in enumerate(iter_records(self.path, self.fields)):
+        for index, record in enumerate(iter_records(self.path, self.fields, self.system_prompt)):
             if index in wanted:
                 out.append(record)
                 if len(out) == len(wanted):

@@ -4,19 +4,23 @@ This is the hot path of building a packed dataset, so it stays close to the toke
 backend: records are rendered and encoded `DOCS_PER_BATCH` at a time, and only one batch's
 Python token lists exist at once; everything else is numpy (`_pack_chunk`).
 
-Each document ends with exactly one EOS, which is trained:
+Each document ends with exactly one EOS:
 
 * prompt/response and Alpaca records (the CS336 rule): `tokenizer(text)` (its post-processor
   adds the BOS where the model has one), then `tokenizer.eos_token_id` appended;
 * chat records whose rendered text already ends with the EOS token's text (ChatML templates
   end each turn with `<|im_end|>`, SmolLM2's EOS), optionally followed by whitespace: the text
-  is cut right after that EOS and nothing is appended, so the end-of-turn token is not trained
-  twice. A chat template that ends otherwise gets the EOS appended like any other document.
+  is cut right after that EOS and nothing is appended, so the end-of-turn token is not doubled.
+  A chat template that ends otherwise (Gemma's `<end_of_turn>`, EOS `<eos>`) gets the EOS
+  appended like any other document.
 
-With `response_only`, the label mask marks the tokens that start at or after the response's
-first character (character offsets from the fast tokenizer), plus the final EOS.
+The label mask marks the tokens that start inside a trained character span of the document
+(`templates.DocumentRenderer`: the response, or the trained chat turns), found from the fast
+tokenizer's character offsets, plus the appended EOS when the document's last turn is trained.
+When every token of a batch is trained (`--train-on all`) no offsets are computed and no mask
+is kept.
 
-    >>> tokens, doc_lengths, mask = build_stream(tok, Path("train.jsonl"))  # doctest: +SKIP
+    >>> tokens, doc_lengths, mask = build_stream(tok, Path("train.jsonl"), train_on="assistant")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,48 +28,57 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from sftune.data.formats import Record, iter_records
-from sftune.data.templates import render_record
+from sftune.data.formats import Record, iter_records, peek
+from sftune.data.templates import Document, DocumentRenderer, resolve_train_on
 from sftune.errors import DataError, SftuneError
 
 DOCS_PER_BATCH = 2048  # documents tokenized per call: big enough for the Rust thread pool
 
-
-class Rendered(NamedTuple):
-    """A batch of rendered documents: texts, where each response starts, which end in EOS."""
-
-    texts: list[str]
-    response_starts: list[int]
-    ends_with_eos: list[bool]
+# Trained character ranges of one document: None (all of it), a response's first character
+# (the response runs to the end), or (start, end) ranges.
+Spans = None | int | Sequence[tuple[int, int]]
 
 
 def build_stream(
     tokenizer: Any,
     path: Path,
     fields: Mapping[str, str] | None = None,
-    response_only: bool = False,
+    train_on: str | bool = "all",
+    system_prompt: str | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray] | None]:
     """Tokenize `path` batch by batch: (token chunks, document lengths, mask chunks or None).
 
+    `train_on`: a `templates.TRAIN_ON` mode, `auto`, or a bool (the old `response_only`).
     Only one batch of records and its Python token lists exist at a time; everything else
-    is numpy.
+    is numpy. The mask is None when every token is trained.
     """
-    encoder = DocumentEncoder(tokenizer, response_only)
+    renderer = DocumentRenderer(tokenizer, resolve_train_on(train_on, peek(path, fields)))
+    encoder = DocumentEncoder(tokenizer, masked=True)
     token_chunks: list[np.ndarray] = []
-    mask_chunks: list[np.ndarray] = []
+    mask_chunks: list[np.ndarray | None] = []
     lengths: list[np.ndarray] = []
-    for records in _batched(iter_records(path, fields), DOCS_PER_BATCH):
-        rendered = render_batch(path, records, tokenizer)
-        tokens, doc_lengths, mask = encoder.encode(*rendered)
+    for records in _batched(iter_records(path, fields, system_prompt), DOCS_PER_BATCH):
+        docs = render_batch(path, records, renderer)
+        tokens, doc_lengths, mask = encoder.encode(
+            [d.text for d in docs],
+            [d.spans for d in docs],
+            [d.ends_with_eos for d in docs],
+            [d.eos_trained for d in docs],
+        )
         token_chunks.append(tokens)
         lengths.append(doc_lengths)
-        if mask is not None:
-            mask_chunks.append(mask)
-    return token_chunks, np.concatenate(lengths), mask_chunks if response_only else None
+        mask_chunks.append(mask)
+    if all(m is None for m in mask_chunks):
+        return token_chunks, np.concatenate(lengths), None
+    masks = [
+        np.ones(len(t), bool) if m is None else m
+        for t, m in zip(token_chunks, mask_chunks, strict=True)
+    ]
+    return token_chunks, np.concatenate(lengths), masks
 
 
 def _batched(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -74,78 +87,60 @@ def _batched(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
-def render_batch(path: Path, records: list[Record], tokenizer: Any) -> Rendered:
-    """Render records to texts (chats cut after a final EOS, see the module doc)."""
-    eos_text = getattr(tokenizer, "eos_token", None)
-    out = Rendered([], [], [])
+def render_batch(path: Path, records: list[Record], renderer: DocumentRenderer) -> list[Document]:
+    """Render records to `Document`s; a record that cannot be rendered names its line."""
+    out = []
     for record in records:
         try:
-            prompt_part, text = render_record(record, tokenizer)
+            out.append(renderer.render(record))
         except ValueError as e:
             raise DataError(path, str(e), line=record.line) from None
-        ends = False
-        if record.messages is not None and eos_text:
-            text, ends = cut_after_final_eos(text, eos_text, len(prompt_part))
-        out.texts.append(text)
-        out.response_starts.append(len(prompt_part))
-        out.ends_with_eos.append(ends)
     return out
-
-
-def cut_after_final_eos(text: str, eos_text: str, response_start: int) -> tuple[str, bool]:
-    """`text` cut right after a final `eos_text` (trailing whitespace dropped), and whether it was.
-
-    Only an EOS inside the response counts: the prompt part is never cut.
-
-        >>> cut_after_final_eos("<|im_start|>assistant\\nyo<|im_end|>\\n", "<|im_end|>", 23)
-        ('<|im_start|>assistant\\nyo<|im_end|>', True)
-        >>> cut_after_final_eos("### Response:\\nyo", "<|im_end|>", 14)
-        ('### Response:\\nyo', False)
-    """
-    stripped = text.rstrip()
-    if stripped.endswith(eos_text) and len(stripped) - len(eos_text) >= response_start:
-        return stripped, True
-    return text, False
 
 
 class DocumentEncoder:
     """Encode rendered documents to one int32 array ending each with one EOS, as `tokenizer(text)`.
 
     With a fast tokenizer the Rust backend is called directly (`encode_batch_fast`, no offsets,
-    unless response-only masking needs them), which skips building Python lists for the
-    attention mask; the first batch is checked against `tokenizer(texts)` and the encoder
-    falls back to it on any difference.
+    unless a label mask needs them), which skips building Python lists for the attention mask;
+    the first batch is checked against `tokenizer(texts)` and the encoder falls back to it on
+    any difference. `masked=False` ignores the spans (no mask, ever).
 
-        >>> enc = DocumentEncoder(tok, response_only=False)  # doctest: +SKIP
-        >>> enc.encode(["Hi", "Yo"], [0, 0])  # doctest: +SKIP
+        >>> enc = DocumentEncoder(tok, masked=False)  # doctest: +SKIP
+        >>> enc.encode(["Hi", "Yo"], [None, None])  # doctest: +SKIP
         (array([128000, 13347, 128001, 128000, 65825, 128001], dtype=int32), array([3, 3]), None)
     """
 
-    def __init__(self, tokenizer: Any, response_only: bool):
+    def __init__(self, tokenizer: Any, masked: bool = False):
         self.tokenizer = tokenizer
-        self.response_only = response_only
+        self.masked = masked
         self.eos = int(tokenizer.eos_token_id)
         self.use_backend: bool | None = None  # decided on the first batch
-        if response_only and not getattr(tokenizer, "is_fast", False):
-            raise SftuneError("response_only needs a fast tokenizer (for character offsets)")
 
     def encode(
         self,
         texts: list[str],
-        response_starts: list[int],
+        spans: Sequence[Spans],
         ends_with_eos: Sequence[bool] | None = None,
+        eos_trained: Sequence[bool] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(tokens with one EOS ending each document, document lengths, label mask or None).
 
-        `ends_with_eos[j]`: text j already ends with the EOS token's text, so no EOS is added
-        (unless its last token turns out not to be the EOS id).
+        `spans[j]`: the trained characters of text j (see `Spans`); `ends_with_eos[j]`: text j
+        already ends with the EOS token's text, so no EOS is added (unless its last token turns
+        out not to be the EOS id); `eos_trained[j]`: whether an appended EOS is trained
+        (default: yes). The mask is None when every token is trained.
         """
         if self.use_backend is None:
             self.use_backend = self._backend_agrees(texts[:8])
-        if self.use_backend:
-            ids, prompt_lengths = self._encode_backend(texts, response_starts)
-        else:
-            ids, prompt_lengths = self._encode_python(texts, response_starts)
+        eos_trained = np.ones(len(texts), bool) if eos_trained is None else np.array(eos_trained)
+        needs_mask = self.masked and (
+            any(s is not None for s in spans) or not bool(eos_trained.all())
+        )
+        if needs_mask and not getattr(self.tokenizer, "is_fast", False):
+            raise SftuneError("masking labels needs a fast tokenizer (for character offsets)")
+        encode = self._encode_backend if self.use_backend else self._encode_python
+        ids, ranges = encode(texts, spans if needs_mask else None)
         if ends_with_eos is None:
             append = np.ones(len(ids), dtype=bool)
         else:
@@ -154,7 +149,7 @@ class DocumentEncoder:
                 [not (e and t == self.eos) for e, t in zip(ends_with_eos, last, strict=True)],
                 dtype=bool,
             )
-        return _pack_chunk(ids, prompt_lengths, self.eos, append)
+        return _pack_chunk(ids, ranges, self.eos, append, eos_trained)
 
     def _backend_agrees(self, sample: list[str]) -> bool:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -167,59 +162,103 @@ class DocumentEncoder:
         return [e.ids for e in backend.encode_batch(sample)] == expected
 
     def _encode_backend(
-        self, texts: list[str], starts: list[int]
-    ) -> tuple[list[list[int]], list[int] | None]:
+        self, texts: list[str], spans: Sequence[Spans] | None
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
         backend = self.tokenizer.backend_tokenizer
-        if not self.response_only:
+        if spans is None:
             fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
             return [e.ids for e in fast(texts)], None
         encodings = backend.encode_batch(texts)
-        return [e.ids for e in encodings], [
-            _prompt_length(e, start) for e, start in zip(encodings, starts, strict=True)
-        ]
+        ranges = []
+        for e, text, doc_spans in zip(encodings, texts, spans, strict=True):
+            at = _backend_locator(e, len(text))
+            ranges.append([(at(s), at(end)) for s, end in _char_ranges(doc_spans, len(text))])
+        return [e.ids for e in encodings], ranges
 
     def _encode_python(
-        self, texts: list[str], starts: list[int]
-    ) -> tuple[list[list[int]], list[int] | None]:
-        if not self.response_only:
+        self, texts: list[str], spans: Sequence[Spans] | None
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+        if spans is None:
             return self.tokenizer(texts)["input_ids"], None
         enc = self.tokenizer(texts, return_offsets_mapping=True)
-        return enc["input_ids"], [
-            _prompt_length_from_offsets(offsets, start)
-            for offsets, start in zip(enc["offset_mapping"], starts, strict=True)
-        ]
+        ranges = []
+        for offsets, text, doc_spans in zip(enc["offset_mapping"], texts, spans, strict=True):
+
+            def at(position, offsets=offsets):
+                return _token_from_offsets(offsets, position)
+
+            ranges.append([(at(s), at(end)) for s, end in _char_ranges(doc_spans, len(text))])
+        return enc["input_ids"], ranges
 
 
-def _prompt_length(encoding: Any, response_start: int) -> int:
-    """Tokens before the response: those that start before character `response_start`."""
-    token = encoding.char_to_token(response_start)
-    if token is None:  # empty response: every token is prompt
-        return len(encoding.ids)
-    # A token straddling the boundary starts in the prompt, so it counts as prompt.
-    return token + 1 if encoding.token_to_chars(token)[0] < response_start else token
+def _char_ranges(spans: Spans, length: int) -> Sequence[tuple[int, int]]:
+    if spans is None:
+        return [(0, length)]
+    if isinstance(spans, (int, np.integer)):
+        return [(int(spans), length)]
+    return spans
 
 
-def _prompt_length_from_offsets(offsets: Sequence[tuple[int, int]], response_start: int) -> int:
-    """As `_prompt_length`, from an offsets list; zero-width special tokens do not end the prompt."""
+def _backend_locator(encoding: Any, length: int):
+    """position -> index of the first token that starts at or after character `position`.
+
+    A token belongs to the span where it starts (one that straddles a boundary stays on the
+    earlier side); position 0 is the document's first token, a BOS included.
+    """
+    count = len(encoding.ids)
+
+    def at(position: int) -> int:
+        if position <= 0:
+            return 0
+        while position < length:
+            token = encoding.char_to_token(position)
+            if token is not None:
+                while token < count:
+                    chars = encoding.token_to_chars(token)
+                    if chars is None or chars[0] >= position:
+                        break
+                    token += 1
+                return token
+            position += 1  # a character no token covers (trimmed whitespace): look further
+        return count
+
+    return at
+
+
+def _token_from_offsets(offsets: Sequence[tuple[int, int]], position: int) -> int:
+    """As `_backend_locator`, from an offsets list; zero-width special tokens (a BOS added by
+    the post-processor) start nothing after position 0."""
+    if position <= 0:
+        return 0
     return next(
-        (i for i, (lo, hi) in enumerate(offsets) if lo >= response_start and hi > lo),
-        len(offsets),
+        (i for i, (lo, hi) in enumerate(offsets) if lo >= position and hi > lo), len(offsets)
     )
 
 
 def _pack_chunk(
-    ids: list[list[int]], prompt_lengths: list[int] | None, eos: int, append_eos: np.ndarray
+    ids: list[list[int]],
+    ranges: list[list[tuple[int, int]]] | None,
+    eos: int,
+    append_eos: np.ndarray,
+    eos_trained: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Flatten token lists into int32, insert EOS after the documents flagged in `append_eos`,
-    build the label mask (every token from the response's first one on, the final EOS included).
-    """
+    build the label mask (the tokens of each document's trained ranges, and each appended EOS
+    flagged in `eos_trained`)."""
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     tokens = np.insert(flat, np.cumsum(lengths)[append_eos], eos)
     lengths += append_eos  # the appended EOS
-    if prompt_lengths is None:
+    if ranges is None:
         return tokens, lengths, None
     doc_starts = np.cumsum(lengths) - lengths
-    position = np.arange(len(tokens)) - np.repeat(doc_starts, lengths)
-    mask = position >= np.repeat(np.asarray(prompt_lengths, dtype=np.int64), lengths)
+    counts = np.fromiter(map(len, ranges), dtype=np.int64, count=len(ranges))
+    bounds = np.array(list(itertools.chain.from_iterable(ranges)), dtype=np.int64).reshape(-1, 2)
+    offset = np.repeat(doc_starts, counts)[:, None]
+    # +1 at each range's first token, -1 past its last: the running sum is > 0 inside one.
+    edges = np.bincount((bounds + offset)[:, 0], minlength=len(tokens) + 1)
+    edges -= np.bincount((bounds + offset)[:, 1], minlength=len(tokens) + 1)
+    mask = np.cumsum(edges[:-1]) > 0
+    appended = (doc_starts + lengths - 1)[append_eos]
+    mask[appended] = eos_trained[append_eos]
     return tokens, lengths, mask

@@ -27,7 +27,7 @@ from sftune import config as config_mod
 from sftune import tasks
 from sftune.config import RunConfig
 from sftune.data import PackedSFTDataset
-from sftune.data.formats import parse_fields, peek
+from sftune.data.formats import CHAT_FORMATS, parse_fields, peek
 from sftune.data.sampler import StepSampler
 from sftune.errors import ConfigError, SftuneError
 from sftune.models import (
@@ -225,7 +225,9 @@ def build_datasets(
             shuffle,
             seed=cfg.optim.seed,
             fields=parse_fields(cfg.data.fields),
+            train_on=cfg.data.train_on,
             response_only=cfg.data.response_only,
+            system_prompt=cfg.data.system_prompt,
             position_ids=doc_mask,
             verbose=world.is_main,
             **kw,
@@ -251,11 +253,14 @@ def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[tuple[str,
     out = []
     for r in val.sample_records(n):
         prompt_part, _ = render_record(r, tokenizer)
-        shown = r.prompt or (
-            r.messages[-2]["content"] if r.messages and len(r.messages) > 1 else ""
-        )
-        out.append((shown, prompt_part))
+        out.append((r.prompt or _last_user_turn(r.messages), prompt_part))
     return tuple(out)
+
+
+def _last_user_turn(messages) -> str:
+    """The content of the user turn before a chat's last assistant turn (what it answers)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
 
 
 # ----------------------------------------------------------------------------- model, optimizer
@@ -322,7 +327,7 @@ def build(cfg: RunConfig) -> Run:
         checkpoint.check_kind(resume_from, lora.enabled(cfg))  # fails before the model loads
     train_path, val_path = data_paths(cfg, world)
     fields = parse_fields(cfg.data.fields)
-    prompt_format = "chat" if peek(train_path, fields) == "messages" else "alpaca"
+    prompt_format = "chat" if peek(train_path, fields) in CHAT_FORMATS else "alpaca"
 
     lora.check_available(cfg, device, world.world_size)
     task_specs = build_task_specs(cfg)
@@ -388,6 +393,8 @@ def build(cfg: RunConfig) -> Run:
         activation_checkpointing=checkpointing,
         eval_max_batches=_eval_max_batches(cfg, device),
         task_batch_size=cfg.tasks.task_batch_size or harness.default_batch_size(device),
+        train_on=data.train.train_on,
+        response_only=False,  # an alias, resolved into train_on
     )
     create_output_dir(output_dir, resolved, world)
     logger = MetricsLogger(

@@ -79,6 +79,7 @@ def evaluate_file(
     seq_length: int,
     batch_size: int,
     fields: dict[str, str] | None = None,
+    train_on: str = "auto",
     response_only: bool = False,
     dtype: str = "auto",
     device: str = "auto",
@@ -92,7 +93,13 @@ def evaluate_file(
     dev = distributed.resolve_device(device, World())
     lm, tokenizer, _ = load_for_inference(model, device=dev, dtype=dtype)
     dataset = PackedSFTDataset(
-        tokenizer, data, seq_length, False, fields=fields, response_only=response_only
+        tokenizer,
+        data,
+        seq_length,
+        False,
+        fields=fields,
+        train_on=train_on,
+        response_only=response_only,
     )
     module = CausalLMWithLoss(lm, fused=False)
     return evaluate(

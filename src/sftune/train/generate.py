@@ -39,11 +39,13 @@ def prompt_format(model_dir: str | Path | None, tokenizer, requested: str = "aut
     return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
 
-def prompt_ids(tokenizer, prompt: str, fmt: str) -> list[int]:
-    """The token ids of a user prompt, rendered as the model expects, ready for its answer."""
+def prompt_ids(tokenizer, prompt: str, fmt: str, system_prompt: str | None = None) -> list[int]:
+    """The token ids of a user prompt, rendered as the model expects, ready for its answer
+    (a chat opens with `system_prompt` when one is given)."""
     if fmt == "chat":
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         out = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
+            [*system, {"role": "user", "content": prompt}],
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
@@ -162,10 +164,12 @@ def generate_text(
     here = Path(model).expanduser()
     meta_dir = next((d for d in (here, here.parent) if (d / FORMAT_FILE).is_file()), info.source)
     fmt = prompt_format(meta_dir, tokenizer, fmt)
+    meta = Path(meta_dir) / FORMAT_FILE
+    system_prompt = json.loads(meta.read_text()).get("system_prompt") if meta.is_file() else None
     return generate(
         CausalLMWithLoss(lm, fused=False),
         tokenizer,
-        prompt_ids(tokenizer, prompt, fmt),
+        prompt_ids(tokenizer, prompt, fmt, system_prompt),
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,

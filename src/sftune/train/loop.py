@@ -288,7 +288,10 @@ def save_final(r: Run) -> Path:
         r.output_dir, r.module, r.hf_model, r.tokenizer, r.world, write_model=_lora_writer(r)
     )
     if r.world.is_main:
-        atomic_write_text(final / FORMAT_FILE, json.dumps({"prompt_format": r.prompt_format}))
+        meta = {"prompt_format": r.prompt_format}
+        if r.prompt_format == "chat" and r.cfg.data.system_prompt:
+            meta["system_prompt"] = r.cfg.data.system_prompt  # what it was tuned with
+        atomic_write_text(final / FORMAT_FILE, json.dumps(meta))
     return final
 
 
