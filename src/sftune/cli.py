@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -397,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if not getattr(args, "verbose", False):
+            # Before any command imports transformers (which imports torchao, the fp8 extra,
+            # when installed): its notes on optional CUDA kernels and enums are not ours.
+            for name in ("torchao", "torch.utils._pytree"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         return int(args.func(args) or 0)
     except SftuneError as e:
         print(f"sftune: error: {e}", file=sys.stderr)
