@@ -423,3 +423,31 @@ def test_generation_prompt_opens_with_the_system_prompt(smollm2_tokenizer):
         text
         == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_token_starts_from_byte_lengths_equal_the_offsets(llama3, smollm2_tokenizer):
+    """Byte-level BPE: positions from the ids' byte lengths (encode_batch_fast, no offsets)
+    give the masks the tokenizer's character offsets give, non-ASCII text included;
+    a batch whose bytes do not add up falls back to the offsets."""
+    from sftune.data.formats import Record
+    from sftune.data.templates import DocumentRenderer
+    from sftune.data.tokenize import DocumentEncoder
+
+    accents = [dict(m, content=m["content"] + " — déjà vu, 東京 🚀") for m in CONVERSATION]
+    for tok in (llama3, smollm2_tokenizer):
+        renderer = DocumentRenderer(tok, "assistant")
+        chats = (CONVERSATION, accents, CONVERSATION[1:3])
+        docs = [renderer.render(Record("", "", tuple(c))) for c in chats]
+        args = [[d.text for d in docs], [d.spans for d in docs], [d.ends_with_eos for d in docs]]
+        by_bytes = DocumentEncoder(tok, masked=True)
+        by_offsets = DocumentEncoder(tok, masked=True)
+        by_offsets._bytes_decided = True  # token_bytes None: offsets
+        a, b = by_bytes.encode(*args), by_offsets.encode(*args)
+        assert by_bytes.token_bytes is not None
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        broken = DocumentEncoder(tok, masked=True)
+        broken._bytes_decided, broken.token_bytes = True, by_bytes.token_bytes + 1
+        c = broken.encode(*args)
+        assert broken.token_bytes is None and all(
+            np.array_equal(x, y) for x, y in zip(a, c, strict=True)
+        )

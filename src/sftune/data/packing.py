@@ -39,8 +39,9 @@ Options beyond the course:
   the response, `assistant` makes item 0's labels -100 a2 E and item 1's -100 -100 b2 (B and b1
   are prompt). The EOS and the response stay trained.
 
-  A chat, in ChatML (SmolLM2; s = `<|im_start|>`, e = `<|im_end|>`, which is also the EOS, so
-  the document ends with the template's own e and gets no second one; n = newline):
+  A chat, in ChatML (SmolLM2's template, which also writes a default system turn, left out
+  here; s = `<|im_start|>`, e = `<|im_end|>`, which is also the EOS, so the document ends
+  with the template's own e and gets no second one; n = newline):
 
       messages   user "hi", assistant "yo", user "2+2?", assistant "4"
       text       s user n hi e n s assistant n yo e n s user n 2+2? e n s assistant n 4 e
@@ -49,7 +50,7 @@ Options beyond the course:
   Each assistant turn is trained with its end-of-turn e (so the model learns to stop); its
   header (s assistant n), the newline after e, the user turns and the system prompt are not.
   Where e is not the EOS (Gemma's `<end_of_turn>`, EOS `<eos>`), the EOS is appended after the
-  last turn's e and trained with it. The chat worked example with real token ids is in
+  last turn (and the newline the template writes after its e) and trained. The chat worked example with real token ids is in
   docs/DATA.md; `sftune prepare --show N` prints any file's first documents this way.
 * `position_ids=True` adds positions that restart at 0 at every document start AND at each
   item's first token (item 1 above: E is the end of document A, yet starts at 0). Flash
@@ -62,8 +63,8 @@ Options beyond the course:
 The file-order stream, its document offsets and the label mask live in numpy arrays cached on
 disk (`cache.py`: `SFTUNE_CACHE_DIR`, default `platformdirs.user_cache_dir("sftune")`,
 subfolder `packed`), keyed by the file's contents, the tokenizer (its chat template included),
-the Alpaca template, the field mapping, the `train_on` mode and the system prompt. Shuffle, holdout and position ids are applied when loading, so
-one cache entry serves them all. The dataset remembers its file, field mapping and the
+the Alpaca template, the field mapping, the `train_on` mode and the system prompt. Shuffle,
+holdout and position ids are applied when loading, so one cache entry serves them all. The dataset remembers its file, field mapping and the
 file-order indices of its documents, so `sample_records(n)` can show a few of its records
 (the trainer's sample generations) without splitting the file again:
 
