@@ -315,7 +315,8 @@ def _refused_as_not_prefix_consistent(tok, tmp_path):
         ({"messages": TURNS, "tools": {"name": "x"}}, "field 'tools': must be a list"),
         (
             {"conversations": [{"from": "human", "value": "hi"}]},
-            "ShareGPT conversations record in a file of OpenAI messages records (line 1)",
+            "this record is ShareGPT conversations, but the file's first record (line 1) is "
+            "OpenAI messages: one format per file",
         ),
         (
             {"messages": [TURNS[0], {"role": "assistant", "tool_calls": [{"function": CALL}] * 2}]},

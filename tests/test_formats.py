@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from sftune.data.formats import ALPACA, MESSAGES, PROMPT_RESPONSE, Record, peek, read_records
+from sftune.data.formats import (
+    ALPACA,
+    MESSAGES,
+    PROMPT_RESPONSE,
+    SHAREGPT,
+    Record,
+    peek,
+    read_records,
+)
 from sftune.errors import DataError
 
 
@@ -254,3 +263,102 @@ def test_peek_bad_bytes(tmp_path):
     assert "gzip" in same_error(not_gzip, 1)
     bad_fields = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "response": "r"}])
     assert "unknown target field" in same_error(bad_fields, None, fields={"answer": "x"})
+
+
+# --- chats: ShareGPT, tools, per-turn flags, order (chat.py) --------------------------------
+
+
+def test_sharegpt_roles_tools_and_flags_normalised(tmp_path):
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    conversation = [
+        {"from": "system", "value": "Be brief."},
+        {
+            "from": "human",
+            "value": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}],
+        },
+        {"from": "function_call", "value": '{"name": "add", "arguments": "{\\"a\\": 2}"}'},
+        {"from": "observation", "value": "4"},
+        {"from": "gpt", "value": "4", "weight": 0},
+    ]
+    path = write_jsonl(
+        tmp_path / "a.jsonl", [{"conversations": conversation, "tools": json.dumps(tools)}]
+    )
+    assert peek(path) == SHAREGPT
+    (record,) = read_records(path)
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2}}}
+    assert record.messages == (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "4"},
+    )
+    assert record.tools == tuple(tools) and record.train == (None, None, None, None, False)
+
+
+def test_openai_tool_calls_null_and_the_older_function_call(tmp_path):
+    chat = [
+        {"role": "user", "content": "2+2?", "tool_calls": None},
+        {"role": "assistant", "content": None, "function_call": {"name": "add", "arguments": "{}"}},
+        {"role": "tool", "content": "4", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "4", "tool_calls": [], "train": True},
+    ]
+    (record,) = read_records(write_jsonl(tmp_path / "a.jsonl", [{"messages": chat}]))
+    assert record.messages[1]["tool_calls"][0]["function"] == {"name": "add", "arguments": {}}
+    assert record.messages[2] == {"role": "tool", "content": "4", "tool_call_id": "c1"}
+    assert record.messages[3] == {"role": "assistant", "content": "4"}
+    assert record.train == (None, None, None, True)
+
+
+def test_system_prompt_added_where_there_is_none(tmp_path):
+    chats = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Own."}, {"role": "user", "content": "hi"}],
+    ]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": c} for c in chats])
+    first, second = read_records(path, system_prompt="Default.")
+    assert first.messages[0] == {"role": "system", "content": "Default."} and first.train == (
+        None,
+        None,
+    )
+    assert second.messages[0]["content"] == "Own." and len(second.messages) == 2
+
+
+U, A = {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}
+
+
+@pytest.mark.parametrize(
+    "chat, problem",
+    [
+        ([A, U], "message 0: the conversation must open with a user turn, not assistant"),
+        ([U, {"role": "system", "content": "s"}], "message 1: a system message must come first"),
+        ([U, A, A], "two assistant turns in a row (messages 1 and 2)"),
+        ([U, {"role": "tool", "content": "4"}], "a tool result must follow an assistant tool call"),
+        ([U, {**A, "train": "no"}], "'train' must be true or false"),
+        ([U, {**A, "weight": 0.5}], "'weight' must be 0 or 1"),
+        ([U, {**A, "tool_calls": [{"function": {}}]}], "needs a 'function' with a string 'name'"),
+        ([U, {"from": "function_call", "value": "add(2)"}], "function_call value must be JSON"),
+        ([U, "hi"], "message 1: must be an object"),
+        ([{"content": "x"}], "needs a string 'role'"),
+    ],
+)
+def test_bad_chats(tmp_path, chat, problem):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": [U, A]}, {"messages": chat}])
+    error = assert_data_error(path, re.escape(problem), line=2)
+    assert error.field == "messages"
+
+
+def test_mixed_formats_name_the_line(tmp_path):
+    rows = [
+        {"prompt": "p", "response": "r"},
+        {"prompt": "q", "response": "s"},
+        {"instruction": "i", "output": "o"},
+    ]
+    error = str(assert_data_error(write_jsonl(tmp_path / "a.jsonl", rows), "one format", line=3))
+    assert "this record is Alpaca, but the file's first record (line 1) is prompt/response" in error
+    path = write_jsonl(
+        tmp_path / "b.jsonl",
+        [{"question": "q", "answer": "a"}, {"instruction": "i", "output": "o"}],
+    )
+    with pytest.raises(DataError, match="field 'question': missing"):  # a mapping decides: no check
+        read_records(path, fields={"prompt": "question", "response": "answer"})

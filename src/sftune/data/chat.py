@@ -11,8 +11,8 @@ either message style):
 Roles: system, user, assistant and tool; ShareGPT's human -> user, gpt -> assistant,
 observation -> tool, and function_call -> an assistant message whose `tool_calls` hold the
 call (its value is the JSON `{"name": ..., "arguments": ...}`, or a list of them). OpenAI
-`tool_calls` pass through, their `arguments` parsed from a JSON string into an object (what
-chat templates expect). A record-level `tools` list (or, as LLaMA-Factory writes it, a string
+`tool_calls` (and the older `function_call`) pass through, their `arguments` parsed from a
+JSON string into an object (what chat templates expect). A record-level `tools` list (or, as LLaMA-Factory writes it, a string
 holding one) is kept for the template.
 
 A message may opt out of training with `"train": false` or `"weight": 0` (Axolotl's keys);
@@ -101,8 +101,10 @@ def _message(path: Path, m: Any, line: int, key: str, i: int) -> tuple[dict, boo
         message["content"] = ""
         message["tool_calls"] = _function_call(content, fail)
     else:
-        if "tool_calls" in m and role == ASSISTANT:
+        if role == ASSISTANT and m.get("tool_calls"):  # null or [] (API exports): no calls
             message["tool_calls"] = _tool_calls(m["tool_calls"], fail)
+        elif role == ASSISTANT and m.get("function_call"):  # OpenAI's older single call
+            message["tool_calls"] = _function_call(m["function_call"], fail)
         message["content"] = _content(content, "tool_calls" in message, fail)
     for extra in _PASSED_THROUGH:
         if isinstance(m.get(extra), str):

@@ -204,8 +204,8 @@ def _check_same_shape(path: Path, line_no: int, obj: Any, shape: str, first_line
     if other != shape:
         raise DataError(
             path,
-            f"a {FORMAT_NAMES[other]} record in a file of {FORMAT_NAMES[shape]} records "
-            f"(line {first_line}): one format per file",
+            f"this record is {FORMAT_NAMES[other]}, but the file's first record (line "
+            f"{first_line}) is {FORMAT_NAMES[shape]}: one format per file",
             line=line_no,
         )
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,32 +58,36 @@ def build_stream(
     """Tokenize `path` batch by batch: (token chunks, document lengths, mask chunks or None).
 
     `train_on`: a `templates.TRAIN_ON` mode, `auto`, or a bool (the old `response_only`).
-    Only one batch of records and its Python token lists exist at a time; everything else
+    Only two batches of records and their Python token lists exist at a time; everything else
     is numpy. The mask is None when every token is trained.
+
+    Reading and rendering (Python, holding the GIL) overlap with encoding (Rust, which releases
+    it): batch k+1 is rendered while a worker thread encodes batch k, in order.
     """
     renderer = DocumentRenderer(tokenizer, resolve_train_on(train_on, peek(path, fields)))
     encoder = DocumentEncoder(tokenizer, masked=True)
-    token_chunks: list[np.ndarray] = []
-    mask_chunks: list[np.ndarray | None] = []
-    lengths: list[np.ndarray] = []
-    for records in _batched(iter_records(path, fields, system_prompt), DOCS_PER_BATCH):
-        docs = render_batch(path, records, renderer)
-        tokens, doc_lengths, mask = encoder.encode(
-            [d.text for d in docs],
-            [d.spans for d in docs],
-            [d.ends_with_eos for d in docs],
-            [d.eos_trained for d in docs],
-        )
-        token_chunks.append(tokens)
-        lengths.append(doc_lengths)
-        mask_chunks.append(mask)
-    if all(m is None for m in mask_chunks):
-        return token_chunks, np.concatenate(lengths), None
-    masks = [
-        np.ones(len(t), bool) if m is None else m
-        for t, m in zip(token_chunks, mask_chunks, strict=True)
-    ]
-    return token_chunks, np.concatenate(lengths), masks
+    encoded: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftune-encode") as worker:
+        pending = None
+        for records in _batched(iter_records(path, fields, system_prompt), DOCS_PER_BATCH):
+            docs = render_batch(path, records, renderer)
+            if pending is not None:
+                encoded.append(pending.result())
+            pending = worker.submit(
+                encoder.encode,
+                [d.text for d in docs],
+                [d.spans for d in docs],
+                [d.ends_with_eos for d in docs],
+                [d.eos_trained for d in docs],
+            )
+        if pending is not None:
+            encoded.append(pending.result())
+    token_chunks = [tokens for tokens, _, _ in encoded]
+    lengths = np.concatenate([doc_lengths for _, doc_lengths, _ in encoded])
+    if all(mask is None for _, _, mask in encoded):
+        return token_chunks, lengths, None
+    masks = [np.ones(len(t), bool) if m is None else m for t, _, m in encoded]
+    return token_chunks, lengths, masks
 
 
 def _batched(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
