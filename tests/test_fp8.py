@@ -63,15 +63,34 @@ def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch):
 def test_decoder_linears_convert_except_sizes_fp8_cannot_serve():
     # intermediate 100: gate/up (64 -> 100) and down (100 -> 64) are not multiples of 16.
     model = build_tiny_model(256, hidden=64, intermediate=100)
-    note = fp8.convert(model, "tensorwise", all_gather=False)
+    note = fp8.convert(model, "tensorwise", all_gather=False, linears="all")
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         assert all(_is_fp8(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
         assert not any(_is_fp8(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     assert type(model.lm_head) is nn.Linear
     assert note == (
-        "FP8 (tensorwise, torchao): 8 decoder linears; kept in bf16: the output projection and "
-        "6 linears not sized in multiples of 16"
+        "FP8 (tensorwise, torchao): 8 decoder linears; kept in bf16: the output projection, "
+        "6 not sized in multiples of 16"
+    )
+
+
+def test_auto_keeps_the_linears_too_small_to_gain_in_bf16():
+    """--fp8-linears auto (the default) follows torchao's size thresholds: the Llama 3 8B's
+    4096 -> 1024 k/v projections stay bf16 and its other linears convert; a small model keeps
+    everything in bf16 and the note says how to convert it anyway."""
+    on_meta = lambda i, o: nn.Linear(i, o, bias=False, device="meta")  # noqa: E731
+    for recipe in fp8.RECIPES:
+        assert fp8.large_enough(on_meta(4096, 4096), recipe)  # q_proj, o_proj
+        assert fp8.large_enough(on_meta(4096, 14336), recipe)  # gate/up
+        assert fp8.large_enough(on_meta(14336, 4096), recipe)  # down
+        assert not fp8.large_enough(on_meta(4096, 1024), recipe)  # k_proj, v_proj
+    model = build_tiny_model(256, hidden=64, intermediate=128)
+    note = fp8.convert(model, "tensorwise", all_gather=False)
+    assert not any(map(_is_fp8, model.modules()))
+    assert note == (
+        "FP8 (tensorwise, torchao): 0 decoder linears; kept in bf16: the output projection, "
+        "14 too small to gain (--fp8-linears all converts them)"
     )
 
 
@@ -81,7 +100,7 @@ def test_converted_model_trains_like_the_plain_one(recipe):
     weight, and the same parameters and state dict (names, dtypes, values) as before."""
     plain = build_tiny_model(256, dtype=torch.bfloat16)
     model = build_tiny_model(256, dtype=torch.bfloat16)
-    fp8.convert(model, recipe, all_gather=False, emulate=True)
+    fp8.convert(model, recipe, all_gather=False, linears="all", emulate=True)
     assert sum(map(_is_fp8, model.modules())) == 14
     before, after = plain.state_dict(), model.state_dict()
     assert list(before) == list(after)
@@ -100,7 +119,7 @@ def test_save_pretrained_after_conversion_loads_as_a_plain_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = build_tiny_model(256, dtype=torch.bfloat16)
-    fp8.convert(model, "tensorwise", all_gather=False)
+    fp8.convert(model, "tensorwise", all_gather=False, linears="all")
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert not any(map(_is_fp8, loaded.modules()))
@@ -125,7 +144,7 @@ def test_fsdp_fp8_all_gather_checkpoints_hold_plain_tensors(tmp_path):
 
         def build(seed: int):
             model = build_tiny_model(256, seed=seed)
-            fp8.convert(model, "tensorwise", all_gather=True, emulate=True)
+            fp8.convert(model, "tensorwise", all_gather=True, linears="all", emulate=True)
             module = CausalLMWithLoss(model, fused=True)
             distributed.apply_fsdp(module, model, cfg.dist, None)
             opt, sched = build_optimizer(

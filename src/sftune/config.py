@@ -95,6 +95,13 @@ class ModelConfig:
         "H100, H200, L40S): tensorwise (fastest), rowwise (more robust to outliers), off",
         ("off", "tensorwise", "rowwise"),
     )
+    fp8_linears: str = _f(
+        "auto",
+        "with --fp8, which decoder linears run in FP8: auto (those large enough to gain, by "
+        "torchao's size thresholds: the 8B's 4096->1024 k/v projections stay bf16), all (every "
+        "one whose sizes are multiples of 16)",
+        ("auto", "all"),
+    )
     device: str = _f("auto", "auto (cuda when available), cpu, cuda", ("auto", "cpu", "cuda"))
 
 

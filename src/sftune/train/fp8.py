@@ -13,8 +13,12 @@ and AdamW's moments stay in bf16 (or fp32), so checkpoints and the final `save_p
 model are ordinary weights, loadable without torchao.
 
 Kept in bf16: the output projection (the fused loss reads its weight directly, and logits are
-where FP8's 3-bit mantissa would cost most), and any linear whose input or output size is not a
-multiple of 16 (FP8 GEMMs need that).
+where FP8's 3-bit mantissa would cost most), any linear whose input or output size is not a
+multiple of 16 (FP8 GEMMs need that), and with `--fp8-linears auto` (the default) the linears too
+small for FP8 to pay for its casts, by torchao's own size thresholds (`_auto_filter_for_recipe`,
+from its H100 tables): for tensorwise, K <= 4096 with N <= 1024, which are the Llama 3 8B's
+k/v projections; rowwise also keeps N <= 2048, K <= 1024, and N <= 4096 with K <= 2048.
+`--fp8-linears all` converts every eligible linear.
 
 The recipes (torchao's names):
     tensorwise  one scale per tensor: the fastest; an outlier in a tensor coarsens every value's
@@ -38,6 +42,7 @@ from sftune.errors import ConfigError
 from sftune.train.distributed import decoder_layers
 
 RECIPES = ("tensorwise", "rowwise")
+LINEARS = ("auto", "all")
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (sm89: L4, L40S, RTX 40xx) and Hopper (sm90)
 INSTALL = "pip install 'sftune[fp8]'"
 
@@ -75,9 +80,24 @@ def fp8_eligible(module: nn.Module) -> bool:
     )
 
 
-def convert(hf_model: nn.Module, recipe: str, *, all_gather: bool, emulate: bool = False) -> str:
-    """Swap the decoder blocks' eligible linears for torchao's Float8Linear, in place; returns
-    a note saying what was converted and what kept bf16.
+def large_enough(module: nn.Module, recipe: str) -> bool:
+    """torchao's size heuristic: whether FP8 GEMMs beat bf16 on this linear, casts included."""
+    from torchao.float8.float8_linear_utils import _auto_filter_for_recipe
+
+    return _auto_filter_for_recipe(recipe, filter_fqns=[])(module, "")
+
+
+def convert(
+    hf_model: nn.Module,
+    recipe: str,
+    *,
+    all_gather: bool,
+    linears: str = "auto",
+    emulate: bool = False,
+) -> str:
+    """Swap the decoder blocks' linears for torchao's Float8Linear, in place: those FP8 can
+    serve and, with `linears="auto"`, large enough to gain; returns a note saying what was
+    converted and what kept bf16.
 
     all_gather: under FSDP2, all-gather the weights in FP8 (tensorwise only; call before
     fully_shard). emulate: torchao's reference math instead of FP8 GEMMs, for tests on a CPU.
@@ -89,23 +109,32 @@ def convert(hf_model: nn.Module, recipe: str, *, all_gather: bool, emulate: bool
         enable_fsdp_float8_all_gather=all_gather and recipe == "tensorwise",
         emulate=emulate,
     )
-    linears = kept = 0
+    found = [m for layer in decoder_layers(hf_model) for m in layer.modules()]
+    found = [m for m in found if isinstance(m, nn.Linear)]
+    unfit = {id(m) for m in found if not fp8_eligible(m)}
+    small = {
+        id(m)
+        for m in found
+        if linears == "auto" and id(m) not in unfit and not large_enough(m, recipe)
+    }
+    chosen = lambda m, _fqn: isinstance(m, nn.Linear) and id(m) not in unfit | small  # noqa: E731
     for layer in decoder_layers(hf_model):
-        found = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-        linears += len(found)
-        kept += sum(not fp8_eligible(m) for m in found)
-        convert_to_float8_training(
-            layer, config=config, module_filter_fn=lambda m, _fqn: fp8_eligible(m)
-        )
+        convert_to_float8_training(layer, config=config, module_filter_fn=chosen)
     if recipe == "rowwise":
         # Compiled recomputation (the activation memory budget) must round as eager did, or
         # the recomputed FP8 casts differ from the forward's (torchtitan sets the same for
         # rowwise; pytorch/pytorch#150859).
         torch._inductor.config.emulate_precision_casts = True
     gather = " (FP8 all-gather)" if config.enable_fsdp_float8_all_gather else ""
+    kept = ["the output projection"]
+    if small:
+        kept.append(f"{len(small)} too small to gain (--fp8-linears all converts them)")
+    if unfit:
+        kept.append(f"{len(unfit)} not sized in multiples of 16")
+    converted = len(found) - len(small) - len(unfit)
     return (
-        f"FP8 ({recipe}, torchao): {linears - kept} decoder linears{gather}; kept in bf16: the "
-        f"output projection{f' and {kept} linears not sized in multiples of 16' if kept else ''}"
+        f"FP8 ({recipe}, torchao): {converted} decoder linears{gather}; kept in bf16: "
+        + ", ".join(kept)
     )
 
 

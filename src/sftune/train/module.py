@@ -150,7 +150,11 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
     all_gather = plan.strategy == "fsdp" and cfg.model.fp8 == "tensorwise"
     if fp8.enabled(cfg.model.fp8):  # before compile and fully_shard see the layers
         fp8.check_available(cfg.model.fp8, device)
-        notes.append(fp8.convert(hf_model, cfg.model.fp8, all_gather=all_gather))
+        notes.append(
+            fp8.convert(
+                hf_model, cfg.model.fp8, all_gather=all_gather, linears=cfg.model.fp8_linears
+            )
+        )
     fused = enabled(cfg.model.fused_loss, device.type == "cuda")
     if fused and not supports_fused_loss(hf_model):
         notes.append("fused loss off: the model's logits are not a plain linear projection")
