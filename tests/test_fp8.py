@@ -76,7 +76,7 @@ def test_decoder_linears_convert_except_sizes_fp8_cannot_serve():
 
 
 def test_auto_keeps_the_linears_too_small_to_gain_in_bf16():
-    """--fp8-linears auto (the default) follows torchao's size thresholds: the Llama 3 8B's
+    """--fp8-linears auto follows torchao's size thresholds: the Llama 3 8B's
     4096 -> 1024 k/v projections stay bf16 and its other linears convert; a small model keeps
     everything in bf16 and the note says how to convert it anyway."""
     on_meta = lambda i, o: nn.Linear(i, o, bias=False, device="meta")  # noqa: E731
@@ -86,7 +86,7 @@ def test_auto_keeps_the_linears_too_small_to_gain_in_bf16():
         assert fp8.large_enough(on_meta(14336, 4096), recipe)  # down
         assert not fp8.large_enough(on_meta(4096, 1024), recipe)  # k_proj, v_proj
     model = build_tiny_model(256, hidden=64, intermediate=128)
-    note = fp8.convert(model, "tensorwise", all_gather=False)
+    note = fp8.convert(model, "tensorwise", all_gather=False, linears="auto")
     assert not any(map(_is_fp8, model.modules()))
     assert note == (
         "FP8 (tensorwise, torchao): 0 decoder linears; kept in bf16: the output projection, "

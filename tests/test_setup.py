@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from sftune.errors import ConfigError
 from sftune.train import build as build_mod
 from sftune.train import module as module_mod
 from sftune.train.distributed import World
+from sftune.train.module import CausalLMWithLoss
 from sftune.train.optim import build_optimizer
 from tiny import build_tiny_model
 
@@ -104,6 +106,42 @@ def test_probe_state_leaves_training_unchanged():
             opt.zero_grad()
         params.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*params, strict=True))
+
+
+def test_probe_counts_the_gradients_that_accumulation_holds(monkeypatch):
+    """A micro-batch below the batch runs, after a step's first, with the whole gradient held:
+    the probe measures that peak, not the first pass's. On a simulated allocator: each pass
+    peaks at 1 GiB per sequence, plus 10 GiB while gradients exist, on a 16 GiB budget."""
+    gib, state = 2**30, {"peak": 0}
+    real = module_mod._fwd_bwd
+
+    def fwd_bwd(module, ids):
+        held = 10 * gib if any(p.grad is not None for p in module.parameters()) else 0
+        state["peak"] = max(state["peak"], held + ids.shape[0] * gib)
+        real(module, ids)
+
+    monkeypatch.setattr(module_mod, "_fwd_bwd", fwd_bwd)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: state.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: state["peak"])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    model = build_tiny_model(32, seed=3)
+    cfg = config_mod.from_flat({"device": "cpu"})
+    opt, _ = build_optimizer(list(model.parameters()), cfg.optim, 1, torch.device("cpu"))
+    probe = functools.partial(
+        module_mod.probe_micro_batch,
+        CausalLMWithLoss(model, fused=False),
+        opt,
+        seq_length=8,
+        vocab_size=32,
+        device=torch.device("cpu"),
+        budget_bytes=16 * gib,
+    )
+    # Batch 16: 16 sequences peak at 16 GiB (over 92% of 16); 8 would peak at 8 GiB on the
+    # first pass but 18 GiB on the second; 4 peaks at 14 GiB.
+    assert probe(per_rank_batch=16) == 4
+    # Batch 12: no accumulation at 12 (12 GiB fits), the first pass is the only one.
+    assert probe(per_rank_batch=12) == 12
 
 
 def test_speed_knobs_reach_torch(monkeypatch):

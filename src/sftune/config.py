@@ -96,11 +96,11 @@ class ModelConfig:
         ("off", "tensorwise", "rowwise"),
     )
     fp8_linears: str = _f(
-        "auto",
-        "with --fp8, which decoder linears run in FP8: auto (those large enough to gain, by "
-        "torchao's size thresholds: the 8B's 4096->1024 k/v projections stay bf16), all (every "
-        "one whose sizes are multiples of 16)",
-        ("auto", "all"),
+        "all",
+        "with --fp8, which decoder linears run in FP8: all (every one whose sizes are multiples "
+        "of 16; on the 8B as fast as auto and 6 GiB leaner), auto (only those large enough to "
+        "gain by torchao's size thresholds: the 8B's 4096->1024 k/v projections stay bf16)",
+        ("all", "auto"),
     )
     device: str = _f("auto", "auto (cuda when available), cpu, cuda", ("auto", "cpu", "cuda"))
 

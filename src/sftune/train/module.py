@@ -234,10 +234,11 @@ def gpu_budget(device: torch.device, max_memory_gib: float) -> int:
     capped there (an allocation past it raises out-of-memory, as on a smaller card)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
-    cap = int(max_memory_gib * 2**30) if max_memory_gib > 0 else total
-    if cap < total:
-        torch.cuda.set_per_process_memory_fraction(cap / total, index)
-    return min(cap, total)
+    cap = min(int(max_memory_gib * 2**30) if max_memory_gib > 0 else total, total)
+    # Set every time, uncapped too: a cap is per process and would outlive this run (a second
+    # `train()` in the same Python process, or the next run of a benchmark).
+    torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    return cap
 
 
 def _fwd_bwd(module: nn.Module, ids: torch.Tensor) -> None:
@@ -256,7 +257,12 @@ def probe_micro_batch(
 ) -> int | None:
     """Largest divisor of the per-rank batch whose forward+backward fits next to the
     optimizer state (materialized first) with 8% of the budget (default: the whole GPU) kept
-    free; None when not even one sequence fits. Every rank takes the smallest rank's answer."""
+    free; None when not even one sequence fits. Every rank takes the smallest rank's answer.
+
+    A micro-batch smaller than the batch is measured over two passes: with accumulation, every
+    micro-batch after a step's first runs its forward while the gradients are held (a full
+    model's worth: 15 GiB for an 8B in bf16), so the first pass alone underestimates the peak.
+    """
     materialize_optimizer_state(optimizer)
     budget = budget_bytes or torch.cuda.get_device_properties(device).total_memory
     fits = 0
@@ -272,7 +278,8 @@ def probe_micro_batch(
         ok = True
         try:
             torch.cuda.reset_peak_memory_stats(device)
-            _fwd_bwd(module, ids)
+            for _ in range(1 if mb == per_rank_batch else 2):
+                _fwd_bwd(module, ids)
             torch.cuda.synchronize(device)
             ok = torch.cuda.max_memory_allocated(device) < 0.92 * budget
         except torch.cuda.OutOfMemoryError:
