@@ -226,7 +226,7 @@ finetune() {  # finetune TAG [TRAIN FLAGS...]: the SmolLM2 GSM8K run into smollm
 }
 accuracy() {
     step "gsm8k_$1" "$PY" -m sftune eval --model "$2" --tasks gsm8k \
-        --task-data "gsm8k=$GSM8K/test.jsonl" --dtype bf16 --log-samples \
+        --task-data "gsm8k=$GSM8K/test.jsonl" --dtype bf16 --batch-size 256 --log-samples \
         --output-dir "$RESULTS/gsm8k_$1" "${@:3}"
 }
 gsm8k_data() {
@@ -253,7 +253,7 @@ suite_gsm8k_lora() {
 }
 suite_gsm8k() {
     gsm8k_data gsm8k || return
-    accuracy speed100 smollm2-135m --limit 100   # the time of 100 problems (default batch, 64)
+    accuracy speed100 smollm2-135m --limit 100 --batch-size 64  # the time of 100 problems
     accuracy untuned smollm2-135m
     for lr in 1e-4 2e-5; do
         finetune "lr$lr" --lr "$lr" && accuracy "lr$lr" "$RESULTS/smollm2_lr$lr/final"

@@ -43,7 +43,9 @@ Modifiers, appended with "+" to any sftune run (e.g. sftune-mb8+budget0.5+cudnn)
     +capN            at most N GiB of GPU memory (--max-memory-gib N); with micro-batch 0 the
                      probe picks the micro-batch and checkpointing that fit
     +fp8tw, +fp8rw   FP8 linears in the decoder blocks, torchao's tensorwise or rowwise recipe (--fp8)
-    +fp8all          with +fp8tw/+fp8rw: every decoder linear in FP8 (--fp8-linears all)
+    +fp8auto         with +fp8tw/+fp8rw: only the linears torchao's size thresholds pick
+                     (--fp8-linears auto; the 8B's k/v projections stay bf16); +fp8all: every
+                     one (--fp8-linears all, the default)
     +none, +ddp, +fsdp  how the ranks hold the model (--dist; default auto: none on one rank)
     +reshard, +noreshard  FSDP frees each layer's gathered parameters after forward, or keeps
                      them (--reshard-after-forward on/off; default auto)
@@ -198,8 +200,8 @@ def sftune_config(args, device, *, seq, batch, micro, compile_, fused, ac, mods)
             flat["activation_checkpointing"] = True
         elif m in FP8_MODS:
             flat["fp8"] = FP8_MODS[m]
-        elif m == "fp8all":  # every decoder linear in FP8, the small k/v projections too
-            flat["fp8_linears"] = "all"
+        elif m in ("fp8all", "fp8auto"):  # every decoder linear in FP8 (the default), or
+            flat["fp8_linears"] = m.removeprefix("fp8")  # torchao's size thresholds
         elif m in ("none", "ddp", "fsdp"):
             flat["dist"] = m
         elif m in ("reshard", "noreshard"):
