@@ -14,9 +14,13 @@ and its relative difference from bf16.
     # shorter: fewer steps, or fewer layers (each layer keeps the 8B's GEMM shapes):
     python benchmarks/fp8_parity.py --data ../shared/data/gsm8k/train.jsonl --steps 80
     python benchmarks/fp8_parity.py --data ../shared/data/gsm8k/train.jsonl --steps 300 --layers 8
+    # one recipe per invocation (where a machine's time limit is shorter than all three runs):
+    # the same --out and setting keep the other recipes' runs, and the summary covers them all
+    for r in off tensorwise rowwise; do python benchmarks/fp8_parity.py --recipes $r; done
     # CPU smoke test of the harness (FP8 needs a GPU, so bf16 only, a small shape):
     python benchmarks/fp8_parity.py --data ../shared/data/gsm8k/train.jsonl --device cpu \
-        --config smollm2-135m --layers 2 --recipes off --steps 3 --seq 128 --batch 4 --micro-batch 2
+        --config smollm2-135m --layers 2 --recipes off --steps 20 --seq 128 --batch 4 \
+        --micro-batch 2 --compile off --out /tmp/fp8parity-cpu
 
 The tokenizer is read from --tokenizer DIR (default runs/llama3-tokenizer); when DIR holds none,
 it is built there from the `llama-models` package (pip install llama-models==0.3.0 tiktoken),
@@ -62,6 +66,7 @@ def train_run(args, recipe: str, dataset: PackedSFTDataset, vocab: int, device) 
             warmup_ratio=args.warmup_ratio,
             max_steps=args.steps,
             fp8=recipe,
+            fp8_linears=args.fp8_linears,
             compile=args.compile,
             fused_loss="on",
             device=device.type,
@@ -196,6 +201,32 @@ def _moving_average(values: list[float], n: int) -> list[float]:
     return out
 
 
+# What must match for runs of separate invocations to be compared (not --recipes, --out, ...).
+SETTING = (
+    "data", "fields", "config", "layers", "steps", "seq", "batch", "micro_batch", "lr",
+    "warmup_ratio", "fp8_linears", "compile", "device",
+)  # fmt: skip
+
+
+def earlier_runs(json_path: Path, args: dict[str, str], recipes: list[str]) -> dict[str, dict]:
+    """The runs an earlier invocation wrote to `json_path` for the recipes not asked for now,
+    when its setting was this one (so that one recipe per invocation adds up to the comparison);
+    a file of another setting is refused, never overwritten."""
+    if not json_path.is_file():
+        return {}
+    earlier = json.loads(json_path.read_text())
+    differ = [k for k in SETTING if earlier.get("args", {}).get(k) != args[k]]
+    if differ:
+        raise SystemExit(
+            f"{json_path} holds runs of another setting ({', '.join(differ)} differ): "
+            "choose another --out"
+        )
+    kept = {r: run for r, run in earlier.get("runs", {}).items() if r not in recipes}
+    if kept:
+        print(f"kept from {json_path}: {', '.join(NAMES[r] for r in kept)}", flush=True)
+    return kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -212,6 +243,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-4, help="peak; warmup then cosine to 0")
     ap.add_argument("--warmup-ratio", type=float, default=0.1)
+    ap.add_argument("--fp8-linears", default="all", choices=["all", "auto"])
     ap.add_argument("--compile", default="on", choices=["on", "off"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--log-every", type=int, default=25)
@@ -240,9 +272,11 @@ def main() -> None:
         "runs": {},
     }
     json_path, png_path = args.out / "fp8_parity.json", args.out / "fp8_parity.png"
+    results["runs"] = earlier_runs(json_path, results["args"], recipes)
     for recipe in recipes:
         results["runs"][recipe] = train_run(args, recipe, dataset, len(tokenizer), device)
         json_path.write_text(json.dumps(results, indent=1))  # kept if a later run fails
+    results["runs"] = {r: results["runs"][r] for r in NAMES if r in results["runs"]}
     lines = summarize(results["runs"])
     print("\n".join(lines))
     json_path.write_text(json.dumps(results, indent=1))
