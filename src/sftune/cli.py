@@ -55,14 +55,17 @@ class _Parser(argparse.ArgumentParser):
         raise SftuneError(f"{self.prog}: {message}")
 
 
-def check_environment(model: str, fp8: str = "off") -> None:
-    """Every dependency importable (torchao too for --fp8), and the model a preset or a
-    directory."""
+def check_environment(model: str, fp8: str = "off", optimizer: str = "adamw") -> None:
+    """Every dependency importable (torchao too for --fp8 and --optimizer adamw8bit), and the
+    model a preset or a directory."""
     missing = [pip for module, pip in REQUIRED.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise SftuneError(f"missing dependencies: pip install {' '.join(missing)}")
-    if fp8 != "off" and importlib.util.find_spec("torchao") is None:
+    no_torchao = importlib.util.find_spec("torchao") is None
+    if fp8 != "off" and no_torchao:
         raise SftuneError("--fp8 needs torchao: pip install 'sftune[fp8]'")
+    if optimizer == "adamw8bit" and no_torchao:
+        raise SftuneError("--optimizer adamw8bit needs torchao: pip install 'sftune[adamw8bit]'")
     presets.check_model(model)
     converted = (presets.preset_cache_dir(model) / "config.json").is_file()
     if model in presets.PRESETS and not converted and importlib.util.find_spec("gguf") is None:
@@ -98,7 +101,7 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     cfg = config_mod.from_args(args)
-    check_environment(cfg.model.model, cfg.model.fp8)
+    check_environment(cfg.model.model, cfg.model.fp8, cfg.optim.optimizer)
     presets.check_seq_length(cfg.data.seq_length, cfg.model.model)
     check_data(cfg.data.fields, cfg.data.train_data, cfg.data.val_data)
     if cfg.tasks.names:

@@ -155,6 +155,13 @@ class OptimConfig:
     beta2: float = _f(0.999, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    optimizer: str = _f(
+        "adamw",
+        "adamw (torch's; its moments in the weights' dtype), or adamw8bit (torchao's AdamW8bit: "
+        "both moments in 8 bits with a scale per 256 values, 2 bytes per parameter instead of "
+        "4 in bf16 or 8 in fp32; one process or DDP; pip install 'sftune[adamw8bit]')",
+        ("adamw", "adamw8bit"),
+    )
     compile_step: bool = _f(
         False,
         "torch.compile gradient clipping and the AdamW update together (one GPU): for Llama 3.1 "
@@ -523,6 +530,8 @@ def _validate(cfg: RunConfig) -> None:
     bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
     if mb and bs % mb:
         raise ConfigError(f"--batch-size {bs} is not a multiple of --micro-batch-size {mb}")
+    if cfg.optim.optimizer == "adamw8bit" and cfg.optim.compile_step:
+        raise ConfigError("--compile-step compiles torch's AdamW: not with --optimizer adamw8bit")
     if cfg.model.fp8 != "off" and (cfg.adapter.lora or cfg.adapter.qlora):
         raise ConfigError(
             "--fp8 is for full fine-tuning: it cannot be combined with --lora or --qlora"

@@ -284,6 +284,11 @@ def load_model(cfg: RunConfig, device: torch.device):
 def build_optimization(cfg: RunConfig, built, num_items: int, world: World, device: torch.device):
     """(sampler, total steps, optimizer, scheduler, a note on the optimizer)."""
     compile_step = choose_compile_step(cfg, built.sharded)
+    eight_bit = cfg.optim.optimizer == "adamw8bit"
+    if eight_bit and built.sharded:
+        raise ConfigError(
+            "--optimizer adamw8bit: not supported with FSDP2 (use --dist ddp or none, or adamw)"
+        )
     sampler = StepSampler(
         num_items,
         cfg.optim.batch_size,
@@ -296,11 +301,12 @@ def build_optimization(cfg: RunConfig, built, num_items: int, world: World, devi
     optimizer, scheduler = build_optimizer(
         list(built.module.parameters()), cfg.optim, steps, device, compiled=compile_step
     )
-    note = (
-        "optimizer: clipping + AdamW compiled together"
-        if compile_step
-        else f"optimizer: {'fused ' if device.type == 'cuda' else ''}AdamW"
-    )
+    if eight_bit:
+        note = "optimizer: AdamW8bit (torchao: both moments in 8 bits, a scale per 256 values)"
+    elif compile_step:
+        note = "optimizer: clipping + AdamW compiled together"
+    else:
+        note = f"optimizer: {'fused ' if device.type == 'cuda' else ''}AdamW"
     return sampler, steps, optimizer, scheduler, note
 
 

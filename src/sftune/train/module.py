@@ -214,9 +214,9 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """
     if optimizer.state:
         return
-    lrs = [g["lr"] for g in optimizer.param_groups]  # floats, or tensors (compiled step)
+    lrs = [g["lr"] for g in optimizer.param_groups]  # floats, or tensors (compiled, 8-bit)
     for g in optimizer.param_groups:
-        g["lr"] = 0.0
+        g["lr"] = torch.zeros_like(g["lr"]) if torch.is_tensor(g["lr"]) else 0.0
         for p in g["params"]:
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)

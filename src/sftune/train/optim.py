@@ -1,4 +1,4 @@
-"""AdamW with linear warmup and cosine decay.
+"""AdamW (torch's, or torchao's 8-bit) with linear warmup and cosine decay.
 
 lr(s) = lr * (s + 1) / W                                   for s < W (W = ceil(warmup_ratio * total))
 lr(s) = lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)        after, p = (s - W) / (total - W), m = min_lr_ratio
@@ -98,14 +98,45 @@ class AdamW(torch.optim.AdamW):
                     g["lr"] = torch.tensor(float(g["lr"]))
 
 
+def adamw8bit(groups, **kw) -> torch.optim.Optimizer:
+    """torchao's AdamW8bit with sftune's `clip_and_step`.
+
+    Both moments of every tensor of at least 4,096 values are stored as 8-bit codes with one
+    fp32 scale per 256 values (torchao's OptimState8bit; smaller tensors keep plain moments);
+    each parameter's update dequantizes, runs in fp32 and requantizes, in one compiled kernel
+    per parameter shape. bf16 weights are rounded to nearest, as torch's AdamW rounds them, so
+    a run is deterministic and resumes exactly. Not for FSDP2 (sftune refuses it there).
+    """
+    from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+
+    class AdamW8bit(TorchaoAdamW8bit):
+        compiled = False
+        on_local_shards = False
+
+        def clip_and_step(self, max_norm: float) -> torch.Tensor:
+            params = [p for g in self.param_groups for p in g["params"]]
+            norm = clip_grad_norm_(params, max_norm)
+            self.step()
+            return norm
+
+        def load_state_dict(self, state_dict) -> None:
+            super().load_state_dict(state_dict)
+            for g in self.param_groups:  # torchao steps with the learning rate as a tensor
+                if not torch.is_tensor(g["lr"]):
+                    g["lr"] = torch.tensor(float(g["lr"]))
+
+    return AdamW8bit(groups, **kw)
+
+
 def build_optimizer(
     params: list[torch.nn.Parameter],
     cfg: OptimConfig,
     total_steps: int,
     device: torch.device,
     compiled: bool = False,
-) -> tuple[AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (fused on CUDA, or compiled with clipping) and its warmup + cosine schedule.
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (fused on CUDA, or compiled with clipping; or torchao's 8-bit with
+    `cfg.optimizer`) and its warmup + cosine schedule.
 
     Weight decay skips 1-D tensors (norm weights, biases), as in GPT-2 / nanoGPT.
     """
@@ -115,14 +146,11 @@ def build_optimizer(
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    opt = AdamW(
-        groups,
-        compiled=compiled,
-        device=device,
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-    )
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "adamw8bit":
+        opt = adamw8bit(groups, **kw)
+    else:
+        opt = AdamW(groups, compiled=compiled, device=device, **kw)
     warmup = warmup_steps(total_steps, cfg.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total_steps, warmup, cfg.min_lr_ratio)
