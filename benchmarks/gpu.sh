@@ -195,11 +195,11 @@ suite_scaling() {
 }
 suite_gemm() { step gemm "$PY" benchmarks/gemm_floor.py --out "$RESULTS/gemm_floor.json"; }
 # FP8: the course loop and bf16 sftune as the references, both recipes at the probed micro-batch
-# (profiled: kernel time by category), torchao's choice of linears (+fp8auto), and two settings
-# for 80 GB cards: micro-batch 8, and what --max-memory-gib 75 plans.
+# (profiled: kernel time by category), torchao's choice of linears (+fp8auto), and settings for
+# 80 GB cards: micro-batch 8, what --max-memory-gib 75 plans, and micro-batch 16 with 8-bit AdamW.
 suite_fp8() {
     throughput fp8 --steps 15 --profile sftune+fp8tw,sftune+fp8rw --runs \
-        baseline,sftune,sftune+fp8tw,sftune+fp8tw+fp8auto,sftune+fp8rw,sftune-mb8+fp8tw,sftune+fp8tw+cap75
+        baseline,sftune,sftune+fp8tw,sftune+fp8tw+fp8auto,sftune+fp8rw,sftune-mb8+fp8tw,sftune+fp8tw+cap75,sftune-mb16+fp8tw+adam8
 }
 suite_fp8parity() {
     gsm8k_data fp8parity || return
