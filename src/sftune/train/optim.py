@@ -105,7 +105,9 @@ def adamw8bit(groups, **kw) -> torch.optim.Optimizer:
     fp32 scale per 256 values (torchao's OptimState8bit; smaller tensors keep plain moments);
     each parameter's update dequantizes, runs in fp32 and requantizes, in one compiled kernel
     per parameter shape. bf16 weights are rounded to nearest, as torch's AdamW rounds them, so
-    a run is deterministic and resumes exactly. Not for FSDP2 (sftune refuses it there).
+    a run is deterministic and resumes exactly. Not for FSDP2: sftune refuses it there, since
+    torchao 0.17's 8-bit state fails on FSDP2's sharded parameters (tried with torch 2.13 on
+    the CPU: `aten.view.dtype` is not implemented for OptimState8bit).
     """
     from torchao.optim import AdamW8bit as TorchaoAdamW8bit
 
