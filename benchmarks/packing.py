@@ -43,39 +43,35 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's sftune
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's sftune
+sys.path.insert(0, str(ROOT / "tests"))  # the chat templates the chat tests use
+from chat_templates import LLAMA3_INSTRUCT  # noqa: E402  (Meta-Llama-3-8B-Instruct's)
+
 CHAT_MODES = ("all", "last", "assistant")
-# Meta-Llama-3-8B-Instruct's chat template (as in tests/chat_templates.py).
-LLAMA3_INSTRUCT = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}"
-)
+
+
+def _sources(documents: int):
+    """(GSM8K train record i mod 7,473, AlpacaEval record 7i mod 805) for each document i."""
+    gsm = _read_jsonl(SHARED / "data/gsm8k/train.jsonl")
+    alpaca = _read_jsonl(SHARED / "data/alpaca_eval/alpaca_eval.jsonl")
+    for i in range(documents):
+        yield gsm[i % len(gsm)], alpaca[(7 * i) % len(alpaca)]
 
 
 def make_file(path: Path, documents: int) -> None:
     """The synthetic prompt/response file (see the module docstring)."""
-    gsm = _read_jsonl(SHARED / "data/gsm8k/train.jsonl")
-    alpaca = _read_jsonl(SHARED / "data/alpaca_eval/alpaca_eval.jsonl")
     with open(path, "w") as f:
-        for i in range(documents):
-            g, a = gsm[i % len(gsm)], alpaca[(7 * i) % len(alpaca)]
+        for g, a in _sources(documents):
             record = {"prompt": g["question"], "response": f"{g['answer']}\n\n{a['output']}"}
             f.write(json.dumps(record) + "\n")
 
 
 def make_chat_file(path: Path, documents: int) -> None:
     """The synthetic two-exchange chats (see the module docstring)."""
-    gsm = _read_jsonl(SHARED / "data/gsm8k/train.jsonl")
-    alpaca = _read_jsonl(SHARED / "data/alpaca_eval/alpaca_eval.jsonl")
     with open(path, "w") as f:
-        for i in range(documents):
-            g, a = gsm[i % len(gsm)], alpaca[(7 * i) % len(alpaca)]
+        for g, a in _sources(documents):
             messages = [
                 {"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": g["question"]},

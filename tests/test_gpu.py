@@ -150,13 +150,10 @@ def test_evaluation_loss_matches_training_loss():
     assert float(evaluation) == pytest.approx(float(train), rel=1e-3)
 
 
-def test_qlora_trains_and_merges_onto_the_bf16_base(tmp_path):
-    """--qlora: a 4-bit NF4 base, adapters trained, final/adapter and a merged bf16 model."""
-    pytest.importorskip("peft")
-    pytest.importorskip("bitsandbytes")
+def _train_tiny(tmp_path, **over):
+    """`train()` for 4 steps on a small Llama (width 128, every linear a multiple of 16) and an
+    addition file, into tmp_path/run; `over` sets the setting under test."""
     import json
-
-    from transformers import AutoModelForCausalLM
 
     from sftune.train.loop import train
     from tiny import byte_tokenizer, tiny_model_dir
@@ -165,21 +162,29 @@ def test_qlora_trains_and_merges_onto_the_bf16_base(tmp_path):
     with open(tmp_path / "train.jsonl", "w") as f:
         for i in range(200):
             f.write(json.dumps({"prompt": f"Add {i} and {i}.", "response": f"{2 * i}."}) + "\n")
-    cfg = config_mod.from_flat(
-        dict(
-            model=str(tmp_path / "model"),
-            train_data=str(tmp_path / "train.jsonl"),
-            seq_length=64,
-            batch_size=8,
-            max_steps=4,
-            lr=1e-3,
-            qlora=True,
-            num_samples=1,
-            max_new_tokens=4,
-            output_dir=str(tmp_path / "run"),
-        )
+    values = dict(
+        model=str(tmp_path / "model"),
+        train_data=str(tmp_path / "train.jsonl"),
+        seq_length=64,
+        batch_size=8,
+        max_steps=4,
+        lr=1e-3,
+        num_samples=1,
+        max_new_tokens=4,
+        output_dir=str(tmp_path / "run"),
     )
-    result = train(cfg)
+    return train(config_mod.from_flat({**values, **over}))
+
+
+def test_qlora_trains_and_merges_onto_the_bf16_base(tmp_path):
+    """--qlora: a 4-bit NF4 base, adapters trained, final/adapter and a merged bf16 model."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    result = _train_tiny(tmp_path, qlora=True)
     final = tmp_path / "run" / "final"
     assert result.val_loss_end < result.val_loss_start
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
@@ -242,33 +247,10 @@ def test_fp8_losses_match_bf16(recipe):
 @needs_fp8
 def test_fp8_run_saves_a_plain_model(tmp_path):
     """`sftune train --fp8 tensorwise`: trains, and final/ is an ordinary bf16 model."""
-    import json
-
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from sftune.train.loop import train
-    from tiny import byte_tokenizer, tiny_model_dir
-
-    tiny_model_dir(tmp_path / "model", byte_tokenizer(), hidden=128, intermediate=256)
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for i in range(200):
-            f.write(json.dumps({"prompt": f"Add {i} and {i}.", "response": f"{2 * i}."}) + "\n")
-    cfg = config_mod.from_flat(
-        dict(
-            model=str(tmp_path / "model"),
-            train_data=str(tmp_path / "train.jsonl"),
-            seq_length=64,
-            batch_size=8,
-            max_steps=4,
-            lr=1e-3,
-            fp8="tensorwise",
-            num_samples=1,
-            max_new_tokens=4,
-            output_dir=str(tmp_path / "run"),
-        )
-    )
-    result = train(cfg)
+    result = _train_tiny(tmp_path, fp8="tensorwise")
     assert result.val_loss_end < result.val_loss_start
     with safe_open(tmp_path / "run" / "final" / "model.safetensors", "pt") as f:
         saved = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)

@@ -112,9 +112,6 @@ def adamw8bit(groups, **kw) -> torch.optim.Optimizer:
     from torchao.optim import AdamW8bit as TorchaoAdamW8bit
 
     class AdamW8bit(TorchaoAdamW8bit):
-        compiled = False
-        on_local_shards = False
-
         def clip_and_step(self, max_norm: float) -> torch.Tensor:
             params = [p for g in self.param_groups for p in g["params"]]
             norm = clip_grad_norm_(params, max_norm)
