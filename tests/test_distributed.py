@@ -250,19 +250,24 @@ def test_lora_two_ranks_match_one_under_both_engines(workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_adamw8bit_under_ddp_trains_like_one_process(workdir, tmp_path):
-    """--optimizer adamw8bit on 2 DDP ranks: the same 4 steps as one process. torchao computes
-    each update in fp32 (even for these fp64 weights) and requantizes the moments to 8 bits, so
-    the ranks' fp64 summation-order noise (1e-15) can, rarely, move a value by one fp32 or one
-    8-bit rounding step: the comparison allows that (1e-6 relative), not an exact match."""
-    pytest.importorskip("torchao")
-    eight = ("--optimizer", "adamw8bit", "--max-steps", "4")
+@pytest.mark.parametrize(
+    "optimizer,package", [("adamw8bit", "torchao"), ("adamw8bit-bnb", "bitsandbytes")]
+)
+def test_8bit_adamw_under_ddp_trains_like_one_process(workdir, tmp_path, optimizer, package):
+    """--optimizer adamw8bit / adamw8bit-bnb on 2 DDP ranks: the same 4 steps as one process.
+    Both compute each update in fp32 (even for these fp64 weights) and requantize the moments to
+    8 bits, so the ranks' fp64 summation-order noise (1e-15) can, rarely, move a value by one
+    fp32 or one 8-bit rounding step: the comparison allows that (1e-6 relative), not an exact
+    match."""
+    pytest.importorskip(package)
+    eight = ("--optimizer", optimizer, "--max-steps", "4")
     one, ddp = tmp_path / "one", tmp_path / "ddp"
     err = _ok(
         _train(workdir, one, *eight),
         _train(workdir, ddp, *eight, "--dist", "ddp", launcher=_torchrun(2)),
     )
-    assert "optimizer: AdamW8bit" in err and "dist ddp: DDP (replicated) over 2 rank(s)" in err
+    assert f"optimizer: AdamW8bit ({package}:" in err
+    assert "dist ddp: DDP (replicated) over 2 rank(s)" in err
     expected, got = losses(one), losses(ddp)
     assert sorted(got) == [1, 2, 3, 4] and got[4] < got[1]
     for step in got:
