@@ -61,14 +61,12 @@ def check_environment(model: str, fp8: str = "off", optimizer: str = "adamw") ->
     missing = [pip for module, pip in REQUIRED.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise SftuneError(f"missing dependencies: pip install {' '.join(missing)}")
-    no_torchao = importlib.util.find_spec("torchao") is None
-    if fp8 != "off" and no_torchao:
+    if fp8 != "off" and importlib.util.find_spec("torchao") is None:
         raise SftuneError("--fp8 needs torchao: pip install 'sftune[fp8]'")
-    if optimizer == "adamw8bit" and no_torchao:
-        raise SftuneError("--optimizer adamw8bit needs torchao: pip install 'sftune[adamw8bit]'")
-    if optimizer == "adamw8bit-bnb" and importlib.util.find_spec("bitsandbytes") is None:
+    package = config_mod.EIGHT_BIT_OPTIMIZERS.get(optimizer)
+    if package and importlib.util.find_spec(package) is None:
         raise SftuneError(
-            "--optimizer adamw8bit-bnb needs bitsandbytes: pip install 'sftune[adamw8bit-bnb]'"
+            f"--optimizer {optimizer} needs {package}: pip install 'sftune[{optimizer}]'"
         )
     presets.check_model(model)
     converted = (presets.preset_cache_dir(model) / "config.json").is_file()

@@ -139,6 +139,10 @@ class DataConfig:
     shuffle: bool = _f(True, "shuffle documents before packing and sequences every epoch")
 
 
+# The 8-bit --optimizer choices and the package each needs (its pip extra is the choice's name).
+EIGHT_BIT_OPTIMIZERS = {"adamw8bit": "torchao", "adamw8bit-bnb": "bitsandbytes"}
+
+
 @dataclass
 class OptimConfig:
     batch_size: int = _f(32, "sequences per optimizer step (all ranks together)")

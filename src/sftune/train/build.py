@@ -284,8 +284,8 @@ def load_model(cfg: RunConfig, device: torch.device):
 def build_optimization(cfg: RunConfig, built, num_items: int, world: World, device: torch.device):
     """(sampler, total steps, optimizer, scheduler, a note on the optimizer)."""
     compile_step = choose_compile_step(cfg, built.sharded)
-    eight_bit = cfg.optim.optimizer != "adamw"
-    if eight_bit and built.sharded:
+    package = config_mod.EIGHT_BIT_OPTIMIZERS.get(cfg.optim.optimizer)  # None: torch AdamW
+    if package and built.sharded:
         raise ConfigError(
             f"--optimizer {cfg.optim.optimizer}: not supported with FSDP2 "
             "(use --dist ddp or none, or adamw)"
@@ -302,9 +302,8 @@ def build_optimization(cfg: RunConfig, built, num_items: int, world: World, devi
     optimizer, scheduler = build_optimizer(
         list(built.module.parameters()), cfg.optim, steps, device, compiled=compile_step
     )
-    if eight_bit:
-        by = "torchao" if cfg.optim.optimizer == "adamw8bit" else "bitsandbytes"
-        note = f"optimizer: AdamW8bit ({by}: both moments in 8 bits, a scale per 256 values)"
+    if package:
+        note = f"optimizer: AdamW8bit ({package}: both moments in 8 bits, a scale per 256 values)"
     elif compile_step:
         note = "optimizer: clipping + AdamW compiled together"
     else:

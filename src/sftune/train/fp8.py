@@ -117,7 +117,8 @@ def convert(
         for m in found
         if linears == "auto" and id(m) not in unfit and not large_enough(m, recipe)
     }
-    chosen = lambda m, _fqn: isinstance(m, nn.Linear) and id(m) not in unfit | small  # noqa: E731
+    kept_ids = unfit | small
+    chosen = lambda m, _fqn: isinstance(m, nn.Linear) and id(m) not in kept_ids  # noqa: E731
     for layer in decoder_layers(hf_model):
         convert_to_float8_training(layer, config=config, module_filter_fn=chosen)
     if recipe == "rowwise":
