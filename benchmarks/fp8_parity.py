@@ -1,6 +1,6 @@
 """FP8 against bf16 on real text: the same model trained once per recipe, losses side by side.
 
-The Llama 3.1 8B config (random init, seed 0) trains on GSM8K train rendered with the Alpaca
+The Llama 3.1 8B config (random init, seed 0 unless --seed) trains on GSM8K train rendered with the Alpaca
 template and packed by sftune's PackedSFTDataset (Llama 3 tokenizer), through sftune's own
 build_module and train_step, once in bf16 and once per FP8 recipe, one after the other in one
 process. Every run starts from the same weights and sees the same batches in the same order,
@@ -17,6 +17,8 @@ and its relative difference from bf16.
     # one recipe per invocation (where a machine's time limit is shorter than all three runs):
     # the same --out and setting keep the other recipes' runs, and the summary covers them all
     for r in off tensorwise rowwise; do python benchmarks/fp8_parity.py --recipes $r; done
+    # how far bf16 itself moves: the same data from another init (compare its final mean to seed 0's)
+    python benchmarks/fp8_parity.py --recipes off --seed 1 --out runs/fp8parity-seed1
     # CPU smoke test of the harness (FP8 needs a GPU, so bf16 only, a small shape):
     python benchmarks/fp8_parity.py --data ../shared/data/gsm8k/train.jsonl --device cpu \
         --config smollm2-135m --layers 2 --recipes off --steps 20 --seq 128 --batch 4 \
@@ -57,8 +59,8 @@ NAMES = {"off": "bf16", "tensorwise": "FP8 tensorwise", "rowwise": "FP8 rowwise"
 
 
 def train_run(args, recipe: str, dataset, val_dataset, vocab: int, device) -> dict:
-    """One run: the model from seed 0, `args.steps` optimizer steps; per-step losses, and the
-    held-out loss every `args.val_every` steps and at the end (when there is a val set)."""
+    """One run: the model from seed `args.seed`, `args.steps` optimizer steps; per-step losses,
+    and the held-out loss every `args.val_every` steps and at the end (when there is a val set)."""
     cfg = config_mod.from_flat(
         dict(
             seq_length=args.seq,
@@ -72,14 +74,14 @@ def train_run(args, recipe: str, dataset, val_dataset, vocab: int, device) -> di
             compile=args.compile,
             fused_loss="on",
             device=device.type,
-            seed=0,
+            seed=args.seed,
         )
     )
     mcfg = make_config(args.config)
     mcfg.vocab_size = max(mcfg.vocab_size, vocab)
     if args.layers:
         mcfg.num_hidden_layers = args.layers
-    model = build_model(mcfg, device, args.dtype, seed=0)
+    model = build_model(mcfg, device, args.dtype, seed=args.seed)
     built = module.build_module(cfg, model, device, World())
     optimizer, scheduler = build_optimizer(
         list(built.module.parameters()), cfg.optim, args.steps, device
@@ -235,7 +237,7 @@ def _moving_average(values: list[float], n: int) -> list[float]:
 # What must match for runs of separate invocations to be compared (not --recipes, --out, ...).
 SETTING = (
     "data", "val_data", "val_every", "fields", "config", "layers", "steps", "seq", "batch", "micro_batch", "lr",
-    "warmup_ratio", "fp8_linears", "compile", "device",
+    "warmup_ratio", "fp8_linears", "compile", "device", "seed",
 )  # fmt: skip
 
 
@@ -281,6 +283,9 @@ def main() -> None:
     ap.add_argument("--fp8-linears", default="all", choices=["all", "auto"])
     ap.add_argument("--compile", default="on", choices=["on", "off"])
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="the init's; the data order stays (a bf16 noise band)"
+    )
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--out", type=Path, default=Path("runs/fp8parity"))
     args = ap.parse_args()

@@ -31,7 +31,7 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
   gemm        every GEMM and the attention of one step timed alone: the step's floor
   fp8         FP8 training (torchao) on the 8B config: the course's loop, sftune in bf16, FP8
               tensorwise and rowwise (both profiled), and FP8 settings for 80 GB cards
-              (micro-batch 16 with and without each 8-bit AdamW, a 75 GiB cap)
+              (micro-batch 16 with activation budget 0.3 or each 8-bit AdamW, a 75 GiB cap)
   fp8parity   FP8 against bf16 on GSM8K (Alpaca template), 8B config from random init, the same
               data order: per-step losses, held-out losses (GSM8K test), curves, the final
               20-step means (FP8_PARITY_ARGS)
@@ -197,12 +197,12 @@ suite_scaling() {
 }
 suite_gemm() { step gemm "$PY" benchmarks/gemm_floor.py --out "$RESULTS/gemm_floor.json"; }
 # FP8: the course loop and bf16 sftune as the references, both recipes at the probed micro-batch
-# (profiled: kernel time by category), torchao's choice of linears (+fp8auto), and settings for
-# 80 GB cards: micro-batch 16 with each 8-bit AdamW (and without, the reference of their cost),
-# and what --max-memory-gib 75 plans.
+# (profiled: kernel time by category), and settings for 80 GB cards: micro-batch 16 with compile's
+# activation budget 0.3 or with each 8-bit AdamW (torchao's profiled), without either (the
+# reference of their cost), and what --max-memory-gib 75 plans.
 suite_fp8() {
-    throughput fp8 --steps 15 --profile sftune+fp8tw,sftune+fp8rw,sftune-mb16+fp8tw+adam8bnb --runs \
-        baseline,sftune,sftune+fp8tw,sftune+fp8rw,sftune-mb16+fp8tw,sftune-mb16+fp8tw+adam8bnb,sftune-mb16+fp8tw+adam8,sftune+fp8tw+adam8bnb+cap75
+    throughput fp8 --steps 15 --profile sftune+fp8tw,sftune+fp8rw,sftune-mb16+fp8tw+adam8 --runs \
+        baseline,sftune,sftune+fp8tw,sftune+fp8rw,sftune-mb16+fp8tw,sftune-mb16+fp8tw+budget0.3,sftune-mb16+fp8tw+adam8,sftune-mb16+fp8tw+adam8bnb,sftune+fp8tw+adam8+cap75
 }
 suite_fp8parity() {
     gsm8k_data fp8parity || return

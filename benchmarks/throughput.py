@@ -555,7 +555,7 @@ def kernel_category(name: str) -> str:
         return "gemm"
     if n.startswith("triton"):
         return "triton (compiled)"
-    if "multi_tensor" in n or "adam" in n:
+    if any(k in n for k in ("multi_tensor", "adam", "optimizer")):  # bitsandbytes: kOptimizer...
         return "optimizer/foreach"
     if "memcpy" in n or "memset" in n:
         return "memcpy/memset"
