@@ -1,8 +1,8 @@
 """FP8 against bf16 on real text: the same model trained once per recipe, losses side by side.
 
-The Llama 3.1 8B config (random init, seed 0 unless --seed) trains on GSM8K train rendered with the Alpaca
-template and packed by sftune's PackedSFTDataset (Llama 3 tokenizer), through sftune's own
-build_module and train_step, once in bf16 and once per FP8 recipe, one after the other in one
+The Llama 3.1 8B config (random init, seed 0 unless --seed) trains on GSM8K train rendered with
+the Alpaca template and packed by sftune's PackedSFTDataset (Llama 3 tokenizer), through sftune's
+own build_module and train_step, once in bf16 and once per FP8 recipe, one after the other in one
 process. Every run starts from the same weights and sees the same batches in the same order,
 so the curves differ only by the FP8 matmuls. Writes the per-step losses (<out>/fp8_parity.json)
 and the curves (<out>/fp8_parity.png), and prints each run's mean loss over the last 20 steps
