@@ -17,7 +17,7 @@ and its relative difference from bf16.
     # one recipe per invocation (where a machine's time limit is shorter than all three runs):
     # the same --out and setting keep the other recipes' runs, and the summary covers them all
     for r in off tensorwise rowwise; do python benchmarks/fp8_parity.py --recipes $r; done
-    # how far bf16 itself moves: the same data from another init (compare its final mean to seed 0's)
+    # how far bf16 itself moves: the same data from another init (compare with seed 0)
     python benchmarks/fp8_parity.py --recipes off --seed 1 --out runs/fp8parity-seed1
     # CPU smoke test of the harness (FP8 needs a GPU, so bf16 only, a small shape):
     python benchmarks/fp8_parity.py --data ../shared/data/gsm8k/train.jsonl --device cpu \
