@@ -55,12 +55,17 @@ class _Parser(argparse.ArgumentParser):
         raise SftuneError(f"{self.prog}: {message}")
 
 
-def check_environment(model: str, fp8: str = "off", optimizer: str = "adamw") -> None:
-    """Every dependency importable (torchao too for --fp8 and --optimizer adamw8bit,
-    bitsandbytes for adamw8bit-bnb), and the model a preset or a directory."""
+def check_dependencies() -> None:
+    """sftune's own dependencies importable (each missing one named with its pip name)."""
     missing = [pip for module, pip in REQUIRED.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise SftuneError(f"missing dependencies: pip install {' '.join(missing)}")
+
+
+def check_environment(model: str, fp8: str = "off", optimizer: str = "adamw") -> None:
+    """Every dependency importable (torchao too for --fp8 and --optimizer adamw8bit,
+    bitsandbytes for adamw8bit-bnb), and the model a preset or a directory."""
+    check_dependencies()
     if fp8 != "off" and importlib.util.find_spec("torchao") is None:
         raise SftuneError("--fp8 needs torchao: pip install 'sftune[fp8]'")
     package = config_mod.EIGHT_BIT_OPTIMIZERS.get(optimizer)
@@ -378,9 +383,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     export.check_checkpoint(args.checkpoint)
     export.check_out(args.out)
-    missing = [pip for module, pip in REQUIRED.items() if importlib.util.find_spec(module) is None]
-    if missing:
-        raise SftuneError(f"missing dependencies: pip install {' '.join(missing)}")
+    check_dependencies()
     out = export.export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, merge=args.merge)
     print(f"sftune: {args.checkpoint} -> {out}")
     return 0

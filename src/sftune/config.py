@@ -25,6 +25,7 @@ import yaml
 
 from sftune.errors import ConfigError
 from sftune.files import atomic_write_text
+from sftune.tasks import split_names
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -278,7 +279,7 @@ class TaskEvalConfig:
     @property
     def names(self) -> list[str]:
         """--eval-tasks as a list: [], ["gsm8k"], ..."""
-        return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
+        return split_names(self.eval_tasks)
 
 
 @dataclass

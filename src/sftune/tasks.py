@@ -107,6 +107,7 @@ def parse_pairs(text: str | None, flag: str = "--task-data") -> dict[str, str]:
 
 
 def split_names(text: str | None) -> list[str]:
+    """ "gsm8k, math" -> ["gsm8k", "math"] (--tasks, --eval-tasks)."""
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 

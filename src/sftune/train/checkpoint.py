@@ -181,6 +181,12 @@ def full_model_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     sd = get_model_state_dict(
         module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+    return hf_keys(sd)
+
+
+def hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained module's state dict under the Hugging Face model's own names: without the
+    loss wrapper's "lm." (train/module.py)."""
     prefix = "lm."
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 

@@ -97,6 +97,8 @@ def read_model_state(ckpt: Path) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from sftune.train.checkpoint import hf_keys
+
     reader = dcp.FileSystemReader(str(ckpt / DCP_DIR))
     saved = reader.read_metadata().state_dict_metadata
     prefix = "model."  # checkpoint.save stores {"model": ..., "optim": ...}
@@ -110,8 +112,7 @@ def read_model_state(ckpt: Path) -> dict:
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({"model": state}, storage_reader=reader, no_dist=True)
-    lm = "lm."  # the loss module's name for the Hugging Face model (train/module.py)
-    return {k[len(lm) :] if k.startswith(lm) else k: v for k, v in state.items()}
+    return hf_keys(state)
 
 
 def _write_model(state: dict, source: Path, out: Path) -> None:

@@ -345,24 +345,25 @@ def plan_memory(
         budget_bytes=budget_bytes,
     )
     mb = probe()
+    largest = f"micro-batch {mb} (largest that fits {gib:.1f} GiB)"
     if checkpointing or (mb is not None and 2 * mb >= per_rank_batch):
         if mb is None:
             raise _nothing_fits(seq_length, gib)
-        return MemoryPlan(mb, checkpointing, f"micro-batch {mb} (largest that fits {gib:.1f} GiB)")
+        return MemoryPlan(mb, checkpointing, largest)
     set_checkpointing(module.lm, True)
     mb_ac = probe()
     if mb_ac is None:
         raise _nothing_fits(seq_length, gib)
-    if mb is None or mb_ac <= mb:
-        set_checkpointing(module.lm, mb is None)
-        if mb is not None:
-            return MemoryPlan(mb, False, f"micro-batch {mb} (largest that fits {gib:.1f} GiB)")
+    if mb is None:  # checkpointing stays on
         return MemoryPlan(
             mb_ac,
             True,
             f"micro-batch {mb_ac} with activation checkpointing (nothing fits {gib:.1f} GiB "
             "without it)",
         )
+    if mb_ac <= mb:
+        set_checkpointing(module.lm, False)
+        return MemoryPlan(mb, False, largest)
     speed_ac = _tokens_per_s(module, optimizer, mb_ac, seq_length, vocab_size, device)
     set_checkpointing(module.lm, False)
     speed = _tokens_per_s(module, optimizer, mb, seq_length, vocab_size, device)

@@ -43,6 +43,25 @@ def clip_grad_norm_(
     return norm
 
 
+def _clip_then_step(
+    optimizer: torch.optim.Optimizer, max_norm: float, local_shards: bool = False
+) -> torch.Tensor:
+    """Every `clip_and_step`: clipping of all the optimizer's gradients, then its step; returns
+    the norm before clipping."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = clip_grad_norm_(params, max_norm, local_shards)
+    optimizer.step()
+    return norm
+
+
+def _lr_as_tensor(optimizer: torch.optim.Optimizer) -> None:
+    """After load_state_dict: a checkpoint may hold the learning rate as a float, where the
+    step needs a tensor (compiled AdamW, torchao's AdamW8bit)."""
+    for g in optimizer.param_groups:
+        if not torch.is_tensor(g["lr"]):
+            g["lr"] = torch.tensor(float(g["lr"]))
+
+
 class AdamW(torch.optim.AdamW):
     """torch's AdamW plus `clip_and_step`: gradient-norm clipping and the update in one call.
 
@@ -80,10 +99,7 @@ class AdamW(torch.optim.AdamW):
         return out
 
     def _clip_and_step(self, max_norm: float) -> torch.Tensor:
-        params = [p for g in self.param_groups for p in g["params"]]
-        norm = clip_grad_norm_(params, max_norm, self.on_local_shards)
-        self.step()
-        return norm
+        return _clip_then_step(self, max_norm, self.on_local_shards)
 
     def clip_and_step(self, max_norm: float) -> torch.Tensor:
         """Clips the global gradient norm to max_norm (inf: no clipping), steps, returns the
@@ -92,18 +108,8 @@ class AdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
-        if self.compiled:  # a checkpoint may hold the learning rate as a float
-            for g in self.param_groups:
-                if not torch.is_tensor(g["lr"]):
-                    g["lr"] = torch.tensor(float(g["lr"]))
-
-
-def _clip_and_step(self, max_norm: float) -> torch.Tensor:
-    """`clip_and_step` of the 8-bit optimizers: torch's clipping, then their step."""
-    params = [p for g in self.param_groups for p in g["params"]]
-    norm = clip_grad_norm_(params, max_norm)
-    self.step()
-    return norm
+        if self.compiled:
+            _lr_as_tensor(self)
 
 
 def adamw8bit(groups, **kw) -> torch.optim.Optimizer:
@@ -120,13 +126,11 @@ def adamw8bit(groups, **kw) -> torch.optim.Optimizer:
     from torchao.optim import AdamW8bit as TorchaoAdamW8bit
 
     class AdamW8bit(TorchaoAdamW8bit):
-        clip_and_step = _clip_and_step
+        clip_and_step = _clip_then_step
 
         def load_state_dict(self, state_dict) -> None:
             super().load_state_dict(state_dict)
-            for g in self.param_groups:  # torchao steps with the learning rate as a tensor
-                if not torch.is_tensor(g["lr"]):
-                    g["lr"] = torch.tensor(float(g["lr"]))
+            _lr_as_tensor(self)
 
     return AdamW8bit(groups, **kw)
 
@@ -143,7 +147,7 @@ def adamw8bit_bnb(groups, **kw) -> torch.optim.Optimizer:
     import bitsandbytes as bnb
 
     class AdamW8bitBnb(bnb.optim.AdamW8bit):
-        clip_and_step = _clip_and_step
+        clip_and_step = _clip_then_step
 
     return AdamW8bitBnb(groups, **kw)
 
