@@ -107,7 +107,13 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = config_mod.from_args(args)
+    given = config_mod.given_values(args)
+    if given.get("resume"):  # the saved run's settings; the given ones may change only some
+        from sftune.train.rundir import plan_resume
+
+        cfg = plan_resume(given).cfg
+    else:
+        cfg = config_mod.from_flat(given)
     check_environment(cfg.model.model, cfg.model.fp8, cfg.optim.optimizer)
     presets.check_seq_length(cfg.data.seq_length, cfg.model.model)
     check_data(cfg.data.fields, cfg.data.train_data, cfg.data.val_data)

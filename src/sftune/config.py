@@ -348,6 +348,10 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError(value)
         if tp is str and isinstance(value, bool) and "on" in (f.metadata["choices"] or ()):
             return "on" if value else "off"  # YAML reads a bare on/off as a boolean
+        if tp is str and not isinstance(value, (str, int, float)):
+            # str() of a YAML list or mapping is no setting: `output_dir: [a, b]` would name
+            # a directory "['a', 'b']".
+            raise TypeError(value)
         return tp(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
@@ -450,14 +454,19 @@ def from_flat(values: dict[str, Any]) -> RunConfig:
     return cfg.validate()
 
 
-def from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults < --config file < flags."""
+def given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave, flat: the --config file's keys, then the flags set."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(_unalias(_flatten_file(args.config)))
     flags = {name: getattr(args, name, None) for name in [*FIELDS, *ALIASES]}
     values.update(_unalias({k: v for k, v in flags.items() if v is not None}))
-    return from_flat(values)
+    return values
+
+
+def from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults < --config file < flags."""
+    return from_flat(given_values(args))
 
 
 def from_dict(d: dict[str, Any]) -> RunConfig:
@@ -569,3 +578,125 @@ def _validate(cfg: RunConfig) -> None:
     for name in cfg.log.backends:
         if name not in REPORT_TO:
             raise ConfigError(f"--report-to: unknown backend {name!r} ({', '.join(REPORT_TO)})")
+
+
+# ----------------------------------------------------------------------------- resume policy
+
+# What `--resume` may change in the run it continues: how long it runs, how it logs, evaluates
+# and saves, and how the same computation is laid out (ranks, sharding, micro-batches with
+# accumulation, kernels, compilation: the step's gradient does not depend on them, which the
+# accumulation and 2-rank tests prove). Every other setting decides what is trained (model,
+# adapters, data and its rendering, optimizer and schedule, dtype, seed): changing one on
+# resume would train something else under the saved run's name, so it is refused.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        # length
+        "max_steps",
+        "epochs",
+        # logging and evaluation
+        "log_every",
+        "eval_every",
+        "eval_max_batches",
+        "num_samples",
+        "max_new_tokens",
+        "report_to",
+        "run_name",
+        "verbose",
+        "eval_tasks",
+        "eval_tasks_every",
+        "eval_limit",
+        "task_data",
+        "task_dir",
+        "task_batch_size",
+        # checkpoints and the run directory
+        "save_every",
+        "keep_checkpoints",
+        "save_final",
+        "resume",
+        "output_dir",
+        # layout: the same step computed another way
+        "micro_batch_size",
+        "activation_checkpointing",
+        "activation_memory_budget",
+        "max_memory_gib",
+        "compile",
+        "compile_mode",
+        "compile_step",
+        "attn",
+        "sdpa_backend",
+        "fused_loss",
+        "device",
+        "dist",
+        "reshard_after_forward",
+        "reduce_fp32",
+        "cpu_offload",
+    }
+)
+# Settings whose default (auto, 0, unset) the build resolves and saves as what it became
+# (config.yaml says `dtype: fp32` where the user said auto). Given at that default on resume
+# (a config file that says `dtype: auto`), one means "as resolved before" and keeps the saved
+# value: a resumed run never re-resolves into something else on other hardware.
+RESOLVED_BY_BUILD = frozenset(
+    {
+        "train_data",
+        "val_data",
+        "dtype",
+        "attn",
+        "compile",
+        "fused_loss",
+        "doc_mask",
+        "device",
+        "dist",
+        "reshard_after_forward",
+        "micro_batch_size",
+        "activation_checkpointing",
+        "eval_max_batches",
+        "task_batch_size",
+        "train_on",
+        "response_only",
+        "output_dir",
+    }
+)
+# A short form of the rule, for the refusal.
+RESUME_RULE = (
+    "a resumed run keeps its settings (only steps, epochs, logging, evaluation and save "
+    "cadence, and how the step is laid out, may change)"
+)
+
+
+def flat_values(cfg: RunConfig) -> dict[str, Any]:
+    """Every setting of `cfg` by its flat name."""
+    return {name: getattr(getattr(cfg, section), name) for name, (section, _) in FIELDS.items()}
+
+
+def show_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "unset" if value is None else str(value)
+
+
+def resume_settings(saved: RunConfig, given: dict[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
+    """The saved run's resolved config with the given settings that may change applied:
+    (config, {setting: the saved value it replaced}). A given setting equal to the saved one
+    (or, for one the build resolves, at its "auto" default) is no change; any other change
+    outside RESUME_MAY_CHANGE is a ConfigError naming it, the saved and the given value.
+
+        --lr 0.01: the run being resumed was trained with 0.001; a resumed run keeps ...
+    """
+    before = flat_values(saved)
+    changes: dict[str, Any] = {}
+    for name, raw in _unalias(given).items():
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        value = _coerce(name, raw)
+        default = FIELDS[name][1].default
+        if value == before[name] or (name in RESOLVED_BY_BUILD and value == default):
+            continue
+        if name not in RESUME_MAY_CHANGE:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {show_value(value)}: the run being resumed was trained "
+                f"with {show_value(before[name])}; {RESUME_RULE}"
+            )
+        changes[name] = value
+    cfg = with_values(saved, **changes)
+    return cfg, {name: before[name] for name in changes}

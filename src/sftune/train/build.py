@@ -37,7 +37,7 @@ from sftune.models import (
     quiet_libraries,
 )
 from sftune.paths import cache_root
-from sftune.train import checkpoint, distributed, fp8, harness, lora
+from sftune.train import distributed, fp8, harness, lora, rundir
 from sftune.train.distributed import World
 from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
@@ -52,8 +52,7 @@ from sftune.train.optim import build_optimizer
 # Dense bf16 peak of the GPUs people train on (MFU's denominator).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 CPU_EVAL_MAX_BATCHES = 16  # validation on 2 CPU cores takes ~1 s per 256-token sequence
-# Files whose presence means a directory already holds a run (never overwritten).
-RUN_MARKERS = ("checkpoints", "final", "metrics.jsonl")
+RUN_MARKERS = rundir.RUN_MARKERS  # what makes a directory hold a run (never overwritten)
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,8 @@ class Run:
     flops_per_token: float | None
     peak_flops: float | None
     notes: tuple[str, ...]
+    data_digests: dict  # the data files' fingerprints, saved in every checkpoint (rundir)
+    lock: rundir.RunLock | None  # rank 0's lock on the run directory, released by close()
 
     @property
     def sharded(self) -> bool:
@@ -115,8 +116,12 @@ class Run:
         return "\n".join(lines)
 
     def close(self) -> None:
-        self.logger.close()
-        distributed.shutdown()
+        try:
+            self.logger.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            distributed.shutdown()
 
 
 # ----------------------------------------------------------------------------- small choices
@@ -165,20 +170,30 @@ def _peak_flops(device: torch.device) -> float | None:
 
 
 def plan_output_dir(cfg: RunConfig, world: World) -> Path:
-    """The run directory's path (created later, once everything that can fail on input has
-    been built). Never an earlier run's directory unless resuming it."""
+    """The run directory's path (its files are written later, once everything that can fail
+    on input has been built). Never an earlier run's directory unless resuming it, never a
+    directory of the user's own files (rundir.check_output_dir)."""
     name = cfg.log.output_dir
     if name is None:
         stamp = distributed.broadcast_object(datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         name = f"runs/{stamp}"
     out = Path(name)
-    held = [m for m in RUN_MARKERS if (out / m).exists()]
-    if cfg.checkpoint.resume is None and held:
-        raise SftuneError(
-            f"{out}: already holds a run ({', '.join(held)}); pass --resume to continue it or "
-            "choose another --output-dir"
-        )
+    rundir.check_output_dir(out, resuming=cfg.checkpoint.resume is not None)
     return out
+
+
+def lock_output_dir(out: Path, world: World) -> rundir.RunLock | None:
+    """Rank 0 locks the run directory (creating it); every rank fails alike if it cannot."""
+    lock, error = None, None
+    if world.is_main:
+        try:
+            lock = rundir.RunLock.acquire(out)
+        except SftuneError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise SftuneError(error)
+    return lock
 
 
 def create_output_dir(out: Path, cfg: RunConfig, world: World) -> None:
@@ -315,8 +330,14 @@ def build_optimization(cfg: RunConfig, built, num_items: int, world: World, devi
 
 
 def build(cfg: RunConfig) -> Run:
-    """Everything for `cfg`, in the order that fails cheapest first; see the module doc."""
+    """Everything for `cfg`, in the order that fails cheapest first; see the module doc.
+
+    With --resume, the saved run's settings with the changes that may be made
+    (rundir.plan_resume); the run directory is locked for the run (released by Run.close).
+    """
     cfg.validate()
+    resumed = rundir.plan_resume(config_mod.flat_values(cfg)) if cfg.checkpoint.resume else None
+    cfg = resumed.cfg if resumed else cfg
     quiet_libraries(cfg.log.verbose)
     world = distributed.init(
         "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu",
@@ -328,11 +349,23 @@ def build(cfg: RunConfig) -> Run:
     budget = gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else None
     torch.manual_seed(cfg.optim.seed)
     output_dir = plan_output_dir(cfg, world)
-    resume_from = None
-    if cfg.checkpoint.resume:  # "latest" resolved once; a checkpoint this run cannot take
-        resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)
-        checkpoint.check_kind(resume_from, lora.enabled(cfg))  # fails before the model loads
+    lock = lock_output_dir(output_dir, world)
+    try:
+        return _build(cfg, resumed, world, device, budget, output_dir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
+    """build() once the run directory is locked."""
+    resume_from = resumed.checkpoint if resumed else None  # None: none, or starting over
     train_path, val_path = data_paths(cfg, world)
+    digests = rundir.data_digests(train_path, val_path)
+    if resume_from is not None:  # before the model loads
+        paths = {"train_data": train_path, "val_data": val_path}
+        rundir.check_data(digests, resumed.trainer.get("data"), paths)
     fields = parse_fields(cfg.data.fields)
     prompt_format = "chat" if peek(train_path, fields) in CHAT_FORMATS else "alpaca"
 
@@ -341,9 +374,10 @@ def build(cfg: RunConfig) -> Run:
     fp8.check_available(cfg.model.fp8, device)
     hf_model, tokenizer, info, adapter = load_model(cfg, device)
     notes = [
+        *(resumed.notes if resumed else ()),
         f"model {cfg.model.model} ({info.num_params / 1e6:.1f}M params, {info.dtype}"
         f"{' + bf16 autocast' if cfg.model.dtype == 'bf16-mixed' else ''}), attention "
-        f"{info.attn_implementation}"
+        f"{info.attn_implementation}",
     ]
     if adapter is not None:
         trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
@@ -354,6 +388,8 @@ def build(cfg: RunConfig) -> Run:
         )
     if cfg.model.max_memory_gib and budget is None:
         notes.append("--max-memory-gib ignored: it caps GPU memory and this run is on the CPU")
+    if lock is not None and lock.note:
+        notes.append(lock.note)
     doc_mask = doc_mask_on(cfg, info.attn_implementation)
     notes.append(f"document-aware packing {_on_off(doc_mask)}")
     if task_specs:
@@ -386,6 +422,7 @@ def build(cfg: RunConfig) -> Run:
 
     resolved = config_mod.with_values(
         cfg,
+        output_dir=str(output_dir),
         train_data=train_path,
         val_data=val_path,
         dtype=cfg.model.dtype if cfg.model.dtype != "auto" else dtype_name(info.dtype),
@@ -411,7 +448,7 @@ def build(cfg: RunConfig) -> Run:
         run_name=cfg.log.run_name,
         config=resolved.to_dict(),
         tokens_per_step=cfg.optim.batch_size * cfg.data.seq_length,
-        resume=cfg.checkpoint.resume is not None,
+        resume=resume_from is not None,  # starting over: new files
     )
     # MFU's FLOPs count assumes every weight is trained; adapters skip most weight gradients.
     flops = (
@@ -446,6 +483,8 @@ def build(cfg: RunConfig) -> Run:
         flops_per_token=flops,
         peak_flops=_peak_flops(device),
         notes=tuple(notes),
+        data_digests=digests,
+        lock=lock,
     )
 
 

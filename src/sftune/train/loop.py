@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shlex
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -251,6 +252,7 @@ def save(r: Run, state: TrainState, bar: ConsoleProgress) -> Path:
         "sampler": r.sampler.state_dict(),
         "scheduler": r.scheduler.state_dict(),
         "prompt_format": r.prompt_format,  # for `sftune export`, which writes sftune.json too
+        "data": r.data_digests,  # a resume refuses data files whose bytes changed
     }
     path = checkpoint.save(
         r.output_dir,
@@ -278,7 +280,9 @@ def resume(r: Run) -> tuple[TrainState, str]:
     except ValueError as e:
         raise SftuneError(f"{path}: cannot resume: {e}") from None
     state = TrainState(**saved["train"])
-    r.logger.truncate_after(state.step)
+    # Resumed at its last step, a run validates (and samples, scores its tasks) there again:
+    # the rows of an evaluation logged before the kill go, or that step would have two.
+    r.logger.truncate_after(state.step, redo_evaluation=state.step >= r.total_steps)
     return state, f"sftune: resumed from {path} at step {state.step}"
 
 
@@ -370,8 +374,9 @@ def run(r: Run) -> TrainResult:
         if state.step < r.total_steps or val_end is None:  # stopped by SIGINT / SIGTERM
             if last_saved != state.step and state.step > 0:
                 save(r, state, bar)
-            bar.write(
-                f"interrupted at step {state.step}; resume with --resume latest --output-dir {r.output_dir}"
+            bar.write(  # the command's settings are read from the run directory
+                f"interrupted at step {state.step}; resume with --resume latest --output-dir "
+                f"{shlex.quote(str(r.output_dir))}"
             )
             return TrainResult(r.output_dir, None, state.step, val_start, None, interrupted=True)
     if cfg.checkpoint.save_every and last_saved != state.step:
