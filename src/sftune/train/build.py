@@ -182,13 +182,17 @@ def plan_output_dir(cfg: RunConfig, world: World) -> Path:
     return out
 
 
-def lock_output_dir(out: Path, world: World) -> rundir.RunLock | None:
+def lock_output_dir(out: Path, world: World, resuming: bool) -> rundir.RunLock | None:
     """Rank 0 locks the run directory (creating it); every rank fails alike if it cannot."""
     lock, error = None, None
     if world.is_main:
         try:
             lock = rundir.RunLock.acquire(out)
+            # Again under the lock: a run that started with this one may have written first.
+            rundir.check_output_dir(out, resuming=resuming)
         except SftuneError as e:
+            if lock is not None:
+                lock.release()
             error = str(e)
     error = distributed.broadcast_object(error)
     if error:
@@ -349,7 +353,7 @@ def build(cfg: RunConfig) -> Run:
     budget = gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else None
     torch.manual_seed(cfg.optim.seed)
     output_dir = plan_output_dir(cfg, world)
-    lock = lock_output_dir(output_dir, world)
+    lock = lock_output_dir(output_dir, world, resuming=cfg.checkpoint.resume is not None)
     try:
         return _build(cfg, resumed, world, device, budget, output_dir, lock)
     except BaseException:
