@@ -4,7 +4,8 @@ Every field is a CLI flag (`--field-name`) and a key of a YAML config file (`--c
 either flat (`lr: 1e-4`) or under its section (`optim: {lr: 1e-4}`). Field names are unique
 across sections so that a flat key is never ambiguous. Precedence: defaults < config file <
 flags. The resolved config is saved as `config.yaml` in the run directory and in every
-checkpoint.
+checkpoint. With `--resume` the base is that saved config instead, and the settings given
+may change only what `RESUME_MAY_CHANGE` lists (`resume_settings`).
 
     sftune train --model smollm2-135m --train-data train.jsonl --lr 1e-4 --max-steps 100
     sftune train --config configs/demo.yaml --max-steps 10     # a flag overrides the file
