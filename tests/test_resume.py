@@ -164,6 +164,24 @@ def test_allowed_changes_are_applied_and_said(lora_run, tmp_path, capsys):
     assert [r["step"] for r in read_metrics(run) if "val_loss" in r] == [0, 2, 4]
 
 
+def test_a_checkpoint_named_by_path_continues_in_a_new_directory(
+    lora_run, tmp_path, monkeypatch, capsys
+):
+    """`--resume CHECKPOINT_DIR` alone: the saved settings, a new runs/<timestamp>, and the
+    run the checkpoint came from untouched."""
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(lora_run)
+    ckpt = lora_run / "checkpoints" / "step_00000002"
+    code, text = _main(["train", "--resume", str(ckpt), "--max-steps", "3"], capsys)
+    assert code == 0, text
+    (new,) = (tmp_path / "runs").iterdir()
+    assert sorted(losses(new)) == [3] and (new / "final" / "adapter").is_dir()
+    assert yaml.safe_load((new / "config.yaml").read_text())["log"]["output_dir"] == str(
+        Path("runs") / new.name
+    )
+    assert _snapshot(lora_run) == before
+
+
 def test_a_run_resumed_at_its_last_step_logs_one_validation_there(workdir, tmp_path, capsys):
     """Killed after the last validation (during the final save): the resumed run validates at
     that step again, and metrics.jsonl and samples.jsonl hold that step once."""

@@ -11,6 +11,8 @@
 - `--resume` takes the saved run's resolved config as the base; the settings given again may
   change only what `config.RESUME_MAY_CHANGE` lists (`config.resume_settings`), and the data
   files must hold the same bytes as when the run started (`data_digests`).
+- `--resume CHECKPOINT_DIR` without `--output-dir` continues into a new directory (the
+  default runs/<timestamp>); `--resume latest --output-dir X` continues the run in X.
 - A run killed before its first checkpoint was complete has a config.yaml and metrics but
   nothing to resume from: `--resume latest` there starts it over from step 0 with its saved
   settings, and says so.
@@ -136,6 +138,10 @@ def plan_resume(given: dict[str, Any]) -> Resume:
         adapters = given.get("lora", saved.adapter.lora) or given.get("qlora", saved.adapter.qlora)
         trainer = checkpoint.check_kind(path, bool(adapters))
     cfg, replaced = config_mod.resume_settings(saved, given)
+    if not latest and out is None:
+        # A checkpoint named by its path starts a branch in a new directory, as without
+        # --resume: continuing in its own run directory would rewrite that run's later steps.
+        cfg = config_mod.with_values(cfg, output_dir=None)
     notes = []
     if path is None:
         notes.append(
