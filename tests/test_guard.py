@@ -40,7 +40,7 @@ def _error_line(code: int, text: str) -> str:
     [
         ("--lr", "nan", "--lr must be a finite number, got nan"),
         ("--lr", "inf", "--lr must be a finite number, got inf"),
-        ("--lr", "2e5", "--lr must be in [0, 1000.0], got 200000.0"),
+        ("--lr", "2e5", "--lr must be in [0, 1000], got 200000.0"),
         ("--grad-clip", "nan", "--grad-clip must be a finite number, got nan"),
         ("--beta1", "2", "--beta1 must be in [0, 1), got 2.0"),
         ("--beta2", "1", "--beta2 must be in [0, 1), got 1.0"),

@@ -175,7 +175,7 @@ class OptimConfig:
     epochs: float = _f(1.0, "passes over the training set (ignored when --max-steps > 0)", ge=0)
     max_steps: int = _f(0, "optimizer steps; 0: from --epochs", ge=0)
     # lr 0 trains nothing but is a valid baseline run; above 1e3 it is a typo (2e5 for 2e-5).
-    lr: float = _f(2e-5, "peak learning rate", ge=0, le=1e3)
+    lr: float = _f(2e-5, "peak learning rate", ge=0, le=1000)
     min_lr_ratio: float = _f(0.0, "cosine decay ends at min_lr_ratio * lr", ge=0, le=1)
     warmup_ratio: float = _f(0.03, "fraction of the steps with linear warmup", ge=0, lt=1)
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
@@ -396,10 +396,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         tp = _base_type(f.type)
         help_text = f.metadata["help"].replace("%", "%%")
-        if f.default not in (None, "") and tp is not bool:
-            help_text += f" (default: {f.default})"
+        notes = [f"default: {f.default}"] if f.default not in (None, "") and tp is not bool else []
         if f.metadata["bounds"]:
-            help_text += f" (must be {_describe_bounds(f.metadata['bounds'])})"
+            notes.append(_describe_bounds(f.metadata["bounds"]))
+        if notes:
+            help_text += f" ({'; '.join(notes)})"
         group = groups[section]
         if tp is bool:
             group.add_argument(
