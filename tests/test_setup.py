@@ -245,7 +245,7 @@ def test_bad_input_fails_before_torch_is_imported(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "1+1?", "response": "2"}\n')
     cases = [
-        (["--lr", "-1"], "--lr must be >= 0"),
+        (["--lr", "-1"], "--lr must be in [0, 1000], got -1.0"),
         (["--batch-size", "3", "--micro-batch-size", "2"], "not a multiple of --micro-batch-size"),
         (["--train-data", str(csv)], f"{csv}:1: invalid JSON"),
         (["--train-data", str(qa)], f"{qa}:1: cannot tell the record format"),
