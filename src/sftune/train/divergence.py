@@ -1,10 +1,12 @@
-"""Divergence: a non-finite loss, gradient norm or weight stops a run before anything is saved
-from it; a loss far above its recent trend is flagged.
+"""Divergence: a non-finite loss, gradient norm, validation loss or weight stops a run before
+anything is saved from it; a loss far above its recent trend is flagged.
 
-The loop checks each logged step's loss and gradient norm (train/loop.py `flush`), and every
-save (a checkpoint, final/) first flushes the unlogged steps and checks the trainable weights
-(`nonfinite_parameters`, one host synchronisation), so every checkpoint a run writes is finite
-and "the last good checkpoint" is simply the newest one.
+The loop checks each logged step's loss and gradient norm (train/loop.py `flush`; a GPU logs
+every --log-every steps) and each validation loss, and every save (a checkpoint, final/) first
+flushes the unlogged steps and checks the trainable weights (`nonfinite_parameters`, one host
+synchronisation), so every checkpoint a run writes is finite. The stop message names the newest
+checkpoint older than the weights found bad: step N's loss comes from step N-1's weights, so a
+checkpoint of step N-1 is finite but gave the non-finite loss.
 
 A loss spike (`LossSpikes`): a step loss above max(3 x m, m + 1), where m is the median loss of
 the last 20 steps (from the second step on: a too-high --lr often blows up at step 2). The
