@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,10 +31,22 @@ from sftune.files import atomic_write_text
 from sftune.tasks import split_names
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+def _f(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A config field: its default, its help text and, for a string setting, the allowed values
-    (validated once, in `validate`, and shown as the flag's choices in --help)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+    (validated once, in `validate`, and shown as the flag's choices in --help); for a number,
+    its bounds (>= ge, > gt, <= le, < lt; validated once too, and shown in --help). A float must
+    also be finite: no setting takes NaN or an infinity."""
+    bounds = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
+    return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
 
 
 @dataclass
@@ -68,6 +82,8 @@ class ModelConfig:
         1.0,
         "with compile: fraction of the layers' activation memory to keep for backward; below 1 "
         "the compiler recomputes the cheapest activations instead (selective checkpointing)",
+        gt=0,
+        le=1,
     )
     sdpa_backend: str = _f(
         "auto",
@@ -90,6 +106,7 @@ class ModelConfig:
         "on a GPU: use at most this many GiB (the allocator is capped there, and the micro-batch "
         "and checkpointing are chosen to fit), so a large card shows what fits a smaller one; "
         "0: the whole GPU",
+        ge=0,
     )
     fp8: str = _f(
         "off",
@@ -116,10 +133,13 @@ class DataConfig:
         None, "validation file; default: hold out --val-fraction of the training documents"
     )
     val_fraction: float = _f(
-        0.05, "fraction of training documents held out when there is no --val-data"
+        0.05,
+        "fraction of training documents held out when there is no --val-data",
+        ge=0,
+        lt=1,
     )
     fields: str | None = _f(None, "field mapping, e.g. 'prompt=question,response=answer' (GSM8K)")
-    seq_length: int = _f(512, "tokens per packed sequence")
+    seq_length: int = _f(512, "tokens per packed sequence", ge=1)
     train_on: str = _f(
         "auto",
         "which labels are trained (the others are -100): all (every token), assistant (the "
@@ -147,20 +167,23 @@ EIGHT_BIT_OPTIMIZERS = {"adamw8bit": "torchao", "adamw8bit-bnb": "bitsandbytes"}
 
 @dataclass
 class OptimConfig:
-    batch_size: int = _f(32, "sequences per optimizer step (all ranks together)")
+    batch_size: int = _f(32, "sequences per optimizer step (all ranks together)", ge=1)
     micro_batch_size: int = _f(
-        0, "sequences per forward pass per rank; 0: largest that fits (GPU) or up to 8 (CPU)"
+        0,
+        "sequences per forward pass per rank; 0: largest that fits (GPU) or up to 8 (CPU)",
+        ge=0,
     )
-    epochs: float = _f(1.0, "passes over the training set (ignored when --max-steps > 0)")
-    max_steps: int = _f(0, "optimizer steps; 0: from --epochs")
-    lr: float = _f(2e-5, "peak learning rate")
-    min_lr_ratio: float = _f(0.0, "cosine decay ends at min_lr_ratio * lr")
-    warmup_ratio: float = _f(0.03, "fraction of the steps with linear warmup")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.999, "AdamW beta2")
-    eps: float = _f(1e-8, "AdamW epsilon")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    epochs: float = _f(1.0, "passes over the training set (ignored when --max-steps > 0)", ge=0)
+    max_steps: int = _f(0, "optimizer steps; 0: from --epochs", ge=0)
+    # lr 0 trains nothing but is a valid baseline run; above 1e3 it is a typo (2e5 for 2e-5).
+    lr: float = _f(2e-5, "peak learning rate", ge=0, le=1000)
+    min_lr_ratio: float = _f(0.0, "cosine decay ends at min_lr_ratio * lr", ge=0, le=1)
+    warmup_ratio: float = _f(0.03, "fraction of the steps with linear warmup", ge=0, lt=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    beta1: float = _f(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = _f(0.999, "AdamW beta2", ge=0, lt=1)
+    eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)", ge=0)
     optimizer: str = _f(
         "adamw",
         "adamw (torch's; its moments in the weights' dtype); adamw8bit (torchao's AdamW8bit: "
@@ -176,21 +199,24 @@ class OptimConfig:
         "8B, 18 ms less optimizer time per step (+0.6% tokens/s) after about 90 s of compiling, "
         "so it pays off only in runs of thousands of steps; off: torch's fused AdamW on CUDA",
     )
-    seed: int = _f(0, "seed for data order, held-out split and initialisation")
+    seed: int = _f(0, "seed for data order, held-out split and initialisation", ge=0, le=2**63 - 1)
 
 
 @dataclass
 class LogConfig:
     output_dir: str | None = _f(None, "run directory; default runs/<timestamp>")
-    log_every: int = _f(10, "optimizer steps between train-loss log lines")
-    eval_every: int = _f(0, "optimizer steps between validation passes (0: only at start and end)")
+    log_every: int = _f(10, "optimizer steps between train-loss log lines", ge=1)
+    eval_every: int = _f(
+        0, "optimizer steps between validation passes (0: only at start and end)", ge=0
+    )
     eval_max_batches: int | None = _f(
         None,
         "validation micro-batches per pass (the first ones of the validation set, the same every "
         "time); unset: all on a GPU, 16 on a CPU; 0: all",
+        ge=0,
     )
-    num_samples: int = _f(2, "generations from validation prompts at each evaluation")
-    max_new_tokens: int = _f(64, "tokens generated per sample")
+    num_samples: int = _f(2, "generations from validation prompts at each evaluation", ge=0)
+    max_new_tokens: int = _f(64, "tokens generated per sample", ge=1)
     report_to: str = _f("", "comma-separated: wandb, tensorboard")
     run_name: str | None = _f(None, "name for wandb / tensorboard")
     verbose: bool = _f(False, "show the libraries' own progress bars and warnings too")
@@ -207,8 +233,9 @@ class CheckpointConfig:
         0,
         "optimizer steps between checkpoints (model + optimizer state, to resume from); 0: only "
         "when a run is interrupted (a finished run then keeps just final/)",
+        ge=0,
     )
-    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", ge=1)
     resume: str | None = _f(
         None,
         "continue a run: the latest checkpoint in --output-dir (bare --resume, or 'latest'), "
@@ -223,9 +250,9 @@ class LoraConfig:
     qlora: bool = _f(
         False, "LoRA on a 4-bit NF4 base (double quantization, bf16 compute; one CUDA GPU)"
     )
-    lora_r: int = _f(16, "adapter rank")
-    lora_alpha: float = _f(32.0, "adapter scale numerator: the update is B A * alpha / r")
-    lora_dropout: float = _f(0.0, "dropout on the adapters' input")
+    lora_r: int = _f(16, "adapter rank", ge=1)
+    lora_alpha: float = _f(32.0, "adapter scale numerator: the update is B A * alpha / r", gt=0)
+    lora_dropout: float = _f(0.0, "dropout on the adapters' input", ge=0, lt=1)
     lora_targets: str = _f(
         "all-linear",
         "comma-separated module names to adapt (e.g. q_proj,v_proj); all-linear: every linear "
@@ -262,10 +289,14 @@ class TaskEvalConfig:
         "the model in training; pip install 'sftune[eval]')",
     )
     eval_tasks_every: int = _f(
-        0, "optimizer steps between task evaluations (0: only at the start and the end)"
+        0,
+        "optimizer steps between task evaluations (0: only at the start and the end)",
+        ge=0,
     )
     eval_limit: int = _f(
-        0, "problems per task and evaluation: the first K of its data, the same every time; 0: all"
+        0,
+        "problems per task and evaluation: the first K of its data, the same every time; 0: all",
+        ge=0,
     )
     task_data: str | None = _f(
         None,
@@ -274,7 +305,9 @@ class TaskEvalConfig:
     )
     task_dir: str | None = _f(None, "a folder of lm-eval task YAMLs to add to sftune's own (gsm8k)")
     task_batch_size: int = _f(
-        0, "prompts per generation batch in task evaluation; 0: 8 on a CPU, 64 on a GPU"
+        0,
+        "prompts per generation batch in task evaluation; 0: 8 on a CPU, 64 on a GPU",
+        ge=0,
     )
 
     @property
@@ -347,6 +380,8 @@ def _coerce(name: str, value: Any) -> Any:
             return bool(value)
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # YAML's yes/no/on/off are booleans, not 1 and 0
         if tp is str and isinstance(value, bool) and "on" in (f.metadata["choices"] or ()):
             return "on" if value else "off"  # YAML reads a bare on/off as a boolean
         if tp is str and not isinstance(value, (str, int, float)):
@@ -354,7 +389,7 @@ def _coerce(name: str, value: Any) -> Any:
             # a directory "['a', 'b']".
             raise TypeError(value)
         return tp(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
 
 
@@ -366,8 +401,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         tp = _base_type(f.type)
         help_text = f.metadata["help"].replace("%", "%%")
-        if f.default not in (None, "") and tp is not bool:
-            help_text += f" (default: {f.default})"
+        notes = [f"default: {f.default}"] if f.default not in (None, "") and tp is not bool else []
+        if f.metadata["bounds"]:
+            notes.append(_describe_bounds(f.metadata["bounds"]))
+        if notes:
+            help_text += f" ({'; '.join(notes)})"
         group = groups[section]
         if tp is bool:
             group.add_argument(
@@ -400,22 +438,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _flatten_file(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: config file not found")
+def _read_yaml(path: str) -> Any:
+    """A config file's YAML; one line naming the file (and the line) where it is unreadable, not
+    UTF-8 text, not YAML, or nested too deeply to parse."""
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
-        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        reason = getattr(e, "problem", None) or " ".join(str(e).split())  # one line
+        raise ConfigError(f"{where}: invalid YAML ({reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid config file (nested too deeply)") from None
+
+
+def _check_file_value(path: str, name: str, value: Any) -> None:
+    """A value of a config file is checked where it is read, so that its error names the file."""
+    try:
+        value = _coerce(name, value)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    _check_field(name, value, f"{path}: {name}")
+
+
+def _flatten_file(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    raw = _read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         key = str(key).replace("-", "_")
-        if key in SECTIONS and isinstance(value, dict):
+        if key in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key}: expected a mapping of {key} settings")
+        if key in SECTIONS:
             for sub, v in value.items():
                 sub = str(sub).replace("-", "_")
                 owner = FIELDS[ALIASES[sub][0]][0] if sub in ALIASES else FIELDS.get(sub, ("",))[0]
@@ -426,6 +494,9 @@ def _flatten_file(path: str) -> dict[str, Any]:
             flat[key] = value
         else:
             raise ConfigError(f"{path}: unknown setting {key!r}")
+    for name, value in flat.items():
+        if name in FIELDS:  # aliases are checked once renamed
+            _check_file_value(path, name, value)
     return flat
 
 
@@ -507,43 +578,47 @@ def check_world_size(cfg: RunConfig, world_size: int) -> None:
         )
 
 
+# The bounds of `_f` as predicates and as they read in a message.
+_BOUNDS = {
+    "ge": (operator.ge, ">="),
+    "gt": (operator.gt, ">"),
+    "le": (operator.le, "<="),
+    "lt": (operator.lt, "<"),
+}
+
+
+def _describe_bounds(bounds: dict[str, float]) -> str:
+    """{"ge": 0, "lt": 1} -> "in [0, 1)"; {"gt": 0} -> "> 0"."""
+    low = [(k, v) for k, v in bounds.items() if k in ("ge", "gt")]
+    high = [(k, v) for k, v in bounds.items() if k in ("le", "lt")]
+    if low and high:
+        (lk, lv), (hk, hv) = low[0], high[0]
+        return f"in {'[' if lk == 'ge' else '('}{lv}, {hv}{']' if hk == 'le' else ')'}"
+    k, v = (low or high)[0]
+    return f"{_BOUNDS[k][1]} {v}"
+
+
+def _check_field(name: str, value: Any, setting: str | None = None) -> None:
+    """One field's value against its choices, or its bounds and (a float) finiteness; the
+    message names `setting` (default: the field's flag)."""
+    _, f = FIELDS[name]
+    setting = setting or "--" + name.replace("_", "-")
+    allowed = f.metadata["choices"]
+    if allowed and value not in allowed:
+        raise ConfigError(f"{setting}: {value!r} is not one of {sorted(allowed)}")
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{setting} must be a finite number, got {value}")
+    bounds = f.metadata["bounds"]
+    if not all(_BOUNDS[k][0](value, bound) for k, bound in bounds.items()):
+        raise ConfigError(f"{setting} must be {_describe_bounds(bounds)}, got {value}")
+
+
 def _validate(cfg: RunConfig) -> None:
-    for name, (section, f) in FIELDS.items():
-        allowed = f.metadata["choices"]
-        value = getattr(getattr(cfg, section), name)
-        if allowed and value not in allowed:
-            raise ConfigError(
-                f"--{name.replace('_', '-')}: {value!r} is not one of {sorted(allowed)}"
-            )
-    positive = {
-        "seq_length": cfg.data.seq_length,
-        "batch_size": cfg.optim.batch_size,
-        "log_every": cfg.log.log_every,
-        "keep_checkpoints": cfg.checkpoint.keep_checkpoints,
-    }
-    for name, v in positive.items():
-        if v < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    non_negative = {
-        "micro_batch_size": cfg.optim.micro_batch_size,
-        "max_steps": cfg.optim.max_steps,
-        "eval_every": cfg.log.eval_every,
-        "save_every": cfg.checkpoint.save_every,
-        "lr": cfg.optim.lr,
-        "weight_decay": cfg.optim.weight_decay,
-        "grad_clip": cfg.optim.grad_clip,
-        "epochs": cfg.optim.epochs,
-        "num_samples": cfg.log.num_samples,
-        "eval_max_batches": cfg.log.eval_max_batches or 0,
-        "lora_dropout": cfg.adapter.lora_dropout,
-        "max_memory_gib": cfg.model.max_memory_gib,
-        "eval_tasks_every": cfg.tasks.eval_tasks_every,
-        "eval_limit": cfg.tasks.eval_limit,
-        "task_batch_size": cfg.tasks.task_batch_size,
-    }
-    for name, v in non_negative.items():
-        if v < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    for name, (section, _) in FIELDS.items():
+        _check_field(name, getattr(getattr(cfg, section), name))
+    # What no single field's bounds can say.
     bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
     if mb and bs % mb:
         raise ConfigError(f"--batch-size {bs} is not a multiple of --micro-batch-size {mb}")
@@ -555,24 +630,12 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "--fp8 is for full fine-tuning: it cannot be combined with --lora or --qlora"
         )
-    if cfg.adapter.lora_r < 1 or cfg.adapter.lora_alpha <= 0:
-        raise ConfigError("--lora-r must be >= 1 and --lora-alpha > 0")
     if cfg.optim.max_steps == 0 and cfg.optim.epochs <= 0:
         raise ConfigError("--epochs must be > 0 when --max-steps is 0")
-    if not 0.0 < cfg.model.activation_memory_budget <= 1.0:
-        raise ConfigError(
-            f"--activation-memory-budget must be in (0, 1], got {cfg.model.activation_memory_budget}"
-        )
-    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
-        raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if cfg.data.response_only and cfg.data.train_on not in ("auto", "assistant"):
         raise ConfigError(
             f"--response-only means --train-on assistant, not --train-on {cfg.data.train_on}"
         )
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.dist.dist in ("ddp", "none") and (cfg.dist.cpu_offload or cfg.dist.reduce_fp32):
         flag = "--cpu-offload" if cfg.dist.cpu_offload else "--reduce-fp32"
         raise ConfigError(f"{flag} is an FSDP setting: use --dist fsdp (or auto) with it")

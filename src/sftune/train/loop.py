@@ -28,6 +28,7 @@ from sftune.errors import SftuneError
 from sftune.files import atomic_write_text
 from sftune.train import checkpoint, distributed, harness, lora
 from sftune.train.build import Run, build
+from sftune.train.divergence import Diverged, LossSpikes, check_weights
 from sftune.train.evaluate import EvalInterrupted, eval_items, evaluate
 from sftune.train.generate import FORMAT_FILE, generate
 from sftune.train.metrics import read_metrics, task_curves, task_label
@@ -41,6 +42,7 @@ class TrainState:
     tokens: int = 0  # input tokens seen, all ranks
     trained_tokens: int = 0  # label tokens trained on (not -100), all ranks
     elapsed: float = 0.0  # seconds spent in training steps (not evals or saves), all processes
+    eval_pending: bool = False  # this step's validation was interrupted: a resume runs it first
 
 
 @dataclass
@@ -109,6 +111,8 @@ def validate(r: Run, state: TrainState, bar: ConsoleProgress, stop: StopFlag) ->
             on_batch=eval_bar.update,
             stop_requested=stop.agreed,
         )
+    if not math.isfinite(val):  # weights that are finite but useless: nothing saves them
+        raise Diverged(f"non-finite validation loss at step {state.step}", state.step)
     r.logger.log(
         state.step,
         {"val_loss": val, "tokens": state.tokens, "eval_seconds": time.perf_counter() - start},
@@ -186,9 +190,11 @@ def task_model(r: Run) -> torch.nn.Module | None:
 
 
 class Window:
-    """The steps since the last log line: one (loss share, grad norm, trained tokens) tensor each."""
+    """The steps since the last log line: one (loss share, grad norm, trained tokens) tensor each;
+    and the recent losses that a step's loss is compared with to flag a spike."""
 
     def __init__(self, state: TrainState) -> None:
+        self.spikes = LossSpikes()
         self.reset(state)
 
     def reset(self, state: TrainState) -> None:
@@ -201,7 +207,8 @@ class Window:
 
 
 def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> None:
-    """Logs the window's steps with one host synchronisation; stops on a non-finite loss."""
+    """Logs the window's steps with one host synchronisation and flags loss spikes; stops
+    (Diverged) at a step whose loss or gradient norm is not finite, logging the steps before it."""
     if not window.steps:
         return
     seconds = time.perf_counter() - window.start
@@ -211,20 +218,31 @@ def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> No
     stacked[:, 0] = distributed.all_reduce_sum(stacked[:, 0].contiguous())
     values = stacked.tolist()
     first = state.step - len(values) + 1
-    for k, (loss, _, _) in enumerate(values):
-        if not math.isfinite(loss):
-            raise SftuneError(
-                f"non-finite loss ({loss}) at step {first + k}: stopping; the last good checkpoint "
-                f"(if any) is kept in {r.output_dir / 'checkpoints'} (try a lower --lr)"
+    # Every step of the window goes to metrics.jsonl so curves have full resolution.
+    rows = [{"train_loss": loss, "grad_norm": norm} for loss, norm, _ in values]
+    for k, row in enumerate(rows):
+        if not all(math.isfinite(v) for v in row.values()):
+            for j in range(k):  # the curve up to the divergence
+                r.logger.log(first + j, rows[j])
+            what = "loss" if not math.isfinite(row["train_loss"]) else "gradient norm"
+            loss, norm = row["train_loss"], row["grad_norm"]
+            raise Diverged(
+                f"non-finite {what} at step {first + k} (loss {loss}, gradient norm {norm})",
+                first + k - 1,
+            )
+        median = window.spikes.check(row["train_loss"])
+        if median is not None:
+            row["loss_spike"] = True
+            bar.write(
+                f"step {first + k:>6} | warning: loss spike: {row['train_loss']:.4g}, the recent "
+                f"median is {median:.4g} (a lower --lr or a longer --warmup-ratio may help)"
             )
     state.trained_tokens += int(sum(v[2] for v in values))
     tok_s = (state.tokens - window.start_tokens) / max(seconds, 1e-9)
     loss, norm, _ = values[-1]
     lr = float(r.scheduler.get_last_lr()[0])
-    metrics = {
-        "train_loss": loss,
+    rows[-1] |= {
         "lr": lr,
-        "grad_norm": norm,
         "tokens": state.tokens,
         "trained_tokens": state.trained_tokens,
         "tokens_per_s": tok_s,
@@ -232,13 +250,11 @@ def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> No
         "epoch": state.tokens / max(r.tokens_per_epoch, 1),
     }
     if r.flops_per_token and r.peak_flops:
-        metrics["mfu"] = tok_s * r.flops_per_token / (r.peak_flops * r.world.world_size)
+        rows[-1]["mfu"] = tok_s * r.flops_per_token / (r.peak_flops * r.world.world_size)
     if r.device.type == "cuda":
-        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(r.device) / 2**30
-    # Every step of the window goes to metrics.jsonl so curves have full resolution.
-    for k, (l_k, n_k, _) in enumerate(values[:-1]):
-        r.logger.log(first + k, {"train_loss": l_k, "grad_norm": n_k})
-    r.logger.log(state.step, metrics)
+        rows[-1]["peak_mem_gib"] = torch.cuda.max_memory_allocated(r.device) / 2**30
+    for k, row in enumerate(rows):
+        r.logger.log(first + k, row)
     bar.update(len(values), loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
     window.reset(state)
 
@@ -246,7 +262,11 @@ def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> No
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save(r: Run, state: TrainState, bar: ConsoleProgress) -> Path:
+def save(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> Path:
+    """A checkpoint of step `state.step`; never of a diverged run: the steps not yet logged
+    (a GPU logs every --log-every steps) are checked first, then the weights."""
+    flush(r, state, window, bar)
+    check_weights(r.module, r.device, state.step)
     trainer_state = {
         "train": asdict(state),
         "sampler": r.sampler.state_dict(),
@@ -286,8 +306,10 @@ def resume(r: Run) -> tuple[TrainState, str]:
     return state, f"sftune: resumed from {path} at step {state.step}"
 
 
-def save_final(r: Run) -> Path:
-    """model + tokenizer (save_pretrained) and the prompt format, for `sftune generate`."""
+def save_final(r: Run, step: int) -> Path:
+    """model + tokenizer (save_pretrained) and the prompt format, for `sftune generate`; never
+    from non-finite weights."""
+    check_weights(r.module, r.device, step)
     final = checkpoint.save_final(
         r.output_dir, r.module, r.hf_model, r.tokenizer, r.world, write_model=_lora_writer(r)
     )
@@ -328,10 +350,8 @@ def run(r: Run) -> TrainResult:
     window = Window(state)
     with StopFlag(r) as stop, bar:
         try:
-            if state.step == 0:
-                val_start = validate(r, state, bar, stop)
-                if r.task_specs:
-                    evaluate_tasks(r, state, bar)
+            val_start = evaluate_before_training(r, state, bar, stop)
+            window.reset(state)  # evaluations are not training time
             while state.step < r.total_steps:
                 batches = micro_batches(
                     r.train_data, r.sampler.next_indices(), r.micro_batch_size, r.device, r.varlen
@@ -357,7 +377,7 @@ def run(r: Run) -> TrainResult:
                 if every["tasks"] and state.step < r.total_steps:
                     evaluate_tasks(r, state, bar)
                 if every["save"]:
-                    save(r, state, bar)
+                    save(r, state, window, bar)
                     last_saved = state.step
                 if every["eval"] or every["tasks"] or every["save"]:  # not training time
                     window.reset(state)
@@ -370,19 +390,40 @@ def run(r: Run) -> TrainResult:
                 if r.task_specs:
                     evaluate_tasks(r, state, bar)
         except EvalInterrupted:
-            pass
+            # A validation between steps is owed to the curve: the checkpoint below records it,
+            # and the resumed run runs it first. (The last one is run again anyway; the first
+            # has no checkpoint: its run starts over.)
+            state.eval_pending = 0 < state.step < r.total_steps
         if state.step < r.total_steps or val_end is None:  # stopped by SIGINT / SIGTERM
             if last_saved != state.step and state.step > 0:
-                save(r, state, bar)
+                save(r, state, window, bar)
             bar.write(  # the command's settings are read from the run directory
                 f"interrupted at step {state.step}; resume with --resume latest --output-dir "
                 f"{shlex.quote(str(r.output_dir))}"
             )
             return TrainResult(r.output_dir, None, state.step, val_start, None, interrupted=True)
     if cfg.checkpoint.save_every and last_saved != state.step:
-        save(r, state, bar)  # checkpoints were asked for: the last one can extend the run
-    final = save_final(r) if cfg.checkpoint.save_final else None
+        save(r, state, window, bar)  # checkpoints were asked for: the last one can extend the run
+    final = save_final(r, state.step) if cfg.checkpoint.save_final else None
     return TrainResult(r.output_dir, final, state.step, val_start, val_end)
+
+
+def evaluate_before_training(
+    r: Run, state: TrainState, bar: ConsoleProgress, stop: StopFlag
+) -> float | None:
+    """At step 0 the starting point (its validation loss is returned); after a resume, the
+    evaluations of the step whose validation the interrupted run did not finish."""
+    if state.step == 0:
+        val = validate(r, state, bar, stop)
+        if r.task_specs:
+            evaluate_tasks(r, state, bar)
+        return val
+    if state.eval_pending:
+        validate(r, state, bar, stop)
+        if _due(r.cfg, state.step)["tasks"]:
+            evaluate_tasks(r, state, bar)
+        state.eval_pending = False
+    return None
 
 
 def _due(cfg: RunConfig, step: int) -> dict[str, bool]:
@@ -409,11 +450,31 @@ def train(cfg: RunConfig) -> TrainResult:
             f"out of GPU memory at micro-batch {r.micro_batch_size} x {r.cfg.data.seq_length} "
             "tokens: lower --micro-batch-size or --seq-length, or add --activation-checkpointing"
         ) from None
+    except Diverged as e:
+        where = last_good(r.output_dir, e.weights_step)
+        hint = "try a lower --lr"
+        if r.cfg.model.dtype == "fp16":  # AdamW's eps and squared gradients underflow there
+            hint = "fp16 weights cannot hold AdamW's update: use --dtype bf16 or bf16-mixed"
+        raise Diverged(
+            f"{e}: stopping, nothing of it saved; {where}; {hint}", e.weights_step
+        ) from None
     finally:
         r.close()
     if r.world.is_main:
         print_summary(result)
     return result
+
+
+def last_good(output_dir: Path, weights_step: int) -> str:
+    """Where a diverged run can go back to: the newest checkpoint before the weights that were
+    found bad (every checkpoint is finite, since every save checks first; one of the step before
+    a non-finite loss is finite, but it gave that loss)."""
+    steps = {int(p.name.rpartition("_")[2]): p for p in checkpoint.list_checkpoints(output_dir)}
+    good = [p for step, p in steps.items() if step < weights_step]
+    said = f"the last good checkpoint is {good[-1]}" if good else "there is no good checkpoint"
+    if weights_step in steps:
+        said += f" ({steps[weights_step]} holds the weights that gave it)"
+    return said
 
 
 def print_summary(result: TrainResult) -> None:
