@@ -202,8 +202,7 @@ def human_bytes(n: float) -> str:
 
 def disk_full_error(path: str | os.PathLike, doing: str = "cannot write") -> SftuneError:
     return SftuneError(
-        f"{path}: {doing}: no space left on device ({human_bytes(free_bytes(path))} free); "
-        "free some space (or choose another directory) and run again"
+        f"{path}: {doing}: no space left on device ({human_bytes(free_bytes(path))} free)"
     )
 
 

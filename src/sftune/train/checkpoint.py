@@ -197,6 +197,8 @@ def _to_json(obj):
         return [_to_json(v) for v in obj]
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
+    if isinstance(obj, np.generic):  # a NumPy scalar (a count from an array)
+        return obj.item()
     raise TypeError(f"checkpoint state holds a {type(obj).__name__}, which JSON cannot hold")
 
 
@@ -419,7 +421,7 @@ def _stop_if_failed(error: str | None, tmp: Path, output_dir: Path, step: int, w
         shutil.rmtree(tmp, ignore_errors=True)
     kept = list_checkpoints(output_dir)
     newest = f"the newest checkpoint is {kept[-1]}" if kept else "there is no earlier checkpoint"
-    raise SftuneError(f"{error}; checkpoint step {step} not written, {newest}")
+    raise SftuneError(f"{error}; checkpoint step {step} was not written, {newest}")
 
 
 def save(
@@ -549,10 +551,12 @@ def check_disk_space(
     free = distributed.broadcast_object(free_bytes(output_dir))
     sizes = f"a checkpoint ~{human_bytes(ckpt)}, final/ ~{human_bytes(final)}"
     if need > free:
+        parts = [f"a checkpoint ~{human_bytes(ckpt)}"] if cfg.checkpoint.save_every else []
+        parts += [f"final/ ~{human_bytes(final)}"] if cfg.checkpoint.save_final else []
         raise SftuneError(
-            f"{output_dir}: not enough disk space: the run writes about {human_bytes(need)} "
-            f"({sizes}) and {human_bytes(free)} is free; free some space or choose another "
-            "--output-dir"
+            f"{output_dir}: not enough disk space: the run needs about {human_bytes(need)} "
+            f"({' + '.join(parts)}) and {human_bytes(free)} is free; free some space or "
+            "choose another --output-dir"
         )
     note = f"disk: {sizes}; {human_bytes(free)} free"
     # At the peak, the checkpoints kept and the next one, written before the oldest goes.

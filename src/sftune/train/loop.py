@@ -317,7 +317,7 @@ def save_final_or_keep(r: Run, state: TrainState, bar: ConsoleProgress, last_sav
     elif kept:
         error += f"; the newest checkpoint is {kept[-1]}: free some space and --resume latest"
     else:
-        error += "; no checkpoint survived, the training of this run is lost"
+        error += "; no checkpoint survived: free some space and train again"
     raise SftuneError(error)
 
 
@@ -403,6 +403,7 @@ def run(r: Run) -> TrainResult:
             return TrainResult(r.output_dir, None, state.step, val_start, None, interrupted=True)
     if cfg.checkpoint.save_every and last_saved != state.step:
         save(r, state, bar)  # checkpoints were asked for: the last one can extend the run
+        last_saved = state.step
     final = save_final_or_keep(r, state, bar, last_saved) if cfg.checkpoint.save_final else None
     return TrainResult(r.output_dir, final, state.step, val_start, val_end)
 
