@@ -313,3 +313,10 @@ def test_a_truncated_model_file_is_one_line(workdir, tmp_path, capsys, command):
     assert main([command, "--model", str(model), "--device", "cpu", *args]) == 2
     line = _one_error(capsys.readouterr().err)
     assert f"{model / 'model.safetensors'}: not a complete safetensors file" in line
+
+
+def test_resume_of_a_run_directory_says_how(run4, tmp_path):
+    with pytest.raises(
+        SftuneError, match="a run directory, not a checkpoint: pass --resume latest"
+    ):
+        checkpoint.resolve_resume(str(run4), tmp_path)

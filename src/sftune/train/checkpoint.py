@@ -148,8 +148,14 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
 
 def _find_resume(resume: str, output_dir: Path) -> Path:
     if resume != "latest":
-        verify(Path(resume))
-        return Path(resume)
+        path = Path(resume)
+        if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
+            raise SftuneError(
+                f"{path}: a run directory, not a checkpoint: pass --resume latest --output-dir "
+                f"{path}, or one of its checkpoints/step_*"
+            )
+        verify(path)
+        return path
     found = list_checkpoints(output_dir)
     if not found:
         raise SftuneError(
@@ -420,7 +426,11 @@ def _stop_if_failed(error: str | None, tmp: Path, output_dir: Path, step: int, w
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     kept = list_checkpoints(output_dir)
-    newest = f"the newest checkpoint is {kept[-1]}" if kept else "there is no earlier checkpoint"
+    newest = (
+        f"the newest checkpoint is {kept[-1]} (--resume latest continues from it)"
+        if kept
+        else "there is no earlier checkpoint"
+    )
     raise SftuneError(f"{error}; checkpoint step {step} was not written, {newest}")
 
 
