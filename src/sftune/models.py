@@ -200,6 +200,23 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def check_safetensors(directory: str | Path) -> None:
+    """Every *.safetensors file in `directory` has a whole header and all the bytes it
+    describes (a truncated download or copy is one line naming the file, not a traceback
+    from deep in from_pretrained). Reads the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise SftuneError(
+                f"{path}: not a complete safetensors file ({e}); it is truncated or damaged, "
+                "copy or export it again"
+            ) from None
+
+
 def load_model_and_tokenizer(
     name_or_path: str,
     *,
@@ -219,6 +236,7 @@ def load_model_and_tokenizer(
         raise ConfigError("attention 'flash_attention_2' needs dtype bf16 or fp16, not fp32")
     source, preset = resolve_source(name_or_path)
     tokenizer = load_tokenizer(str(source))
+    check_safetensors(source)
     placement = {"device_map": {"": device}} if quantization else {}
     model = AutoModelForCausalLM.from_pretrained(
         source,

@@ -423,6 +423,9 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
         )
         micro, checkpointing = plan.micro_batch, plan.checkpointing
         notes.append(plan.note)
+    notes.append(
+        checkpoint.check_disk_space(output_dir, built.module, optimizer, cfg, adapter is not None)
+    )
 
     resolved = config_mod.with_values(
         cfg,

@@ -25,7 +25,7 @@ import torch
 
 from sftune.config import RunConfig
 from sftune.errors import SftuneError
-from sftune.files import atomic_write_text
+from sftune.files import atomic_write_text, raise_if_disk_full
 from sftune.train import checkpoint, distributed, harness, lora
 from sftune.train.build import Run, build
 from sftune.train.divergence import Diverged, LossSpikes, check_weights
@@ -321,6 +321,36 @@ def save_final(r: Run, step: int) -> Path:
     return final
 
 
+def save_final_or_keep(
+    r: Run, state: TrainState, window: Window, bar: ConsoleProgress, last_saved: int
+) -> Path:
+    """final/, or where it cannot be written (a full disk) a checkpoint of the last step, from
+    which `sftune export` writes the same model; the one-line error says what survived."""
+    try:
+        return save_final(r, state.step)
+    except Diverged:
+        raise  # nothing of a diverged run is saved
+    except SftuneError as e:
+        error = f"{e}; final/ was not written"
+    if last_saved != state.step:
+        try:
+            save(r, state, window, bar)
+            last_saved = state.step
+        except SftuneError:
+            error += f", nor a checkpoint of step {state.step}"
+    kept = checkpoint.list_checkpoints(r.output_dir)
+    if last_saved == state.step:
+        ckpt = checkpoint.checkpoint_dir(r.output_dir, state.step)
+        error += (
+            f"; {ckpt} holds step {state.step}: `sftune export {ckpt} --out DIR` writes the model"
+        )
+    elif kept:
+        error += f"; the newest checkpoint is {kept[-1]}: free some space and --resume latest"
+    else:
+        error += "; no checkpoint survived: free some space and train again"
+    raise SftuneError(error)
+
+
 def _lora_writer(r: Run):
     """With adapters: final/adapter (PEFT's format) and the merged model in final/."""
     if r.adapter is None:
@@ -342,6 +372,7 @@ def _lora_writer(r: Run):
 
 def run(r: Run) -> TrainResult:
     cfg = r.cfg
+    checkpoint.remove_stale_temps(r.output_dir, r.world)  # a killed run's half-written saves
     state, resumed = resume(r) if r.resume_from else (TrainState(), None)
     bar = ConsoleProgress(r.total_steps, initial=state.step, enabled=r.world.is_main)
     bar.write("\n".join([r.describe(), *([resumed] if resumed else [])]))
@@ -404,7 +435,10 @@ def run(r: Run) -> TrainResult:
             return TrainResult(r.output_dir, None, state.step, val_start, None, interrupted=True)
     if cfg.checkpoint.save_every and last_saved != state.step:
         save(r, state, window, bar)  # checkpoints were asked for: the last one can extend the run
-    final = save_final(r, state.step) if cfg.checkpoint.save_final else None
+        last_saved = state.step
+    final = (
+        save_final_or_keep(r, state, window, bar, last_saved) if cfg.checkpoint.save_final else None
+    )
     return TrainResult(r.output_dir, final, state.step, val_start, val_end)
 
 
@@ -458,6 +492,9 @@ def train(cfg: RunConfig) -> TrainResult:
         raise Diverged(
             f"{e}: stopping, nothing of it saved; {where}; {hint}", e.weights_step
         ) from None
+    except OSError as e:  # a log, sample or curve write that filled the disk: one line
+        raise_if_disk_full(e.filename or r.output_dir, e)
+        raise
     finally:
         r.close()
     if r.world.is_main:
