@@ -59,20 +59,51 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
-def read_task_yaml(path: Path) -> dict[str, Any]:
-    """A task YAML with its `include:` files merged in (their keys first, as lm-eval does)."""
-    try:
-        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not a readable task YAML ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: not a task YAML (expected a mapping)")
+MAX_INCLUDE_DEPTH = 32  # `include:` files nested deeper than this are refused, not followed
+
+
+def read_task_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A task YAML with its `include:` files merged in (their keys first, as lm-eval does).
+
+    A file that includes itself, directly or through others, is a `ConfigError` naming the
+    cycle (lm-eval would recurse until it crashes), and so is a chain deeper than
+    `MAX_INCLUDE_DEPTH`.
+    """
+    chain = (*_chain, Path(os.path.abspath(path)))
+    cfg = _read_one(path)
     includes = cfg.pop("include", None) or []
     merged: dict[str, Any] = {}
     for inc in [includes] if isinstance(includes, str) else includes:
-        merged.update(read_task_yaml(path.parent / inc))
+        target = path.parent / str(inc)
+        if Path(os.path.abspath(target)) in chain or _same_file(target, chain):
+            cycle = " -> ".join(p.name for p in (*chain, Path(target)))
+            raise ConfigError(
+                f"{chain[0]}: include: cycle {cycle}: a task YAML cannot include itself"
+            )
+        if len(chain) >= MAX_INCLUDE_DEPTH:
+            raise ConfigError(f"{chain[0]}: include: more than {MAX_INCLUDE_DEPTH} files deep")
+        merged.update(read_task_yaml(target, chain))
     merged.update(cfg)
     return merged
+
+
+def _read_one(path: Path) -> dict[str, Any]:
+    """One task YAML as it is, its `include:` not followed."""
+    try:
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not a readable task YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: not a task YAML (expected a mapping)")
+    return cfg
+
+
+def _same_file(target: Path, chain: tuple[Path, ...]) -> bool:
+    """`target` is one of `chain` under another name (a link, `..`)."""
+    try:
+        return any(os.path.samefile(target, p) for p in chain)
+    except OSError:
+        return False  # a missing include: reading it names it
 
 
 def known_tasks(task_dir: str | None = None) -> dict[str, Path]:
@@ -87,7 +118,9 @@ def known_tasks(task_dir: str | None = None) -> dict[str, Path]:
     for root in dirs:
         for path in sorted(root.rglob("*.yaml")):
             try:
-                name = read_task_yaml(path).get("task")
+                # The file's own `task:` names it even when its includes fail: asking for
+                # that task then gives their error, not "unknown task".
+                name = _read_one(path).get("task") or read_task_yaml(path).get("task")
             except ConfigError:
                 continue  # lm-eval skips what it cannot read, too
             if isinstance(name, str):

@@ -42,6 +42,7 @@ from sftune.data.templates import Document, DocumentRenderer, adds_bos, resolve_
 from sftune.errors import DataError, SftuneError
 
 DOCS_PER_BATCH = 2048  # documents tokenized per call: big enough for the Rust thread pool
+AGREE_CHARS = 4096  # characters of each sample text compared by `_backend_agrees`
 
 # Trained character ranges of one document: None (all of it), a response's first character
 # (the response runs to the end), or (start, end) ranges.
@@ -143,7 +144,10 @@ class DocumentEncoder:
         (default: yes). The mask is None when every token is trained.
         """
         if self.use_backend is None:
-            self.use_backend = self._backend_agrees(texts[:8])
+            # The first characters of a few texts show any difference of the two pipelines
+            # (post-processor, truncation, added tokens); whole texts would cost three
+            # encodings of a batch whose first record may be megabytes long.
+            self.use_backend = self._backend_agrees([t[:AGREE_CHARS] for t in texts[:8]])
         eos_trained = np.ones(len(texts), bool) if eos_trained is None else np.array(eos_trained)
         needs_mask = self.masked and (
             any(s is not None for s in spans) or not bool(eos_trained.all())
