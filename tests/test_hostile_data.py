@@ -247,3 +247,14 @@ def test_task_include_chain_is_bounded_and_a_link_is_the_same_file(tmp_path):
     (tmp_path / "alias.yaml").symlink_to(tmp_path / "real.yaml")
     with pytest.raises(ConfigError, match="cycle real.yaml -> alias.yaml"):
         tasks.read_task_yaml(tmp_path / "real.yaml")
+
+
+def test_task_data_that_is_a_directory_or_deep_json_is_one_line(tmp_path):
+    from sftune import tasks
+
+    with pytest.raises(DataError, match=r"is a directory, not a data file.*\(--task-data gsm8k\)"):
+        tasks.resolve_tasks("gsm8k", f"gsm8k={tmp_path}")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"question": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match=r"deep.jsonl:1: JSON nested too deeply"):
+        tasks.resolve_tasks("gsm8k", f"gsm8k={deep}")

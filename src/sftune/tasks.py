@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from sftune.data import formats
 from sftune.errors import ConfigError, DataError
 
 SHIPPED_DIR = Path(__file__).parent / "eval_tasks"
@@ -180,8 +181,10 @@ def _spec(name: str, path: Path, data_file: str | None) -> TaskSpec:
     overrides: dict[str, Any] = {}
     if data_file is not None:
         file = Path(data_file).expanduser()
-        if not file.is_file():
-            raise DataError(file, f"no such file (--task-data {name})")
+        try:
+            formats.data_file(file)  # a directory or a FIFO is named as such (and never opened)
+        except DataError as e:
+            raise DataError(file, f"{e.problem} (--task-data {name})") from None
         overrides = _local_data(cfg, file)
         check_first_record(file, cfg)
     else:
@@ -253,6 +256,8 @@ def check_first_record(file: Path, cfg: dict[str, Any]) -> None:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(file, f"not valid JSON ({e.msg})", line=line_no) from None
+    except RecursionError:
+        raise DataError(file, "JSON nested too deeply", line=line_no) from None
     if not isinstance(record, dict):
         raise DataError(file, "expected a JSON object per line", line=line_no)
     for field in _record_fields(cfg):
