@@ -75,8 +75,9 @@ def test_fifo_is_refused_without_opening_it(tmp_path, capsys):
         assert code == 2
         assert "is not a regular file (a FIFO)" in capsys.readouterr().err
     finally:
-        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # releases the writer
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # releases the writer
         writer.join(5)
+        os.close(reader)
 
 
 def test_prepare_names_a_directory(tmp_path, capsys):
@@ -195,6 +196,20 @@ def test_a_template_that_never_ends_stops_at_the_time_limit(tmp_path, monkeypatc
     with pytest.raises(DataError, match=r"chats.jsonl:1: the chat template of .* fails: render"):
         chat_stream(tmp_path, template)
     assert time.monotonic() - start < 10  # unbounded, it runs for hours
+
+
+def test_the_time_limit_is_per_record_not_per_render(tmp_path, monkeypatch):
+    """Each prefix of a long chat is one quick render; a record of 1,000 turns makes 1,000 of
+    them (2 s here, 58 s for 4,000): all share one record's time."""
+    from sftune.data.tokenize import build_stream
+
+    monkeypatch.setattr(limits, "RENDER_SECONDS", 0.2)  # each render: a few ms
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"messages": CHAT["messages"] * 1000}) + "\n")
+    with pytest.raises(DataError, match=r"long.jsonl:1: .*fails: rendering took over 0.2 s"):
+        build_stream(tok, path, train_on="assistant")
 
 
 def test_a_template_that_writes_too_much_stops_at_the_size_limit(tmp_path, monkeypatch):

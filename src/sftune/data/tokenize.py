@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from sftune.data.formats import Record, iter_records, peek
+from sftune.data.limits import within_budget
 from sftune.data.templates import Document, DocumentRenderer, adds_bos, resolve_train_on
 from sftune.errors import DataError, SftuneError
 
@@ -102,7 +103,7 @@ def render_batch(path: Path, records: list[Record], renderer: DocumentRenderer) 
     out = []
     for record in records:
         try:
-            out.append(renderer.render(record))
+            out.append(within_budget(renderer.render, record))  # RENDER_SECONDS per record
         except ValueError as e:
             raise DataError(path, str(e), line=record.line) from None
     return out
