@@ -199,8 +199,8 @@ def test_a_template_that_never_ends_stops_at_the_time_limit(tmp_path, monkeypatc
 
 
 def test_the_time_limit_is_per_record_not_per_render(tmp_path, monkeypatch):
-    """Each prefix of a long chat is one quick render; a record of 1,000 turns makes 1,000 of
-    them (2 s here, 58 s for 4,000): all share one record's time."""
+    """Each prefix of a long chat is one quick render; a record of 2,000 messages makes about
+    2,000 of them (some 15 s on one core, unbounded): they all share one record's time."""
     from sftune.data.tokenize import build_stream
 
     monkeypatch.setattr(limits, "RENDER_SECONDS", 0.2)  # each render: a few ms
