@@ -28,8 +28,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from sftune import config as config_mod  # noqa: E402 (standard library + yaml only)
 from sftune import presets  # noqa: E402
-from sftune.data.formats import parse_fields, peek  # noqa: E402
-from sftune.errors import DataError, SftuneError  # noqa: E402
+from sftune.data.formats import data_file, parse_fields, peek  # noqa: E402
+from sftune.errors import SftuneError  # noqa: E402
 
 # module -> what to pip install; checked before the run starts instead of failing mid-run.
 REQUIRED = {
@@ -332,8 +332,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     """Build (or load from the cache) the packed dataset and print its statistics, so training
     with the same file, tokenizer, mapping and masking starts from the cache; with --show N,
     also its first N documents, trained tokens marked."""
-    if not Path(args.data).is_file():
-        raise DataError(args.data, "no such file")
+    data_file(args.data)  # a directory, /dev/null or a FIFO is named as such
     if args.show < 0:
         raise SftuneError(f"--show must be >= 0, got {args.show}")
     check_data(args.fields, str(args.data))

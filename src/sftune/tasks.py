@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from sftune.data import formats
 from sftune.errors import ConfigError, DataError
 
 SHIPPED_DIR = Path(__file__).parent / "eval_tasks"
@@ -59,20 +60,51 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
-def read_task_yaml(path: Path) -> dict[str, Any]:
-    """A task YAML with its `include:` files merged in (their keys first, as lm-eval does)."""
-    try:
-        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not a readable task YAML ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: not a task YAML (expected a mapping)")
+MAX_INCLUDE_DEPTH = 32  # `include:` files nested deeper than this are refused, not followed
+
+
+def read_task_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A task YAML with its `include:` files merged in (their keys first, as lm-eval does).
+
+    A file that includes itself, directly or through others, is a `ConfigError` naming the
+    cycle (lm-eval would recurse until it crashes), and so is a chain deeper than
+    `MAX_INCLUDE_DEPTH`.
+    """
+    chain = (*_chain, Path(os.path.abspath(path)))
+    cfg = _read_one(path)
     includes = cfg.pop("include", None) or []
     merged: dict[str, Any] = {}
     for inc in [includes] if isinstance(includes, str) else includes:
-        merged.update(read_task_yaml(path.parent / inc))
+        target = path.parent / str(inc)
+        if Path(os.path.abspath(target)) in chain or _same_file(target, chain):
+            cycle = " -> ".join(p.name for p in (*chain, Path(target)))
+            raise ConfigError(
+                f"{chain[0]}: include: cycle {cycle}: a task YAML cannot include itself"
+            )
+        if len(chain) >= MAX_INCLUDE_DEPTH:
+            raise ConfigError(f"{chain[0]}: include: more than {MAX_INCLUDE_DEPTH} files deep")
+        merged.update(read_task_yaml(target, chain))
     merged.update(cfg)
     return merged
+
+
+def _read_one(path: Path) -> dict[str, Any]:
+    """One task YAML as it is, its `include:` not followed."""
+    try:
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not a readable task YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: not a task YAML (expected a mapping)")
+    return cfg
+
+
+def _same_file(target: Path, chain: tuple[Path, ...]) -> bool:
+    """`target` is one of `chain` under another name (a link, `..`)."""
+    try:
+        return any(os.path.samefile(target, p) for p in chain)
+    except OSError:
+        return False  # a missing include: reading it names it
 
 
 def known_tasks(task_dir: str | None = None) -> dict[str, Path]:
@@ -87,7 +119,9 @@ def known_tasks(task_dir: str | None = None) -> dict[str, Path]:
     for root in dirs:
         for path in sorted(root.rglob("*.yaml")):
             try:
-                name = read_task_yaml(path).get("task")
+                # The file's own `task:` names it even when its includes fail: asking for
+                # that task then gives their error, not "unknown task".
+                name = _read_one(path).get("task") or read_task_yaml(path).get("task")
             except ConfigError:
                 continue  # lm-eval skips what it cannot read, too
             if isinstance(name, str):
@@ -147,8 +181,10 @@ def _spec(name: str, path: Path, data_file: str | None) -> TaskSpec:
     overrides: dict[str, Any] = {}
     if data_file is not None:
         file = Path(data_file).expanduser()
-        if not file.is_file():
-            raise DataError(file, f"no such file (--task-data {name})")
+        try:
+            formats.data_file(file)  # a directory or a FIFO is named as such (and never opened)
+        except DataError as e:
+            raise DataError(file, f"{e.problem} (--task-data {name})") from None
         overrides = _local_data(cfg, file)
         check_first_record(file, cfg)
     else:
@@ -220,6 +256,8 @@ def check_first_record(file: Path, cfg: dict[str, Any]) -> None:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(file, f"not valid JSON ({e.msg})", line=line_no) from None
+    except RecursionError:
+        raise DataError(file, "JSON nested too deeply", line=line_no) from None
     if not isinstance(record, dict):
         raise DataError(file, "expected a JSON object per line", line=line_no)
     for field in _record_fields(cfg):

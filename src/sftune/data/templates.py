@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 
 from sftune.data.chat import ASSISTANT
 from sftune.data.formats import CHAT_FORMATS, Record
+from sftune.data.limits import bounded
 from sftune.errors import ConfigError
 
 ALPACA_TEMPLATE = (
@@ -291,7 +292,7 @@ def _compile(template: str):
             return render_jinja_template([messages], chat_template=template, **variables)[0][0]
 
         return render
-    return _compile_jinja_template(template).render
+    return bounded(_compile_jinja_template(template))  # a time and size limit: limits.py
 
 
 def _complement(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
