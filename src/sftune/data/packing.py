@@ -152,8 +152,8 @@ class PackStats:
         if self.packing == "whole":
             what = "conversations" if chats else "documents"
             return (
-                f"whole documents: {kept}, {self.padding:,} padding tokens; {self.moved:,} "
-                f"{what} moved to the next item, {self.truncated:,} truncated"
+                f"whole {what}: {kept}, {self.padding:,} padding tokens; moved to the next "
+                f"item: {self.moved:,}, truncated: {self.truncated:,}"
             )
         if not chats:  # the course rule, reported as it always was
             return kept
