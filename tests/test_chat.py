@@ -289,9 +289,12 @@ def test_shipped_chatml_renders_tools_and_trains_the_calls(chatml, tmp_path):
 
 
 def test_the_error_names_the_given_template(chatml, tmp_path):
-    with template(chatml, "{{ raise_exception('nope') }}"):
-        with pytest.raises(DataError, match=r":1: --chat-template chatml fails: nope"):
-            pack(chatml, write_jsonl(tmp_path / "a.jsonl", [{"messages": TURNS}]))
+    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": TURNS}])
+    with (
+        template(chatml, "{{ raise_exception('nope') }}"),
+        pytest.raises(DataError, match=r":1: --chat-template chatml fails: nope"),
+    ):
+        pack(chatml, path)
 
 
 def test_no_template_says_how_to_give_one(llama3_tokenizer, tmp_path):
