@@ -565,3 +565,20 @@ def test_bad_chat_template_is_one_line(served, tmp_path, capsys, text, message):
 def test_named_templates_are_listed_in_the_flag_help():
     assert set(NAMED_TEMPLATES) == {"chatml", "llama3"}
     assert "chatml, llama3" in config.FIELDS["chat_template"][1].metadata["help"]
+
+
+def test_a_converted_preset_lends_its_tokenizer(monkeypatch, tmp_path):
+    """After a model load converted the preset, a tokenizer load reads that copy (no GGUF);
+    the tokenizer's own directory, when `prepare` made it first, is read before it."""
+    from sftune import models, presets
+
+    monkeypatch.setenv("SFTUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(models, "_gguf_tokenizer", lambda *a: pytest.fail("read the GGUF"))
+    converted = presets.preset_cache_dir("smollm2-135m")
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    assert models.ensure_preset_tokenizer("smollm2-135m") == converted
+    own = presets.preset_tokenizer_dir("smollm2-135m")
+    own.mkdir(parents=True)
+    (own / "tokenizer_config.json").write_text("{}")
+    assert models.ensure_preset_tokenizer("smollm2-135m") == own

@@ -361,6 +361,15 @@ def test_whole_truncates_or_refuses_a_conversation_longer_than_a_row(byte_chat, 
     assert "^" not in shown and "<|pad|>" not in shown  # a document stops before the padding
 
 
+def test_the_modes_share_one_cache_entry(byte_chat, tmp_path):
+    path = chats(tmp_path, ("hi", "yo"), ("q", "a"), ("z", "k"))
+    cache = tmp_path / "cache"
+    split = pack(byte_chat, path, 24, cache_dir=cache)
+    whole = pack(byte_chat, path, 24, cache_dir=cache, packing="whole")
+    assert not split.stats.from_cache and whole.stats.from_cache  # the layout is applied on load
+    assert len(whole) == 2 and len(list(cache.iterdir())) == 1
+
+
 def test_whole_keeps_every_document_of_prompt_response_records(llama3_tokenizer, sample):
     split = pack(llama3_tokenizer, sample)
     whole = pack(llama3_tokenizer, sample, seq_length=1024, packing="whole")

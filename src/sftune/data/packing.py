@@ -52,6 +52,24 @@ Options beyond the course:
   Where e is not the EOS (Gemma's `<end_of_turn>`, EOS `<eos>`), the EOS is appended after the
   last turn (and the newline the template writes after its e) and trained. The chat worked example with real token ids is in
   docs/DATA.md; `sftune prepare --show N` prints any file's first documents this way.
+* `packing="whole"` (`--packing whole`; the default `split` is the rule above) keeps each
+  document inside one item. Items no longer overlap: item i is tokens[i*(m+1) : (i+1)*(m+1)],
+  inputs its first m tokens and labels its last m, so a document of up to m + 1 tokens fits
+  (its final EOS is only a label). A document that does not fit in the rest of an item starts
+  the next one; the rest is padding P (the tokenizer's pad id, else its EOS), never trained.
+  The example above, whole, m = 3, and a third document C = B c1 E:
+
+      item 0  input_ids     B  a1 a2            labels  a1 a2 E
+      item 1  input_ids     B  b1 b2            labels  b1 b2 b3       B b1 b2 b3 E: 5 > 4
+      item 2  input_ids     B  c1 E             labels  c1 E  -100     (P, untrained)
+
+  Document B is longer than an item: `overlong="refuse"` (the default) stops with one line
+  naming its file, line and length; `overlong="truncate"` keeps its first m + 1 tokens, as
+  above (b3 is trained, the EOS is dropped). Padding changes no real token's loss: it comes
+  after them and attention is causal; with position ids it restarts at 0 like a document. The summary line counts the documents
+  moved to the next item and the truncated ones; under `split`, for chats, how many
+  conversations cross an item boundary (some of their tokens predicted in a later item than
+  their first).
 * `position_ids=True` adds positions that restart at 0 at every document start AND at each
   item's first token (item 1 above: E is the end of document A, yet starts at 0). Flash
   attention's varlen path and transformers' packed-sequence detection read a restart to 0
@@ -64,7 +82,7 @@ The file-order stream, its document offsets and the label mask live in numpy arr
 disk (`cache.py`: `SFTUNE_CACHE_DIR`, default `platformdirs.user_cache_dir("sftune")`,
 subfolder `packed`), keyed by the file's contents, the tokenizer (its chat template included),
 the Alpaca template, the field mapping, the `train_on` mode and the system prompt. Shuffle,
-holdout and position ids are applied when loading, so one cache entry serves them all. The dataset remembers its file, field mapping and the
+holdout, `packing` and position ids are applied when loading, so one cache entry serves them all. The dataset remembers its file, field mapping and the
 file-order indices of its documents, so `sample_records(n)` can show a few of its records
 (the trainer's sample generations) without splitting the file again:
 
