@@ -233,6 +233,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         raise SftuneError(f"cannot load the tokenizer from {name_or_path}: {first}") from e
     if tokenizer.eos_token_id is None:
         raise SftuneError(f"the tokenizer in {source} has no eos_token; packing needs one")
+    if name_or_path in PRESETS:  # errors name "smollm2-135m", not a folder of the cache
+        tokenizer.name_or_path = name_or_path
     return tokenizer
 
 
