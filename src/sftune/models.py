@@ -222,12 +222,14 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     line naming the directory.
     """
     path = Path(name_or_path).expanduser()
-    if name_or_path in PRESETS:
-        source = ensure_preset_tokenizer(name_or_path)
-    else:
-        source = path if path.is_dir() else resolve_source(name_or_path)[0]
     try:
+        if name_or_path in PRESETS:
+            source = ensure_preset_tokenizer(name_or_path)
+        else:
+            source = path if path.is_dir() else resolve_source(name_or_path)[0]
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except SftuneError:
+        raise
     except Exception as e:  # transformers raises many kinds; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SftuneError(f"cannot load the tokenizer from {name_or_path}: {first}") from e
