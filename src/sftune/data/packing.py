@@ -291,20 +291,17 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         width = self.seq_length + 1  # an item's inputs and its last label
         too_long = np.flatnonzero(lengths > width)
         if len(too_long) and overlong == "refuse":
-            self._refuse(
-                int(lengths[too_long[np.argmin(self.stream_documents[too_long])]]),
-                int(self.stream_documents[too_long].min()),
-            )
+            first = too_long[np.argmin(self.stream_documents[too_long])]  # in file order
+            self._refuse(int(lengths[first]), int(self.stream_documents[first]))
         kept = np.minimum(lengths, width)
         starts, rows, moved = place_whole(kept, width)
         pad = getattr(tokenizer, "pad_token_id", None)
         out = np.full(rows * width, tokenizer.eos_token_id if pad is None else pad, np.int32)
         trained = np.zeros(rows * width, dtype=bool)
         _copy_documents(tokens, doc_starts, kept, out, starts)
-        if mask is None:
-            _copy_documents(np.ones(len(tokens), bool), doc_starts, kept, trained, starts)
-        else:
-            _copy_documents(mask, doc_starts, kept, trained, starts)
+        # Always a mask, even when every token is trained: the padding is not.
+        source_mask = np.ones(len(tokens), bool) if mask is None else mask
+        _copy_documents(source_mask, doc_starts, kept, trained, starts)
         ends = starts + kept
         padded = ends[(ends % width != 0) & ~np.isin(ends, starts)]  # padding starts there
         self._tokens, self._mask, self._doc_starts = out, trained, starts
@@ -319,7 +316,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         }
 
     def _refuse(self, length: int, index: int) -> None:
-        """One line naming the first too-long document's file and line (file order)."""
+        """One line naming the too-long document `index` (file order): its file and line."""
         line = next(
             r.line
             for k, r in enumerate(iter_records(self.path, self.fields, self.system_prompt))
