@@ -316,6 +316,14 @@ def add_prepare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--system-prompt", help="a system message for every chat that has none (chats only)"
     )
+    for name in ("chat_template", "packing", "overlong"):  # as `train` has them (DataConfig)
+        setting = config_mod.FIELDS[name][1]
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=setting.default,
+            choices=setting.metadata["choices"],
+            help=setting.metadata["help"],
+        )
     parser.add_argument("--cache-dir", type=Path, help="default: <cache root>/packed")
     parser.add_argument(
         "--show",
@@ -338,9 +346,13 @@ def run_prepare(args: argparse.Namespace) -> int:
     check_data(args.fields, str(args.data))
     from sftune import models
     from sftune.data import PackedSFTDataset
+    from sftune.data.chat_templates import read_chat_template, set_chat_template
     from sftune.data.show import show_documents
 
-    tokenizer = models.load_tokenizer(args.tokenizer)
+    template = read_chat_template(args.chat_template) if args.chat_template else None
+    tokenizer = set_chat_template(
+        models.load_tokenizer(args.tokenizer), args.chat_template, template
+    )
     dataset = PackedSFTDataset(
         tokenizer,
         args.data,
@@ -351,6 +363,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         train_on=args.train_on,
         response_only=args.response_only,
         system_prompt=args.system_prompt,
+        packing=args.packing,
+        overlong=args.overlong,
         cache_dir=args.cache_dir,
         verbose=True,
     )

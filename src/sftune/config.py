@@ -159,6 +159,26 @@ class DataConfig:
         ("auto", "on", "off"),
     )
     shuffle: bool = _f(True, "shuffle documents before packing and sequences every epoch")
+    chat_template: str | None = _f(
+        None,
+        "the chat template for chat records, set on the tokenizer and saved with final/'s: a "
+        "name (chatml, llama3: both render tools and tool calls) or a Jinja file; default: the "
+        "tokenizer's own",
+    )
+    packing: str = _f(
+        "split",
+        "split (the course rule: documents back to back, a row boundary may cut one), whole "
+        "(a document that does not fit in the rest of a row starts the next one; the rest is "
+        "padding, never trained)",
+        ("split", "whole"),
+    )
+    overlong: str = _f(
+        "refuse",
+        "with --packing whole, a document too long for one row (more than --seq-length tokens "
+        "before its final EOS): refuse (stop, naming its file and line), truncate (keep its "
+        "start, drop the rest)",
+        ("refuse", "truncate"),
+    )
 
 
 # The 8-bit --optimizer choices and the package each needs (its pip extra is the choice's name).

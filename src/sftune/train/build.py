@@ -27,6 +27,7 @@ from sftune import config as config_mod
 from sftune import tasks
 from sftune.config import RunConfig
 from sftune.data import PackedSFTDataset
+from sftune.data.chat_templates import read_chat_template, set_chat_template
 from sftune.data.formats import CHAT_FORMATS, parse_fields, peek
 from sftune.data.sampler import StepSampler
 from sftune.errors import ConfigError, SftuneError
@@ -247,6 +248,8 @@ def build_datasets(
             train_on=cfg.data.train_on,
             response_only=cfg.data.response_only,
             system_prompt=cfg.data.system_prompt,
+            packing=cfg.data.packing,
+            overlong=cfg.data.overlong,
             position_ids=doc_mask,
             verbose=world.is_main,
             **kw,
@@ -289,6 +292,8 @@ def load_model(cfg: RunConfig, device: torch.device):
     """(hf_model, tokenizer, ModelInfo, PeftModel or None): bf16-mixed loads fp32 weights for
     bf16 autocast; --qlora loads a 4-bit base; --lora/--qlora inject the adapters."""
     load_dtype = "fp32" if cfg.model.dtype == "bf16-mixed" else cfg.model.dtype
+    template = cfg.data.chat_template  # read first: a bad --chat-template fails before the load
+    template_text = read_chat_template(template) if template else None
     hf_model, tokenizer, info = load_model_and_tokenizer(
         cfg.model.model,
         device=device,
@@ -296,6 +301,7 @@ def load_model(cfg: RunConfig, device: torch.device):
         attn_implementation=attention_request(cfg, device),
         quantization=lora.quantization_kwargs(cfg),
     )
+    set_chat_template(tokenizer, template, template_text)  # so final/'s tokenizer carries it
     adapter = lora.apply_lora(hf_model, cfg) if lora.enabled(cfg) else None
     return hf_model, tokenizer, info, adapter
 

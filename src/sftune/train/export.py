@@ -83,7 +83,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "auto", merge: bool
             _write_lora(cfg, state, source, tmp, merge=merge, dtype=cast)
         else:
             _write_model(state, source, tmp)
-        _write_tokenizer(source, tmp)
+        _write_tokenizer(source, tmp, cfg.data.chat_template)
         fmt = trainer.get("prompt_format")
         if fmt:  # checkpoints written before sftune recorded it: `generate` decides itself
             from sftune.train.generate import FORMAT_FILE
@@ -172,9 +172,11 @@ def _write_lora(cfg, state: dict, source: Path, out: Path, *, merge: bool, dtype
     _generation_config(source, hf_config).save_pretrained(out)
 
 
-def _write_tokenizer(source: Path, out: Path) -> None:
+def _write_tokenizer(source: Path, out: Path, chat_template: str | None) -> None:
+    """The base's tokenizer, with the run's --chat-template when it had one (as final/ has)."""
+    from sftune.data.chat_templates import set_chat_template
     from sftune.models import load_tokenizer
     from sftune.train.checkpoint import portable_tokenizer_class
 
-    load_tokenizer(str(source)).save_pretrained(out)
+    set_chat_template(load_tokenizer(str(source)), chat_template).save_pretrained(out)
     portable_tokenizer_class(out)
