@@ -86,7 +86,9 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "auto", merge: bool
         if fmt:  # checkpoints written before sftune recorded it: `generate` decides itself
             from sftune.train.generate import FORMAT_FILE
 
-            atomic_write_text(tmp / FORMAT_FILE, json.dumps({"prompt_format": fmt}))
+            meta = {"prompt_format": fmt, "seq_length": cfg.data.seq_length}
+            meta["train_on"] = cfg.data.train_on  # the sftune.json of final/, less data_format
+            atomic_write_text(tmp / FORMAT_FILE, json.dumps(meta))
     return out
 
 
