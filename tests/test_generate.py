@@ -175,3 +175,53 @@ def test_alpaca_chat_answers_each_prompt_on_its_own(workdir, prompts):
         render_alpaca("Add 3 and 4.", "")[0],
     ]
     assert "alpaca format; each prompt on its own" in shown[0]
+
+
+def test_training_samples_tell_two_chats_apart(tmp_path, capsys):
+    """Two validation chats that end with the same user turn: the console shows their system
+    prompts and lengths, samples.jsonl keeps each whole conversation, tools and answer."""
+    from sftune.train.loop import train
+    from trainutil import tiny_config
+
+    model = chat_model_dir(tmp_path / "model")
+    last = "Can you just repeat the final number?"
+    chats = [
+        {
+            "messages": [
+                {"role": "system", "content": "You are a pirate."},
+                {"role": "user", "content": "What is 10 + 20?"},
+                {"role": "assistant", "content": "Arr, 30."},
+                {"role": "user", "content": last},
+                {"role": "assistant", "content": "30"},
+            ],
+            "tools": TOOLS,
+        },
+        {"messages": [{"role": "user", "content": last}, {"role": "assistant", "content": "7"}]},
+    ]
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    cfg = tiny_config(
+        tmp_path,
+        tmp_path / "run",
+        model=str(model),
+        train_data=str(val),
+        val_data=str(val),
+        batch_size=2,
+        max_steps=1,
+        num_samples=2,
+        max_new_tokens=2,
+    )
+    capsys.readouterr()
+    run = train(cfg).output_dir
+    lines = [line for line in capsys.readouterr().out.splitlines() if "sample |" in line]
+    assert any(
+        f"system 'You are a pirate.' | 4 messages | tools add | user {last!r}" in s for s in lines
+    )
+    assert any(f"sample | 1 message | user {last!r} ->" in s for s in lines)
+    rows = [json.loads(line) for line in (run / "samples.jsonl").open()]
+    assert len(rows) == 4  # two samples at step 0 and at the end
+    pirate = next(r for r in rows if r.get("tools"))
+    assert pirate["messages"] == chats[0]["messages"][:4] and pirate["tools"] == TOOLS
+    assert pirate["reference"]["content"] == "30"
+    short = next(r for r in rows if not r.get("tools"))
+    assert short["messages"] == chats[1]["messages"][:1]
