@@ -84,10 +84,9 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "auto", merge: bool
         _write_tokenizer(source, tmp)
         fmt = trainer.get("prompt_format")
         if fmt:  # checkpoints written before sftune recorded it: `generate` decides itself
-            from sftune.train.generate import FORMAT_FILE
+            from sftune.train.generate import FORMAT_FILE, tuned_meta
 
-            meta = {"prompt_format": fmt, "seq_length": cfg.data.seq_length}
-            meta["train_on"] = cfg.data.train_on  # the sftune.json of final/, less data_format
+            meta = tuned_meta(cfg, fmt, trainer.get("data_format"))  # as final/ writes it
             atomic_write_text(tmp / FORMAT_FILE, json.dumps(meta))
     return out
 

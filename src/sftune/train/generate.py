@@ -40,6 +40,18 @@ STOP_STRINGS = ("### Instruction:",)
 END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
 
 
+def tuned_meta(cfg, prompt_format: str, data_format: str | None) -> dict[str, Any]:
+    """sftune.json of a model tuned with the resolved config `cfg` (final/, `sftune export`):
+    how `generate` and `eval` should prompt it and at which length to score it."""
+    meta: dict[str, Any] = {"prompt_format": prompt_format, "seq_length": cfg.data.seq_length}
+    if data_format:  # checkpoints written before sftune recorded it have none
+        meta["data_format"] = data_format
+    meta["train_on"] = cfg.data.train_on
+    if prompt_format == "chat" and cfg.data.system_prompt:
+        meta["system_prompt"] = cfg.data.system_prompt  # what it was tuned with
+    return meta
+
+
 def tuned_settings(model: str | Path) -> tuple[dict[str, Any], Path | None]:
     """What sftune recorded of how a model directory was tuned (sftune.json: prompt_format,
     seq_length, train_on, data_format, system_prompt) and the file; ({}, None) for a preset or

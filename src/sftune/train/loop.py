@@ -28,7 +28,7 @@ from sftune.files import atomic_write_text
 from sftune.train import checkpoint, distributed, harness, lora
 from sftune.train.build import Run, build
 from sftune.train.evaluate import EvalInterrupted, eval_items, evaluate
-from sftune.train.generate import FORMAT_FILE, generate
+from sftune.train.generate import FORMAT_FILE, generate, tuned_meta
 from sftune.train.metrics import read_metrics, task_curves, task_label
 from sftune.train.progress import ConsoleProgress
 from sftune.train.step import micro_batches, train_step
@@ -259,6 +259,7 @@ def save(r: Run, state: TrainState, bar: ConsoleProgress) -> Path:
         "sampler": r.sampler.state_dict(),
         "scheduler": r.scheduler.state_dict(),
         "prompt_format": r.prompt_format,  # for `sftune export`, which writes sftune.json too
+        "data_format": r.train_data.format,
     }
     path = checkpoint.save(
         r.output_dir,
@@ -298,14 +299,7 @@ def save_final(r: Run) -> Path:
         r.output_dir, r.module, r.hf_model, r.tokenizer, r.world, write_model=_lora_writer(r)
     )
     if r.world.is_main:
-        meta = {
-            "prompt_format": r.prompt_format,
-            "seq_length": r.cfg.data.seq_length,
-            "data_format": r.train_data.format,
-            "train_on": r.cfg.data.train_on,
-        }
-        if r.prompt_format == "chat" and r.cfg.data.system_prompt:
-            meta["system_prompt"] = r.cfg.data.system_prompt  # what it was tuned with
+        meta = tuned_meta(r.cfg, r.prompt_format, r.train_data.format)
         atomic_write_text(final / FORMAT_FILE, json.dumps(meta))
     return final
 
