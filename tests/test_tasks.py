@@ -159,7 +159,9 @@ def test_task_prompts_follow_the_tuned_format(
     args += [str(out), "--limit", "2", "--max-gen-toks", "2", "--log-samples"]
     code, stdout, err = _main([*args, *(("--prompt-format", *flag) if flag else ())], capsys)
     assert code == 0, err
-    assert f"prompt format {fmt} ({why}" in stdout and "warning" not in err
+    assert f"prompt format {fmt} ({why}" in stdout
+    warned = "was tuned with chat prompts" in err and "scoring it with alpaca ones" in err
+    assert warned == (fmt == "alpaca") and err.count("warning") == warned
     saved = json.loads((out / "eval_results.json").read_text())["sftune"]
     assert saved["prompt_format"] == fmt
     rows = [json.loads(line) for line in (out / "eval_samples_gsm8k_short.jsonl").open()]

@@ -3,6 +3,8 @@
     sftune train    --config configs/demo.yaml           # fine-tune (sftune.train.loop)
     sftune eval     --model DIR --data FILE              # token-weighted loss and perplexity
     sftune generate --model DIR --prompt "..."           # a response, stopping where it ends
+    sftune generate --model DIR --messages chat.json     # a conversation's next assistant turn
+    sftune generate --model DIR                          # an interactive chat (on a terminal)
     sftune prepare  DATA --tokenizer TOK --seq-length N  # build and cache a packed dataset
     sftune eval     --model DIR --tasks gsm8k --task-data gsm8k=test.jsonl   # lm-eval accuracy
     sftune export   RUN/checkpoints/step_N --out DIR     # a checkpoint as a model directory
@@ -316,7 +318,9 @@ def add_generate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument(
-        "--format",
+        "--prompt-format",
+        "--format",  # its first name
+        dest="format",
         default="auto",
         choices=("auto", "alpaca", "chat"),
         help="prompt rendering; auto: what sftune tuned the model with, else the tokenizer's chat "

@@ -285,12 +285,12 @@ def load_generator(
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise SftuneError(
             f"{model}: its tokenizer has no chat template, which "
-            f"{'--messages needs' if chat else '--format chat needs'}"
+            f"{'--messages needs' if chat else '--prompt-format chat needs'}"
         )
     if fmt == "alpaca" and system_prompt:
         raise SftuneError(
             f"--system-prompt: {model} takes Alpaca prompts, which have no system message "
-            "(--format chat renders the tokenizer's chat template instead)"
+            "(--prompt-format chat renders the tokenizer's chat template instead)"
         )
     if fmt == "chat" and system_prompt is None:
         system_prompt = meta.get("system_prompt")  # what it was tuned with

@@ -312,8 +312,15 @@ def task_prompt_format(model: str, tokenizer, requested: str) -> tuple[str, str,
 
     meta, where = tuned_settings(model)
     fmt = prompt_format(meta, tokenizer, requested)
+    tuned = meta.get("prompt_format")
     if requested != "auto":
         why = "--prompt-format"
+        if tuned in ("alpaca", "chat") and tuned != fmt:
+            print(
+                f"sftune: warning: {model} was tuned with {tuned} prompts ({where}); scoring "
+                f"it with {fmt} ones as --prompt-format asks",
+                file=sys.stderr,
+            )
     elif meta.get("prompt_format") in ("alpaca", "chat"):
         why = f"tuned with it: {where}"
     else:
