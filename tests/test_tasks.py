@@ -205,3 +205,42 @@ def test_training_logs_task_accuracy_at_the_right_steps(
     stdout = capsys.readouterr().out
     assert "gsm8k_short exact_match (strict-match): 0.0000 (step 0) -> " in stdout
     assert_same_losses(losses(fp64_run), losses(run))  # the same run without tasks
+
+
+def test_training_scores_tasks_in_the_runs_format(
+    chat_model, gsm8k_jsonl, short_tasks, tmp_path, monkeypatch
+):
+    """A run on chats scores its --eval-tasks through the chat template, with its system
+    prompt; --task-prompt-format alpaca overrides that; config.yaml records the choice."""
+    from sftune.train import harness
+    from sftune.train.loop import train
+
+    chat = {
+        "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    }
+    data = tmp_path / "chats.jsonl"
+    data.write_text((json.dumps(chat) + "\n") * 8)
+    asked: list[tuple[str, str | None]] = []
+
+    def fake_run_tasks(model, tokenizer, specs, **kw):
+        asked.append((kw["prompt_format"], kw["system_prompt"]))
+        return {"results": {}}
+
+    monkeypatch.setattr(harness, "run_tasks", fake_run_tasks)
+    common = dict(
+        model=str(chat_model),
+        train_data=str(data),
+        val_data=str(data),
+        batch_size=2,
+        max_steps=1,
+        system_prompt="Be exact.",
+        eval_tasks="gsm8k_short",
+        task_data=f"gsm8k_short={gsm8k_jsonl}",
+        task_dir=str(short_tasks),
+    )
+    run = train(tiny_config(tmp_path, tmp_path / "chat", **common)).output_dir
+    assert asked == [("chat", "Be exact.")] * 2  # at the start and at the end
+    assert "task_prompt_format: chat" in (run / "config.yaml").read_text()
+    asked.clear()
+    train(tiny_config(tmp_path, tmp_path / "alpaca", task_prompt_format="alpaca", **common))
+    assert asked == [("alpaca", "Be exact.")] * 2
