@@ -98,7 +98,7 @@ def test_messages_file_with_tools(chat_model, prompts, tmp_path, capsys):
         ('[{"role": "user"}]', "message 0: needs a string 'content'"),
         (
             '[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]',
-            "the last message is a assistant turn",
+            "field 'messages': ends with an assistant turn: end it with the user turn",
         ),
         ('{"messages": [{"role": "user", "content": "a"}], "tools": 3}', "field 'tools'"),
     ],

@@ -212,11 +212,12 @@ def read_messages(path: str | Path) -> tuple[list[dict], list[dict] | None]:
     else:
         raise DataError(file, 'expected a list of messages or {"messages": [...], "tools": [...]}')
     chat = parse_chat(file, messages, tools, line=None, key="messages")
-    if chat.messages[-1]["role"] in (ASSISTANT, "system"):
+    last = chat.messages[-1]["role"]
+    if last in (ASSISTANT, "system"):
         raise DataError(
             file,
-            f"the last message is a {chat.messages[-1]['role']} turn: end with the user turn "
-            "(or tool result) that the model should answer",
+            f"ends with {'an assistant turn' if last == ASSISTANT else 'the system message'}: "
+            "end it with the user turn (or tool result) that the model should answer",
             field="messages",
         )
     return list(chat.messages), list(chat.tools) if chat.tools else None
