@@ -340,15 +340,15 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SftuneError(
             "generate: give --prompt or --messages FILE (the interactive chat needs a terminal)"
         )
+    check_environment(args.model)
     from sftune.train.generate import chat_loop, load_generator, read_messages
 
-    # The file is checked before the model loads (it may be large; the file is not).
+    # Checked before the model loads: a bad file costs a moment, not a model load.
     messages, tools = read_messages(args.messages) if args.messages else (None, None)
     if messages and args.system_prompt and messages[0]["role"] == "system":
         raise SftuneError(
             f"--system-prompt and {args.messages}'s own system message: give one of them"
         )
-    check_environment(args.model)
     gen = load_generator(
         args.model,
         max_new_tokens=args.max_new_tokens,
