@@ -7,11 +7,12 @@ run offline on local data files (sftune.train.harness runs it):
     sftune train ... --eval-tasks gsm8k --task-data gsm8k=test.jsonl --eval-tasks-every 100
 
 A task is an lm-eval task YAML. sftune ships `gsm8k` (eval_tasks/gsm8k.yaml: the question,
-zero-shot, the answer read from its `#### N` line); `--task-dir DIR` adds every task YAML under DIR (one of the same name replaces
-sftune's). `--task-data TASK=FILE` gives a task its test data: the file becomes its
-`data_files`, read by the `datasets` builder its extension names (.jsonl -> json), so a copy of
-an upstream YAML that names a hub dataset runs on a local file unchanged. Nothing is fetched
-from a hub: a task whose data is neither given nor local is refused here.
+zero-shot, the answer read from its `#### N` line); `--task-dir DIR` adds every task YAML under
+DIR (one of the same name replaces sftune's). `--task-data TASK=FILE` gives a task its test
+data: the file becomes its `data_files`, read by the `datasets` builder its extension names
+(.jsonl -> json), so a copy of an upstream YAML that names a hub dataset runs on a local file
+unchanged. Nothing is fetched from a hub: a task whose data is neither given nor local is
+refused here.
 
     specs = resolve_tasks("gsm8k", "gsm8k=test.jsonl", task_dir=None)   # [TaskSpec(...)]
 
@@ -146,9 +147,6 @@ def resolve_tasks(
         if name not in names:
             raise ConfigError(f"--task-data {name}=...: {name!r} is not one of the tasks asked for")
     return [_spec(name, known[name], data.get(name)) for name in names]
-
-
-PROMPT_FORMATS = ("auto", "alpaca", "chat")
 
 
 def prompt_overrides(spec: TaskSpec, fmt: str) -> dict[str, Any]:

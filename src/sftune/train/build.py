@@ -388,13 +388,8 @@ def build(cfg: RunConfig) -> Run:
         notes.append("--max-memory-gib ignored: it caps GPU memory and this run is on the CPU")
     doc_mask = doc_mask_on(cfg, info.attn_implementation)
     notes.append(f"document-aware packing {_on_off(doc_mask)}")
-    task_format = cfg.tasks.task_prompt_format
-    task_format = prompt_format if task_format == "auto" else task_format
+    task_format = task_prompt_format(cfg, prompt_format, tokenizer)
     if task_specs:
-        if task_format == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(
-                f"--task-prompt-format chat: the tokenizer of {cfg.model.model} has no chat template"
-            )
         notes.append(_task_note(cfg, task_format))
     data = build_datasets(cfg, tokenizer, world, doc_mask, train_path, val_path)
 
@@ -495,6 +490,17 @@ def build_task_specs(cfg: RunConfig) -> tuple[tasks.TaskSpec, ...]:
     specs = tasks.resolve_tasks(cfg.tasks.names, cfg.tasks.task_data, cfg.tasks.task_dir)
     tasks.check_installed()
     return tuple(specs)
+
+
+def task_prompt_format(cfg: RunConfig, run_format: str, tokenizer) -> str:
+    """--task-prompt-format; auto: the run's own prompt format (chat for chat records)."""
+    fmt = cfg.tasks.task_prompt_format
+    fmt = run_format if fmt == "auto" else fmt
+    if cfg.tasks.names and fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"--task-prompt-format chat: the tokenizer of {cfg.model.model} has no chat template"
+        )
+    return fmt
 
 
 def _task_note(cfg: RunConfig, prompt_format: str) -> str:
