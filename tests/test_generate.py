@@ -85,6 +85,14 @@ def test_messages_file_with_tools(chat_model, prompts, tmp_path, capsys):
     assert _main([*args, "--system-prompt", "Be brief."], capsys)[0] == 0
     tools = "<|im_start|>tools\n" + json.dumps(TOOLS) + "<|im_end|>\n"
     assert prompts[-1] == tools + _chat("Be brief.", "What is 2+2?", "4", "And 3+3?")
+    # The file's own system message is used as it is; with --system-prompt too: which one?
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps([{"role": "system", "content": "Mine."}, *convo]))
+    args = ["generate", "--model", str(chat_model), "--messages", str(own)]
+    assert _main(args, capsys)[0] == 0
+    assert prompts[-1] == _chat("Mine.", "What is 2+2?", "4", "And 3+3?")
+    code, _, err = _main([*args, "--system-prompt", "Be brief."], capsys)
+    assert code == 2 and "own.json's own system message: give one of them" in err
 
 
 @pytest.mark.parametrize(
