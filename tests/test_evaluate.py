@@ -143,3 +143,30 @@ def test_a_pass_over_no_scored_token_is_refused(workdir, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1, err
     assert "long.jsonl: no scored tokens in 1 sequence(s) of 32 tokens" in err
     assert "perplexity" not in out
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_validate_like_one_process(workdir, tmp_path):
+    """The same through torchrun (gloo, DDP): 2 ranks at micro-batch 2 and one process at
+    micro-batch 8 log the same validation losses over the first 5 sequences (fp64)."""
+    import os
+    import subprocess
+    import sys
+
+    from trainutil import FP64, train_args
+
+    def run(out, micro: str, launcher: list[str]) -> None:
+        extra = ["--micro-batch-size", micro, *FP64, "--max-steps", "2", "--eval-max-sequences"]
+        extra += ["5", "--val-data", str(workdir / "train.jsonl")]
+        cmd = [*launcher, "-m", "sftune", *train_args(workdir, out, *extra)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    run(tmp_path / "two", "2", torchrun)
+    run(tmp_path / "one", "8", [sys.executable])
+    one, two = _val_losses(tmp_path / "one"), _val_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [0, 2]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=FP64_REL), step
