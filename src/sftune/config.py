@@ -229,10 +229,11 @@ class LogConfig:
     eval_every: int = _f(
         0, "optimizer steps between validation passes (0: only at start and end)", ge=0
     )
-    eval_max_batches: int | None = _f(
+    eval_max_sequences: int | None = _f(
         None,
-        "validation micro-batches per pass (the first ones of the validation set, the same every "
-        "time); unset: all on a GPU, 16 on a CPU; 0: all",
+        "validation sequences per pass: the first K of the validation set, the same ones "
+        "whatever the micro-batch size and the number of ranks; unset: all on a GPU, 64 on a "
+        "CPU; 0: all",
         ge=0,
     )
     num_samples: int = _f(2, "generations from validation prompts at each evaluation", ge=0)
@@ -329,6 +330,13 @@ class TaskEvalConfig:
         "prompts per generation batch in task evaluation; 0: 8 on a CPU, 64 on a GPU",
         ge=0,
     )
+    task_prompt_format: str = _f(
+        "auto",
+        "how task prompts are rendered: alpaca (sftune's Alpaca template), chat (the "
+        "tokenizer's chat template, with --system-prompt); auto: as the run trains (chat for "
+        "chat records, else alpaca)",
+        ("auto", "alpaca", "chat"),
+    )
 
     @property
     def names(self) -> list[str]:
@@ -359,6 +367,13 @@ SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
 REPORT_TO = ("wandb", "tensorboard")
 # Earlier names still read from flags and files: old name -> (field, {old value: new value}).
 ALIASES = {"fsdp": ("dist", {"on": "fsdp", "off": "none", "auto": "auto"})}
+# Settings that changed meaning, refused by their old name (a number of micro-batches cannot
+# be turned into one of sequences): old name -> the message. A saved config.yaml (a run being
+# resumed or exported) that still holds one is read without it: the run's new default applies.
+RENAMED = {
+    "eval_max_batches": "--eval-max-batches is now --eval-max-sequences: it counts validation "
+    "sequences, the same whatever the micro-batch size and the number of ranks"
+}
 
 
 def _section_fields() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -451,6 +466,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 metavar="{" + ",".join(choices) + "}" if choices else None,
                 help=help_text,
             )
+    for old in RENAMED:
+        parser.add_argument("--" + old.replace("_", "-"), dest=old, help=argparse.SUPPRESS)
     for old, (name, values) in ALIASES.items():
         renamed = ", ".join(f"{a} = {b}" for a, b in values.items())
         groups[FIELDS[name][0]].add_argument(
@@ -501,11 +518,15 @@ def _flatten_file(path: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         key = str(key).replace("-", "_")
+        if key in RENAMED:
+            raise ConfigError(f"{path}: {RENAMED[key]}")
         if key in SECTIONS and not isinstance(value, dict):
             raise ConfigError(f"{path}: {key}: expected a mapping of {key} settings")
         if key in SECTIONS:
             for sub, v in value.items():
                 sub = str(sub).replace("-", "_")
+                if sub in RENAMED:
+                    raise ConfigError(f"{path}: {RENAMED[sub]}")
                 owner = FIELDS[ALIASES[sub][0]][0] if sub in ALIASES else FIELDS.get(sub, ("",))[0]
                 if owner != key:
                     raise ConfigError(f"{path}: unknown setting {key}.{sub}")
@@ -551,6 +572,9 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(_unalias(_flatten_file(args.config)))
+    for old, message in RENAMED.items():
+        if getattr(args, old, None) is not None:
+            raise ConfigError(message)
     flags = {name: getattr(args, name, None) for name in [*FIELDS, *ALIASES]}
     values.update(_unalias({k: v for k, v in flags.items() if v is not None}))
     return values
@@ -564,7 +588,7 @@ def from_args(args: argparse.Namespace) -> RunConfig:
 def from_dict(d: dict[str, Any]) -> RunConfig:
     """Inverse of RunConfig.to_dict (nested); used when resuming from a checkpoint."""
     flat = {k: v for sec in d.values() if isinstance(sec, dict) for k, v in sec.items()}
-    return from_flat(flat)
+    return from_flat({k: v for k, v in flat.items() if k not in RENAMED})
 
 
 def save(cfg: RunConfig, path: Path) -> None:
@@ -680,7 +704,7 @@ RESUME_MAY_CHANGE = frozenset(
         # logging and evaluation
         "log_every",
         "eval_every",
-        "eval_max_batches",
+        "eval_max_sequences",
         "num_samples",
         "max_new_tokens",
         "report_to",
@@ -692,6 +716,7 @@ RESUME_MAY_CHANGE = frozenset(
         "task_data",
         "task_dir",
         "task_batch_size",
+        "task_prompt_format",
         # checkpoints and the run directory
         "save_every",
         "keep_checkpoints",
@@ -734,8 +759,9 @@ RESOLVED_BY_BUILD = frozenset(
         "reshard_after_forward",
         "micro_batch_size",
         "activation_checkpointing",
-        "eval_max_batches",
+        "eval_max_sequences",
         "task_batch_size",
+        "task_prompt_format",
         "train_on",
         "response_only",
         "output_dir",

@@ -6,15 +6,21 @@ run offline on local data files (sftune.train.harness runs it):
     sftune eval --model runs/x/final --tasks gsm8k --task-data gsm8k=test.jsonl --limit 100
     sftune train ... --eval-tasks gsm8k --task-data gsm8k=test.jsonl --eval-tasks-every 100
 
-A task is an lm-eval task YAML. sftune ships `gsm8k` (eval_tasks/gsm8k.yaml: the question in
-the Alpaca rendering that sftune trains with, zero-shot, the answer read from its `#### N`
-line); `--task-dir DIR` adds every task YAML under DIR (one of the same name replaces
-sftune's). `--task-data TASK=FILE` gives a task its test data: the file becomes its
-`data_files`, read by the `datasets` builder its extension names (.jsonl -> json), so a copy of
-an upstream YAML that names a hub dataset runs on a local file unchanged. Nothing is fetched
-from a hub: a task whose data is neither given nor local is refused here.
+A task is an lm-eval task YAML. sftune ships `gsm8k` (eval_tasks/gsm8k.yaml: the question,
+zero-shot, the answer read from its `#### N` line); `--task-dir DIR` adds every task YAML under
+DIR (one of the same name replaces sftune's). `--task-data TASK=FILE` gives a task its test
+data: the file becomes its `data_files`, read by the `datasets` builder its extension names
+(.jsonl -> json), so a copy of an upstream YAML that names a hub dataset runs on a local file
+unchanged. Nothing is fetched from a hub: a task whose data is neither given nor local is
+refused here.
 
     specs = resolve_tasks("gsm8k", "gsm8k=test.jsonl", task_dir=None)   # [TaskSpec(...)]
+
+The prompt follows the format the model was tuned with (`--prompt-format`, auto: the model's
+sftune.json): `chat` hands each task's prompt (its `doc_to_text`) to the chat template as the
+user message (lm-eval's `apply_chat_template`); `alpaca` wraps it in the Alpaca template that
+sftune trains prompt/response records with (`prompt_overrides`). A task whose `doc_to_text` is
+a Python function keeps its own prompt under Alpaca: sftune cannot see into it.
 
 Standard library and yaml only.
 """
@@ -33,6 +39,7 @@ from typing import Any
 import yaml
 
 from sftune.data import formats
+from sftune.data.templates import ALPACA_PROMPT_TEMPLATE
 from sftune.errors import ConfigError, DataError
 
 SHIPPED_DIR = Path(__file__).parent / "eval_tasks"
@@ -174,6 +181,21 @@ def resolve_tasks(
         if name not in names:
             raise ConfigError(f"--task-data {name}=...: {name!r} is not one of the tasks asked for")
     return [_spec(name, known[name], data.get(name)) for name in names]
+
+
+def prompt_overrides(spec: TaskSpec, fmt: str) -> dict[str, Any]:
+    """What sets a task's prompt in the format `fmt` ("alpaca" or "chat"): for Alpaca, its
+    doc_to_text wrapped in the Alpaca prompt (a field name, which lm-eval reads as the
+    record's field, becomes that field's template); nothing for chat, whose template lm-eval
+    applies, and nothing for a doc_to_text that is a function (left as the task renders it)."""
+    if fmt != "alpaca":
+        return {}
+    text = read_task_yaml(spec.yaml_path).get("doc_to_text")
+    if not isinstance(text, str):
+        return {}
+    if "{{" not in text and "{%" not in text and re.fullmatch(r"[A-Za-z_]\w*", text):
+        text = "{{" + text + "}}"
+    return {"doc_to_text": ALPACA_PROMPT_TEMPLATE.replace("{prompt}", text)}
 
 
 def _spec(name: str, path: Path, data_file: str | None) -> TaskSpec:

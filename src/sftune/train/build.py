@@ -38,7 +38,7 @@ from sftune.models import (
     quiet_libraries,
 )
 from sftune.paths import cache_root
-from sftune.train import distributed, fp8, harness, lora, rundir
+from sftune.train import checkpoint, distributed, fp8, harness, lora, rundir
 from sftune.train.distributed import World
 from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
@@ -52,7 +52,9 @@ from sftune.train.optim import build_optimizer
 
 # Dense bf16 peak of the GPUs people train on (MFU's denominator).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-CPU_EVAL_MAX_BATCHES = 16  # validation on 2 CPU cores takes ~1 s per 256-token sequence
+# Validation on 2 CPU cores takes ~1 s per 256-token sequence: 64 keep a pass near a minute
+# (the old cap of 16 micro-batches was 32 to 128 sequences, by the micro-batch chosen).
+CPU_EVAL_MAX_SEQUENCES = 64
 RUN_MARKERS = rundir.RUN_MARKERS  # what makes a directory hold a run (never overwritten)
 
 
@@ -80,7 +82,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     logger: MetricsLogger
-    sample_prompts: tuple[tuple[str, str], ...]  # (shown prompt, rendered prompt part)
+    sample_prompts: tuple[SamplePrompt, ...]  # validation documents to generate from
     prompt_format: str  # "alpaca" or "chat": how `sftune generate` should render prompts
     task_specs: tuple[tasks.TaskSpec, ...]  # --eval-tasks, resolved (none: no task evaluation)
     task_tokenizer: Any  # lm-eval's own copy of the tokenizer (None without tasks)
@@ -268,21 +270,51 @@ def build_datasets(
     return Datasets(train, val)
 
 
-def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[tuple[str, str], ...]:
-    """(shown prompt, rendered prompt part) of `n` validation documents, spread over the set."""
+class SamplePrompt(NamedTuple):
+    """A validation document the trainer generates from at each evaluation."""
+
+    shown: str  # on the console: the prompt, or enough of a chat to tell two chats apart
+    rendered: str  # the prompt part, as the model is given it
+    record: dict[str, Any]  # for samples.jsonl: a chat's whole conversation and its answer
+
+
+def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[SamplePrompt, ...]:
+    """`n` validation documents, spread over the set, ready to generate from."""
     from sftune.data import render_record
 
     out = []
     for r in val.sample_records(n):
         prompt_part, _ = render_record(r, tokenizer)
-        out.append((r.prompt or _last_user_turn(r.messages), prompt_part))
+        if r.messages is None:
+            record = {"prompt": r.prompt, "reference": r.response}  # the whole prompt
+            out.append(SamplePrompt(repr(r.prompt[:60]), prompt_part, record))
+            continue
+        last = max(i for i, m in enumerate(r.messages) if m["role"] == "assistant")
+        record = {"messages": list(r.messages[:last]), "reference": r.messages[last]}
+        if r.tools:
+            record["tools"] = list(r.tools)
+        out.append(SamplePrompt(chat_summary(r.messages[:last], r.tools), prompt_part, record))
     return tuple(out)
 
 
-def _last_user_turn(messages) -> str:
-    """The content of the user turn before a chat's last assistant turn (what it answers)."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
+def chat_summary(messages, tools=None) -> str:
+    """A chat's prompt in one line, enough to tell two apart that end alike: the system
+    prompt's start, the number of messages, the tools, and the user turn being answered.
+
+    >>> chat_summary([{"role": "system", "content": "You are terse."},
+    ...               {"role": "user", "content": "Hi"}], [{"function": {"name": "add"}}])
+    "system 'You are terse.' | 2 messages | tools add | user 'Hi'"
+    """
+    parts = []
+    if messages and messages[0]["role"] == "system":
+        parts.append(f"system {messages[0]['content'][:30]!r}")
+    parts.append(f"{len(messages)} message{'s' if len(messages) != 1 else ''}")
+    if tools:
+        names = [(t.get("function") or t).get("name", "?") for t in tools]
+        parts.append("tools " + ",".join(map(str, names)))
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    parts.append(f"user {user[:60]!r}")
+    return " | ".join(parts)
 
 
 # ----------------------------------------------------------------------------- model, optimizer
@@ -402,8 +434,9 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
         notes.append(lock.note)
     doc_mask = doc_mask_on(cfg, info.attn_implementation)
     notes.append(f"document-aware packing {_on_off(doc_mask)}")
+    task_format = task_prompt_format(cfg, prompt_format, tokenizer)
     if task_specs:
-        notes.append(_task_note(cfg))
+        notes.append(_task_note(cfg, task_format))
     data = build_datasets(cfg, tokenizer, world, doc_mask, train_path, val_path)
 
     built = build_module(cfg, hf_model, device, world)
@@ -448,8 +481,9 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
         reshard_after_forward=_on_off(built.reshard_after_forward),
         micro_batch_size=micro,
         activation_checkpointing=checkpointing,
-        eval_max_batches=_eval_max_batches(cfg, device),
+        eval_max_sequences=_eval_max_sequences(cfg, device),
         task_batch_size=cfg.tasks.task_batch_size or harness.default_batch_size(device),
+        task_prompt_format=task_format,
         train_on=data.train.train_on,
         response_only=False,  # an alias, resolved into train_on
     )
@@ -510,17 +544,29 @@ def build_task_specs(cfg: RunConfig) -> tuple[tasks.TaskSpec, ...]:
     return tuple(specs)
 
 
-def _task_note(cfg: RunConfig) -> str:
+def task_prompt_format(cfg: RunConfig, run_format: str, tokenizer) -> str:
+    """--task-prompt-format; auto: the run's own prompt format (chat for chat records)."""
+    fmt = cfg.tasks.task_prompt_format
+    fmt = run_format if fmt == "auto" else fmt
+    if cfg.tasks.names and fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"--task-prompt-format chat: the tokenizer of {cfg.model.model} has no chat template"
+        )
+    return fmt
+
+
+def _task_note(cfg: RunConfig, prompt_format: str) -> str:
     every = cfg.tasks.eval_tasks_every
     limit = cfg.tasks.eval_limit
     return (
         f"task evaluation (lm-eval, rank 0): {', '.join(cfg.tasks.names)} at the start, "
         f"{f'every {every} steps, ' if every else ''}at the end; "
-        f"{f'the first {limit} problems' if limit else 'all problems'} of each"
+        f"{f'the first {limit} problems' if limit else 'all problems'} of each; "
+        f"prompts in the {prompt_format} format"
     )
 
 
-def _eval_max_batches(cfg: RunConfig, device: torch.device) -> int:
-    if cfg.log.eval_max_batches is not None:
-        return cfg.log.eval_max_batches
-    return 0 if device.type == "cuda" else CPU_EVAL_MAX_BATCHES
+def _eval_max_sequences(cfg: RunConfig, device: torch.device) -> int:
+    if cfg.log.eval_max_sequences is not None:
+        return cfg.log.eval_max_sequences
+    return 0 if device.type == "cuda" else CPU_EVAL_MAX_SEQUENCES

@@ -86,9 +86,10 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "auto", merge: bool
         _write_tokenizer(source, tmp, cfg.data.chat_template)
         fmt = trainer.get("prompt_format")
         if fmt:  # checkpoints written before sftune recorded it: `generate` decides itself
-            from sftune.train.generate import FORMAT_FILE
+            from sftune.train.generate import FORMAT_FILE, tuned_meta
 
-            atomic_write_text(tmp / FORMAT_FILE, json.dumps({"prompt_format": fmt}))
+            meta = tuned_meta(cfg, fmt, trainer.get("data_format"))  # as final/ writes it
+            atomic_write_text(tmp / FORMAT_FILE, json.dumps(meta))
     return out
 
 

@@ -30,7 +30,7 @@ from sftune.train import checkpoint, distributed, harness, lora
 from sftune.train.build import Run, build
 from sftune.train.divergence import Diverged, LossSpikes, check_weights
 from sftune.train.evaluate import EvalInterrupted, eval_items, evaluate
-from sftune.train.generate import FORMAT_FILE, generate
+from sftune.train.generate import FORMAT_FILE, generate, tuned_meta
 from sftune.train.metrics import read_metrics, task_curves, task_label
 from sftune.train.progress import ConsoleProgress
 from sftune.train.step import micro_batches, train_step
@@ -97,22 +97,27 @@ def validate(r: Run, state: TrainState, bar: ConsoleProgress, stop: StopFlag) ->
     """A validation pass (with its own progress bar), logged; then samples and the curve."""
     start = time.perf_counter()
     mb = r.micro_batch_size
-    n = eval_items(len(r.val_data), mb, r.cfg.log.eval_max_batches)
+    n = eval_items(len(r.val_data), r.cfg.log.eval_max_sequences)
     batches = math.ceil(math.ceil(n / r.world.world_size) / mb)
     with bar.eval_bar(batches) as eval_bar:
-        val, _ = evaluate(
+        val, tokens = evaluate(
             r.module,
             r.val_data,
             micro_batch_size=mb,
             device=r.device,
             world=r.world,
-            max_batches=r.cfg.log.eval_max_batches,
+            max_sequences=r.cfg.log.eval_max_sequences,
             varlen=r.varlen,
             on_batch=eval_bar.update,
             stop_requested=stop.agreed,
         )
     if not math.isfinite(val):  # weights that are finite but useless: nothing saves them
         raise Diverged(f"non-finite validation loss at step {state.step}", state.step)
+    if tokens == 0:  # the same sequences every pass: this happens at step 0, before training
+        raise SftuneError(
+            f"{r.val_data.path}: no trained tokens in the first {n} validation sequence(s) "
+            f"(--train-on {r.cfg.data.train_on}): raise --eval-max-sequences or check the data"
+        )
     r.logger.log(
         state.step,
         {"val_loss": val, "tokens": state.tokens, "eval_seconds": time.perf_counter() - start},
@@ -125,19 +130,20 @@ def validate(r: Run, state: TrainState, bar: ConsoleProgress, stop: StopFlag) ->
 
 def write_samples(r: Run, step: int, bar: ConsoleProgress) -> None:
     """Greedy generations from the validation prompts, to samples.jsonl and the console."""
-    rows = []
-    for prompt, rendered in r.sample_prompts:
+    rows, extras = [], []
+    for sample in r.sample_prompts:
         text = generate(
             r.module,
             r.tokenizer,
-            r.tokenizer(rendered)["input_ids"],
+            r.tokenizer(sample.rendered)["input_ids"],
             max_new_tokens=r.cfg.log.max_new_tokens,
             sharded=r.sharded,
         )
-        rows.append((prompt, text))
-        bar.write(f"  sample | {prompt[:60]!r} -> {text[:120]!r}")
+        rows.append((sample.shown, text))
+        extras.append(sample.record)
+        bar.write(f"  sample | {sample.shown} -> {text[:120]!r}")
     if rows:
-        r.logger.log_text(step, "samples", rows)
+        r.logger.log_text(step, "samples", rows, extras)
 
 
 def evaluate_tasks(r: Run, state: TrainState, bar: ConsoleProgress) -> None:
@@ -156,6 +162,8 @@ def evaluate_tasks(r: Run, state: TrainState, bar: ConsoleProgress) -> None:
             autocast_dtype=r.module.autocast_dtype,
             progress=False,
             verbose=cfg.log.verbose,
+            prompt_format=cfg.tasks.task_prompt_format,
+            system_prompt=cfg.data.system_prompt,
         )
         seconds = time.perf_counter() - start
         r.logger.log(state.step, {**harness.metrics(results), "task_eval_seconds": seconds})
@@ -273,6 +281,7 @@ def save(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> Pat
         "scheduler": r.scheduler.state_dict(),
         "prompt_format": r.prompt_format,  # for `sftune export`, which writes sftune.json too
         "data": r.data_digests,  # a resume refuses data files whose bytes changed
+        "data_format": r.train_data.format,
     }
     path = checkpoint.save(
         r.output_dir,
@@ -307,16 +316,15 @@ def resume(r: Run) -> tuple[TrainState, str]:
 
 
 def save_final(r: Run, step: int) -> Path:
-    """model + tokenizer (save_pretrained) and the prompt format, for `sftune generate`; never
-    from non-finite weights."""
+    """model + tokenizer (save_pretrained) and how it was tuned (sftune.json), which `sftune
+    generate` and `sftune eval` read: the prompt format, the sequence length, the data format
+    and the trained labels, and the system prompt of a chat run. Never from non-finite weights."""
     check_weights(r.module, r.device, step)
     final = checkpoint.save_final(
         r.output_dir, r.module, r.hf_model, r.tokenizer, r.world, write_model=_lora_writer(r)
     )
     if r.world.is_main:
-        meta = {"prompt_format": r.prompt_format}
-        if r.prompt_format == "chat" and r.cfg.data.system_prompt:
-            meta["system_prompt"] = r.cfg.data.system_prompt  # what it was tuned with
+        meta = tuned_meta(r.cfg, r.prompt_format, r.train_data.format)
         atomic_write_text(final / FORMAT_FILE, json.dumps(meta))
     return final
 

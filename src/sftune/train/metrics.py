@@ -226,12 +226,21 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.log(numbers, step=int(step))
 
-    def log_text(self, step: int, name: str, rows: list[tuple[str, str]]) -> None:
-        """Append generations (prompt, output) to samples.jsonl and forward them as a table."""
+    def log_text(
+        self,
+        step: int,
+        name: str,
+        rows: list[tuple[str, str]],
+        extras: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        """Append generations (prompt, output) to samples.jsonl and forward them as a table;
+        `extras[i]` adds keys to row i's line (a chat's whole conversation)."""
         if not self.enabled:
             return
+        extras = extras or [{}] * len(rows)
         lines = [
-            json.dumps({"step": int(step), "name": name, "prompt": p, "output": o}) for p, o in rows
+            json.dumps({"step": int(step), "name": name, "prompt": p, "output": o, **extra})
+            for (p, o), extra in zip(rows, extras, strict=True)
         ]
         with self.samples_path.open("a", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in lines)
