@@ -152,9 +152,10 @@ def test_eos_text_that_does_not_encode_to_eos_still_gets_one(llama3_copy):
 
 @pytest.mark.slow  # a run and an export: about 15 s on 2 cores
 def test_chat_template_trains_and_travels_with_final_and_export(workdir, tmp_path):
-    """`--chat-template chatml` on a tokenizer without one (the tiny byte tokenizer): the run
-    trains its tool-call chats, `final/` and an export of its checkpoint carry the template,
-    and the saved config names it (so a resumed run or `export` reads the same one)."""
+    """`--chat-template FILE` (chatml's text) on a tokenizer without one (the tiny byte
+    tokenizer): the run trains its tool-call chats, `final/` and an export of its checkpoint
+    carry the template, the saved config names the file, and the checkpoint holds the text
+    itself, so the export works after the file is gone."""
     from transformers import AutoTokenizer
 
     from sftune.cli import main
@@ -178,11 +179,13 @@ def test_chat_template_trains_and_travels_with_final_and_export(workdir, tmp_pat
     ]
     data = tmp_path / "tools.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = tmp_path / "mine.jinja"
+    template.write_text(CHATML)
     cfg = tiny_config(
         workdir,
         tmp_path / "run",
         train_data=str(data),
-        chat_template="chatml",
+        chat_template=str(template),
         seq_length=64,
         batch_size=2,
         max_steps=2,
@@ -191,7 +194,8 @@ def test_chat_template_trains_and_travels_with_final_and_export(workdir, tmp_pat
     )
     run = train(cfg).output_dir
     assert AutoTokenizer.from_pretrained(run / "final").chat_template == CHATML
-    assert "chat_template: chatml" in (run / "config.yaml").read_text()
+    assert f"chat_template: {template}" in (run / "config.yaml").read_text()
+    template.unlink()
     out = tmp_path / "export"
     assert main(["export", str(run / "checkpoints" / "step_00000002"), "--out", str(out)]) == 0
     assert AutoTokenizer.from_pretrained(out).chat_template == CHATML

@@ -72,7 +72,7 @@ def test_every_float_setting_must_be_finite_and_every_number_has_bounds():
 
 
 def test_numbers_keep_their_meaning():
-    cfg = config_mod.from_flat({"lr": 0, "grad_clip": 0, "beta1": 0, "eval_max_batches": None})
+    cfg = config_mod.from_flat({"lr": 0, "grad_clip": 0, "beta1": 0, "eval_max_sequences": None})
     assert cfg.optim.lr == 0.0 and cfg.optim.grad_clip == 0.0  # a baseline run; clipping off
     with pytest.raises(ConfigError, match="lr: expected float, got True"):
         config_mod.from_flat({"lr": True})  # YAML's `lr: yes`
@@ -136,7 +136,7 @@ def test_a_spike_is_far_above_the_recent_median():
 
 def test_a_huge_lr_warns_of_the_spike_in_the_console_and_the_metrics(workdir, tmp_path, capsys):
     run = tmp_path / "run"
-    args = train_args(workdir, run, "--lr", "1e3", "--max-steps", "2", "--eval-max-batches", "1")
+    args = train_args(workdir, run, "--lr", "1e3", "--max-steps", "2", "--eval-max-sequences", "8")
     code, text = _main(args, capsys)
     assert code == 0, text
     assert "step      2 | warning: loss spike" in text
@@ -189,7 +189,7 @@ def test_divergence_stops_and_saves_nothing_of_it(
     newest before the bad weights (a loss or norm of step 3 comes from step 2's weights)."""
     _poisoned_train_step(monkeypatch, 3, what)
     run = tmp_path / "run"
-    extra = ["--max-steps", "5", "--save-every", "1", "--eval-max-batches", "1"]
+    extra = ["--max-steps", "5", "--save-every", "1", "--eval-max-sequences", "8"]
     line = _error_line(*_main(train_args(workdir, run, *extra), capsys))
     assert message in line, line
     assert _checkpoints(run) == [f"step_{s:08d}" for s in range(1, kept + 1)]
@@ -205,7 +205,7 @@ def test_fp16_weights_that_go_nan_are_never_saved(workdir, tmp_path, capsys):
     """A real NaN, not a patched one: fp16 AdamW turns every untouched embedding row into 0/0
     (eps 1e-8 is 0 in fp16) at step 1; before, that run wrote NaN checkpoints and final/."""
     run = tmp_path / "run"
-    extra = ["--dtype", "fp16", "--max-steps", "2", "--save-every", "1", "--eval-max-batches", "1"]
+    extra = ["--dtype", "fp16", "--max-steps", "2", "--save-every", "1", "--eval-max-sequences", "8"]
     line = _error_line(*_main(train_args(workdir, run, *extra), capsys))
     assert "non-finite weights after step 1" in line and "there is no good checkpoint" in line
     assert "--dtype bf16" in line
@@ -231,7 +231,7 @@ def test_the_weights_check_sees_every_trainable_tensor():
 def test_an_interrupted_validation_is_run_on_resume(workdir, tmp_path, monkeypatch):
     """The validation at step 2 is interrupted: the run saves step 2 and stops; the resumed run
     validates step 2 first, so the curve has the point, once, equal to an uninterrupted run's."""
-    ref = loop.train(tiny_config(workdir, tmp_path / "ref", eval_every=2, eval_max_batches=2))
+    ref = loop.train(tiny_config(workdir, tmp_path / "ref", eval_every=2, eval_max_sequences=16))
     real, calls = loop.evaluate, []
 
     def evaluate(*args, **kw):
@@ -242,10 +242,10 @@ def test_an_interrupted_validation_is_run_on_resume(workdir, tmp_path, monkeypat
 
     monkeypatch.setattr(loop, "evaluate", evaluate)
     cut = tmp_path / "cut"
-    first = loop.train(tiny_config(workdir, cut, eval_every=2, eval_max_batches=2))
+    first = loop.train(tiny_config(workdir, cut, eval_every=2, eval_max_sequences=16))
     assert first.interrupted and first.steps == 2 and _checkpoints(cut) == ["step_00000002"]
     assert [r["step"] for r in read_metrics(cut) if "val_loss" in r] == [0]
-    again = loop.train(tiny_config(workdir, cut, eval_every=2, eval_max_batches=2, resume="latest"))
+    again = loop.train(tiny_config(workdir, cut, eval_every=2, eval_max_sequences=16, resume="latest"))
     assert not again.interrupted and again.steps == 4
     val = {r["step"]: r["val_loss"] for r in read_metrics(cut) if "val_loss" in r}
     assert [r["step"] for r in read_metrics(cut) if "val_loss" in r] == [0, 2, 4]

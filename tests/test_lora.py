@@ -69,8 +69,8 @@ def test_adapter_and_merged_model_load_and_agree(workdir, tmp_path):
                     str(workdir / "train.jsonl"),
                     "--seq-length",
                     "32",
-                    "--max-batches",
-                    "2",
+                    "--max-sequences",
+                    "16",
                 ]
             )
             == 0

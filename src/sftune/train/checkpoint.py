@@ -62,15 +62,12 @@ from sftune.files import (
     human_bytes,
     is_disk_full,
     temp_dir_for,
-    verify_manifest,
     write_manifest,
 )
 from sftune.train import distributed, fp8
+from sftune.train.checkpoint_files import DCP_DIR, RNG, TRAINER, verify
 from sftune.train.distributed import World
 
-DCP_DIR = "model_optim"
-TRAINER = "trainer.json"
-RNG = "rng_rank{}.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp_step_"
 # One process without a process group is a supported case of DCP, not a mistake.
@@ -107,27 +104,6 @@ def remove_stale_temps(output_dir: Path, world: World) -> None:
 
 
 # ----------------------------------------------------------------------------- verify, resolve
-
-
-def verify(path: Path, contents: bool = True) -> None:
-    """A complete checkpoint: every file its manifest lists is there with its size and
-    (`contents`) its SHA-256. One line naming the first file that is not, else."""
-    if not path.is_dir():
-        raise SftuneError(f"{path}: no such checkpoint directory")
-    if not (path / MANIFEST).is_file():
-        if (path / "trainer.pt").is_file():
-            raise SftuneError(
-                f"{path}: a checkpoint of an earlier sftune (trainer.pt, a pickle), which this "
-                "version does not read, since unpickling a file can run code: resume or export "
-                "it with the sftune that wrote it"
-            )
-        if not any(path.iterdir()):
-            raise SftuneError(f"{path}: empty, not a checkpoint (a save that was cut short?)")
-        raise SftuneError(f"{path}: not a sftune checkpoint directory (no {MANIFEST})")
-    listed = verify_manifest(path, contents)
-    for need in (TRAINER, "config.yaml", f"{DCP_DIR}/.metadata", RNG.format(0)):
-        if need not in listed:
-            raise SftuneError(f"{path}: not a complete checkpoint ({MANIFEST} lists no {need})")
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Path:

@@ -37,16 +37,14 @@ import yaml
 from sftune import config as config_mod
 from sftune.errors import ConfigError, SftuneError
 from sftune.files import atomic_dir, atomic_write_text
+from sftune.train.checkpoint_files import DCP_DIR, verify
 
-DCP_DIR = "model_optim"
 EXPORT_DTYPES = ("auto", "bf16", "fp32")
 
 
 def check_checkpoint(path: Path) -> None:
     """A checkpoint directory that sftune wrote, with every file at its size (the quick check,
     before anything loads; export_checkpoint checks the contents too)."""
-    from sftune.train.checkpoint import verify
-
     verify(path, contents=False)
 
 
@@ -61,7 +59,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "auto", merge: bool
     import torch
 
     from sftune.models import quiet_libraries, resolve_source
-    from sftune.train.checkpoint import read_trainer_state, verify
+    from sftune.train.checkpoint import read_trainer_state
 
     verify(ckpt)
     check_out(out)
@@ -83,7 +81,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "auto", merge: bool
             _write_lora(cfg, state, source, tmp, merge=merge, dtype=cast)
         else:
             _write_model(state, source, tmp)
-        _write_tokenizer(source, tmp, cfg.data.chat_template)
+        _write_tokenizer(source, tmp, cfg.data.chat_template, trainer.get("chat_template"))
         fmt = trainer.get("prompt_format")
         if fmt:  # checkpoints written before sftune recorded it: `generate` decides itself
             from sftune.train.generate import FORMAT_FILE, tuned_meta
@@ -173,11 +171,14 @@ def _write_lora(cfg, state: dict, source: Path, out: Path, *, merge: bool, dtype
     _generation_config(source, hf_config).save_pretrained(out)
 
 
-def _write_tokenizer(source: Path, out: Path, chat_template: str | None) -> None:
-    """The base's tokenizer, with the run's --chat-template when it had one (as final/ has)."""
+def _write_tokenizer(
+    source: Path, out: Path, chat_template: str | None, text: str | None = None
+) -> None:
+    """The base's tokenizer, with the run's --chat-template when it had one (as final/ has):
+    `text`, the template as the checkpoint saved it, else read again from `chat_template`."""
     from sftune.data.chat_templates import set_chat_template
     from sftune.models import load_tokenizer
     from sftune.train.checkpoint import portable_tokenizer_class
 
-    set_chat_template(load_tokenizer(str(source)), chat_template).save_pretrained(out)
+    set_chat_template(load_tokenizer(str(source)), chat_template, text).save_pretrained(out)
     portable_tokenizer_class(out)

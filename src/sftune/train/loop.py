@@ -282,6 +282,8 @@ def save(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> Pat
         "prompt_format": r.prompt_format,  # for `sftune export`, which writes sftune.json too
         "data": r.data_digests,  # a resume refuses data files whose bytes changed
         "data_format": r.train_data.format,
+        # The --chat-template text itself: export needs no FILE that may have moved since.
+        "chat_template": r.tokenizer.chat_template if r.cfg.data.chat_template else None,
     }
     path = checkpoint.save(
         r.output_dir,
