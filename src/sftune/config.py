@@ -117,7 +117,11 @@ class DataConfig:
     val_fraction: float = _f(
         0.05, "fraction of training documents held out when there is no --val-data"
     )
-    fields: str | None = _f(None, "field mapping, e.g. 'prompt=question,response=answer' (GSM8K)")
+    fields: str | None = _f(
+        None,
+        "the file's keys as sftune's fields (prompt, response, messages), FILE_KEY=FIELD, "
+        "comma-separated: e.g. 'question=prompt,answer=response' (GSM8K)",
+    )
     seq_length: int = _f(512, "tokens per packed sequence")
     train_on: str = _f(
         "auto",

@@ -238,7 +238,7 @@ def evaluate_model(
 
     quiet_libraries(verbose)
     dev = distributed.resolve_device(device, distributed.World())
-    lm, tokenizer, info = load_for_inference(model, device=dev, dtype=dtype)
+    lm, tokenizer, info = load_for_inference(model, device=dev, dtype=dtype, verbose=verbose)
     batch = batch_size or default_batch_size(dev)
     start = time.perf_counter()
     results = run_tasks(
