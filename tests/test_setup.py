@@ -6,6 +6,7 @@ import argparse
 import functools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,11 +296,8 @@ def test_top_level_help_is_for_users(capsys):
 
 def test_fields_help_maps_the_way_the_readme_does():
     """`--fields` accepts both directions; help, README and DATA.md show one: FILE_KEY=FIELD."""
-    from pathlib import Path
-
     from sftune.data.formats import parse_fields
 
-    root = Path(__file__).resolve().parents[1]
     help_text = config_mod.FIELDS["fields"][1].metadata["help"]
     assert "FILE_KEY=FIELD" in help_text and "'question=prompt,answer=response'" in help_text
     assert parse_fields("question=prompt,answer=response") == {
@@ -307,7 +305,7 @@ def test_fields_help_maps_the_way_the_readme_does():
         "response": "answer",
     }
     for doc in ("README.md", "docs/DATA.md"):
-        text = (root / doc).read_text()
+        text = (ROOT / doc).read_text()
         assert "--fields question=prompt,answer=response" in text, doc
         assert "prompt=question" not in text, doc
 
@@ -385,3 +383,74 @@ def test_no_library_chatter_without_verbose(workdir, tmp_path):
         assert not [c for c in CHATTER if c in stderr], (command, stderr)
     verbose = cli(*train_args(workdir, tmp_path / "verbose", *lora, "--verbose"))
     assert "Loading weights" in verbose
+
+
+# ----------------------------------------------------------------------------- docs and examples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_starts_with_the_two_commands_and_every_link_resolves():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```")[1].strip().splitlines()
+    assert [line.split()[:2] for line in first_block] == [["make", "demo"], ["make", "test"]]
+    assert "source .venv/bin/activate" in readme[:1000]  # sftune on the PATH, at once
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+
+
+def test_results_configs_name_their_data_by_checksum(shared):
+    """docs/results/*/config.yaml record the data by name and sha256, not by the temporary
+    paths the runs read them from."""
+    import hashlib
+    import re
+
+    configs = sorted((ROOT / "docs" / "results").glob("*/config.yaml"))
+    assert configs
+    for path in configs:
+        text = path.read_text()
+        assert not re.search(r"\.carry|/tmp/keep|\.dev2", text), path
+        named = re.findall(r"(?:_data:|=)\s*(gsm8k/\w+\.jsonl)\s+#.*sha256 ([0-9a-f]{64})", text)
+        assert len(named) >= 2, path
+        for name, digest in named:
+            assert hashlib.sha256((shared / "data" / name).read_bytes()).hexdigest() == digest
+
+
+def _chats() -> list[dict]:
+    import json
+
+    lines = (ROOT / "examples" / "chats.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_the_quickstart_chats_are_what_the_readme_says():
+    chats = _chats()
+    with_tools = [c for c in chats if any("tool_calls" in m for m in c["messages"])]
+    with_system = [c for c in chats if c["messages"][0]["role"] == "system"]
+    assert (len(chats), len(with_system), len(with_tools)) == (48, 15, 16)
+    assert all("tools" in c for c in with_tools)
+    readme = (ROOT / "README.md").read_text()
+    assert "48\nOpenAI-format chats, 15 with a system prompt and 16 with tool calls" in readme
+
+
+def test_the_quickstart_chats_pack_with_the_smollm2_template(smollm2_tokenizer, tmp_path):
+    """The tool-free chats with SmolLM2's own template; all of them with --chat-template chatml
+    where this sftune has it (SmolLM2's template refuses tool calls)."""
+    import json
+
+    from sftune.data import PackedSFTDataset
+
+    plain = tmp_path / "plain.jsonl"
+    rows = [c for c in _chats() if "tools" not in c]
+    plain.write_text("".join(json.dumps(c) + "\n" for c in rows))
+    data = PackedSFTDataset(smollm2_tokenizer, plain, 256, False, use_cache=False, verbose=False)
+    assert data.stats.items >= 5 and data.stats.trained_tokens > 0
+    if "chat_template" in config_mod.FIELDS:
+        from sftune.cli import main
+
+        argv = ["prepare", str(ROOT / "examples" / "chats.jsonl"), "--tokenizer", "smollm2-135m"]
+        assert main([*argv, "--seq-length", "256", "--chat-template", "chatml"]) == 0
