@@ -394,8 +394,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 USAGE_EXAMPLES = """examples:
   sftune train --config configs/demo.yaml             the CPU demo (what `make demo` runs)
-  sftune train --model smollm2-135m --train-data examples/chats.jsonl --lora \\
-      --seq-length 256 --max-steps 40                  your own data, on a CPU
+  sftune train --model smollm2-135m --train-data examples/chats.jsonl \\
+      --chat-template chatml --lora --seq-length 256   your own chats (the README's quickstart)
   sftune generate --model runs/X/final --prompt "What is 12 * 7?"
   sftune COMMAND --help                               a command's flags
 
