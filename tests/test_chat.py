@@ -19,6 +19,7 @@ from chat_templates import DROPS_EARLIER_THOUGHTS, GEMMA3_IT, LLAMA3_INSTRUCT, L
 from sftune import config
 from sftune.cli import main
 from sftune.data import IGNORE_INDEX, PackedSFTDataset
+from sftune.data.chat_templates import CHATML, NAMED_TEMPLATES
 from sftune.data.show import show_documents
 from sftune.data.templates import adds_bos
 from sftune.errors import ConfigError, DataError
@@ -100,9 +101,20 @@ def gemma3(gemma3_tokenizer):
         yield gemma3_tokenizer
 
 
+@pytest.fixture
+def chatml(smollm2_tokenizer):
+    """SmolLM2 with sftune's shipped `--chat-template chatml` (tools and tool calls)."""
+    with template(smollm2_tokenizer, CHATML):
+        smollm2_tokenizer.sftune_chat_template = "chatml"
+        yield smollm2_tokenizer
+        del smollm2_tokenizer.sftune_chat_template
+
+
 # name -> (tokenizer fixture, end-of-turn token); Gemma's tokenizer takes 5 s to read: slow.
 TEMPLATES = {
     "smollm2-chatml": ("smollm2_tokenizer", "<|im_end|>"),
+    "shipped-chatml": ("chatml", "<|im_end|>"),
+    "shipped-llama3": ("llama31", "<|eot_id|>"),
     "llama3": ("llama3", "<|eot_id|>"),
     "gemma3": ("gemma3", "<end_of_turn>"),
 }
@@ -241,7 +253,59 @@ def test_template_without_tools_refuses_tool_calls(smollm2_tokenizer, tmp_path):
     with pytest.raises(DataError) as error:
         pack(smollm2_tokenizer, path)
     assert str(error.value).startswith(f"{path}:1: ") and "\n" not in str(error.value)
-    assert "does not render tool calls" in str(error.value)
+    assert "does not render tool calls: use --chat-template chatml" in str(error.value)
+
+
+def test_shipped_chatml_renders_tools_and_trains_the_calls(chatml, tmp_path):
+    tok = chatml
+    a = pack(tok, write_jsonl(tmp_path / "a.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}]))
+    tokens, _ = document(a)
+    assert tokens == expected_document(tok, TOOL_CHAT, TOOLS)  # apply_chat_template's own
+    text = tok.decode(tokens)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert "<|im_start|>tool\n18 C, sunny<|im_end|>" in text
+    assert trained_runs(tok, a) == [  # the call and the answer; not the tool's result
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 18 C and sunny.<|im_end|>",
+    ]
+    row = {"conversations": TOOL_SHAREGPT, "tools": json.dumps(TOOLS)}
+    b = pack(tok, write_jsonl(tmp_path / "b.jsonl", [row]))
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.mask, b.mask)
+    # A system prompt goes before the tools; two calls in one turn, arguments kept as given.
+    two = [
+        SYSTEM,
+        TOOL_CHAT[0],
+        {"role": "assistant", "content": "Checking.", "tool_calls": [{"function": CALL}] * 2},
+        {"role": "tool", "content": "18 C"},
+        {"role": "tool", "content": "19 C"},
+        TOOL_CHAT[3],
+    ]
+    c = pack(tok, write_jsonl(tmp_path / "c.jsonl", [{"messages": two, "tools": TOOLS}]))
+    assert tok.decode(document(c)[0]).startswith(
+        f"<|im_start|>system\n{SYSTEM['content']}\n\n# Tools"
+    )
+    assert trained_runs(tok, c)[0].startswith("Checking.\n<tool_call>")
+    assert trained_runs(tok, c)[0].count("<tool_call>") == 2
+
+
+def test_the_error_names_the_given_template(chatml, tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": TURNS}])
+    with (
+        template(chatml, "{{ raise_exception('nope') }}"),
+        pytest.raises(DataError, match=r":1: --chat-template chatml fails: nope"),
+    ):
+        pack(chatml, path)
+
+
+def test_no_template_says_how_to_give_one(llama3_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TURNS}])
+    with pytest.raises(DataError) as error:
+        pack(llama3_tokenizer, path)
+    assert str(error.value) == (
+        f"{path}:1: chat records need a chat template and the tokenizer of "
+        f"{llama3_tokenizer.name_or_path} has none: give one with --chat-template NAME "
+        "(chatml, llama3) or --chat-template FILE (Jinja)"
+    )
 
 
 def test_per_message_train_false_and_weight_zero_opt_out(smollm2_tokenizer, tmp_path):
@@ -452,3 +516,69 @@ def test_token_starts_from_byte_lengths_equal_the_offsets(llama3, smollm2_tokeni
         assert broken.token_bytes is None and all(
             np.array_equal(x, y) for x, y in zip(a, c, strict=True)
         )
+
+
+# --- --chat-template on the command line; preset tokenizers without their model ---------------
+
+
+def test_prepare_trains_tool_calls_of_the_smollm2_preset_with_chatml(tmp_path, capsys):
+    """The issue's command, with the real preset tokenizer: read from the GGUF, no weights."""
+    import os
+
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}] * 3)
+    args = ["prepare", str(path), "--tokenizer", "smollm2-135m", "--seq-length", "256"]
+    assert main([*args, "--show", "1"]) == 2  # SmolLM2's own template has no tools
+    assert "use --chat-template chatml" in capsys.readouterr().err
+    assert main([*args, "--show", "1", "--chat-template", "chatml"]) == 0
+    out = capsys.readouterr().out
+    assert '[[<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in out
+    cache = Path(os.environ["SFTUNE_CACHE_DIR"])
+    files = [f for f in cache.rglob("*") if f.is_file()]
+    assert files and not any(f.suffix in (".safetensors", ".bin", ".gguf", ".pt") for f in files)
+    assert not (cache / "models").exists()  # no model was converted for a tokenizer
+    # A FILE gives the same tokens as the NAME holding the same text: the cache entry is reused.
+    (tmp_path / "mine.jinja").write_text(CHATML)
+    assert main([*args, "--chat-template", str(tmp_path / "mine.jinja")]) == 0
+    assert "loaded from cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, "neither a named template (chatml, llama3) nor a file"),
+        ("{% for m in messages %}", "mine.jinja:1: Jinja syntax error: Unexpected end of template"),
+        ("  \n", "the file is empty"),
+    ],
+    ids=["missing", "syntax", "empty"],
+)
+def test_bad_chat_template_is_one_line(served, tmp_path, capsys, text, message):
+    template_file = tmp_path / "mine.jinja"
+    if text is not None:
+        template_file.write_text(text)
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    args = ["prepare", str(path), "--tokenizer", "x", "--seq-length", "8"]
+    assert main([*args, "--chat-template", str(template_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--chat-template {template_file}" in err and message in err
+
+
+def test_named_templates_are_listed_in_the_flag_help():
+    assert set(NAMED_TEMPLATES) == {"chatml", "llama3"}
+    assert "chatml, llama3" in config.FIELDS["chat_template"][1].metadata["help"]
+
+
+def test_a_converted_preset_lends_its_tokenizer(monkeypatch, tmp_path):
+    """After a model load converted the preset, a tokenizer load reads that copy (no GGUF);
+    the tokenizer's own directory, when `prepare` made it first, is read before it."""
+    from sftune import models, presets
+
+    monkeypatch.setenv("SFTUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(models, "_gguf_tokenizer", lambda *a: pytest.fail("read the GGUF"))
+    converted = presets.preset_cache_dir("smollm2-135m")
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    assert models.ensure_preset_tokenizer("smollm2-135m") == converted
+    own = presets.preset_tokenizer_dir("smollm2-135m")
+    own.mkdir(parents=True)
+    (own / "tokenizer_config.json").write_text("{}")
+    assert models.ensure_preset_tokenizer("smollm2-135m") == own

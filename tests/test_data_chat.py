@@ -148,3 +148,50 @@ def test_eos_text_that_does_not_encode_to_eos_still_gets_one(llama3_copy):
     hi, hi_there, yo = (tok(t)["input_ids"] for t in ["Hi", "Hi there", "Yo"])
     assert tokens.tolist() == hi + [eos] + hi_there + [eos] + yo + [eos]
     assert lengths.tolist() == [len(hi) + 1, len(hi_there) + 1, len(yo) + 1]
+
+
+@pytest.mark.slow  # a run and an export: about 15 s on 2 cores
+def test_chat_template_trains_and_travels_with_final_and_export(workdir, tmp_path):
+    """`--chat-template chatml` on a tokenizer without one (the tiny byte tokenizer): the run
+    trains its tool-call chats, `final/` and an export of its checkpoint carry the template,
+    and the saved config names it (so a resumed run or `export` reads the same one)."""
+    from transformers import AutoTokenizer
+
+    from sftune.cli import main
+    from sftune.data.chat_templates import CHATML
+    from sftune.train.loop import train
+    from trainutil import tiny_config
+
+    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + 2?"},
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "content": str(i + 2)},
+                {"role": "assistant", "content": f"It is {i + 2}."},
+            ],
+            "tools": tools,
+        }
+        for i in range(20)
+    ]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(
+        workdir,
+        tmp_path / "run",
+        train_data=str(data),
+        chat_template="chatml",
+        seq_length=64,
+        batch_size=2,
+        max_steps=2,
+        save_every=2,
+        val_fraction=0.1,
+    )
+    run = train(cfg).output_dir
+    assert AutoTokenizer.from_pretrained(run / "final").chat_template == CHATML
+    assert "chat_template: chatml" in (run / "config.yaml").read_text()
+    out = tmp_path / "export"
+    assert main(["export", str(run / "checkpoints" / "step_00000002"), "--out", str(out)]) == 0
+    assert AutoTokenizer.from_pretrained(out).chat_template == CHATML

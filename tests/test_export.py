@@ -89,7 +89,7 @@ def test_bad_export_input_is_one_line_and_touches_nothing(fp64_run, tmp_path, ca
     afile = tmp_path / "afile"
     afile.write_text("x")
     cases = [
-        (run / "final", tmp_path / "o1", "not a sftune checkpoint directory (no trainer.pt)"),
+        (run / "final", tmp_path / "o1", "not a sftune checkpoint directory (no manifest.json)"),
         (tmp_path / "nowhere", tmp_path / "o2", "no such checkpoint directory"),
         (ckpt, taken, "exists and is not empty"),
         (ckpt, afile, "exists and is not empty"),

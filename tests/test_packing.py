@@ -24,6 +24,7 @@ from sftune.data import (
     templates,
     tokenize,
 )
+from sftune.data.show import show_documents
 from sftune.data.tokenize import DocumentEncoder
 from sftune.errors import DataError
 
@@ -257,6 +258,131 @@ def test_messages_without_chat_template_is_data_error(llama3_tokenizer, tmp_path
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}])
     with pytest.raises(DataError, match=r"chat.jsonl:1: .*chat template"):
         pack(llama3_tokenizer, path)
+
+
+# --- --packing split|whole ----------------------------------------------------------------
+# A byte tokenizer and a one-character-per-token chat template, so rows are written out by hand:
+# ^ BOS, $ EOS, _ padding, . a label of -100; every other character is its own byte's token.
+
+BYTE_CHAT = (
+    "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}|{% endfor %}"
+    "{% if add_generation_prompt %}a:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def byte_chat():
+    from tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = BYTE_CHAT
+    return tok
+
+
+def ids(tok, text: str) -> list[int]:
+    special = {"^": tok.bos_token_id, "$": tok.eos_token_id, "_": tok.pad_token_id, ".": -100}
+    return [special.get(c, ord(c)) for c in text]
+
+
+def rows(ds: PackedSFTDataset) -> list[tuple[list[int], list[int]]]:
+    return [(ds[i]["input_ids"].tolist(), ds[i]["labels"].tolist()) for i in range(len(ds))]
+
+
+def chats(tmp_path: Path, *turns: tuple[str, str]) -> Path:
+    records = [
+        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+        for u, a in turns
+    ]
+    return write_jsonl(tmp_path / "chats.jsonl", records)
+
+
+def test_split_cuts_a_conversation_and_says_how_many(byte_chat, tmp_path, capsys):
+    path = chats(tmp_path, ("hi", "yo"), ("q", "a"), ("z", "k"))  # 12, 10 and 10 tokens
+    ds = PackedSFTDataset(byte_chat, path, 24, False, use_cache=False)
+    assert rows(ds) == [  # the course rule: the third conversation is cut after "^u:"
+        (ids(byte_chat, "^u:hi|a:yo|$^u:q|a:a|$^u"), ids(byte_chat, ".......yo|$.......a|$..."))
+    ]
+    assert ds.stats.crossing == 1
+    assert "1 of 3 conversations cross an item boundary" in capsys.readouterr().out
+
+
+def test_whole_starts_a_conversation_that_does_not_fit_in_the_next_row(byte_chat, tmp_path, capsys):
+    path = chats(tmp_path, ("hi", "yo"), ("q", "a"), ("z", "k"))
+    ds = PackedSFTDataset(byte_chat, path, 24, False, packing="whole", position_ids=True)
+    assert rows(ds) == [
+        (ids(byte_chat, "^u:hi|a:yo|$^u:q|a:a|$__"), ids(byte_chat, ".......yo|$.......a|$...")),
+        (ids(byte_chat, "^u:z|a:k|$" + "_" * 14), ids(byte_chat, "......k|$" + "." * 15)),
+    ]
+    # Positions restart at each conversation and at the padding, which follows every real
+    # token, so (causal attention) it changes no real token's loss.
+    assert ds[0]["position_ids"].tolist() == [*range(12), *range(10), 0, 1]
+    assert ds[1]["position_ids"].tolist() == [*range(10), *range(14)]
+    assert (ds.stats.moved, ds.stats.truncated, ds.stats.padding) == (1, 0, 18)
+    assert ds.num_trained_tokens == 4 + 3 + 3
+    out = capsys.readouterr().out
+    assert "32 tokens -> 2 items of 24 (whole conversations: 100.0% of tokens kept" in out
+    assert "18 padding tokens; moved to the next item: 1, truncated: 0" in out
+    everything = pack(byte_chat, path, 24, packing="whole", train_on="all")
+    assert rows(everything)[0][1] == ids(byte_chat, "u:hi|a:yo|$^u:q|a:a|$...")  # no padding
+
+
+def test_padding_changes_no_real_tokens_logits(byte_chat, tmp_path):
+    from tiny import build_tiny_model
+
+    path = chats(tmp_path, ("hi", "yo"), ("z", "k"))
+    batch = pack(byte_chat, path, 24, packing="whole", position_ids=True).get_batch([0])
+    model = build_tiny_model(len(byte_chat)).double().eval()
+    other = batch["input_ids"].clone()
+    other[0, 22:] = ord("x")  # the padding (from 22 on) replaced by real text
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        b = model(input_ids=other, position_ids=batch["position_ids"]).logits
+    assert torch.equal(a[0, :22], b[0, :22])
+
+
+def test_whole_truncates_or_refuses_a_conversation_longer_than_a_row(byte_chat, tmp_path):
+    story = ("tell me a story", "once upon a time")  # 39 tokens; a row holds 25
+    path = chats(tmp_path, ("hi", "yo"), story, ("q", "a"))
+    with pytest.raises(DataError) as error:
+        pack(byte_chat, path, 24, packing="whole")
+    assert str(error.value) == (
+        f"{path}:2: a document of 39 tokens is too long for one item of --seq-length 24 (at "
+        "most 25 tokens, its final EOS only a label): use --overlong truncate, a longer "
+        "--seq-length, or --packing split"
+    )
+    ds = pack(byte_chat, path, 24, packing="whole", overlong="truncate")
+    assert rows(ds) == [
+        (ids(byte_chat, "^u:hi|a:yo|$" + "_" * 12), ids(byte_chat, ".......yo|$" + "." * 13)),
+        (ids(byte_chat, "^u:tell me a story|a:onc"), ids(byte_chat, "." * 20 + "once")),
+        (ids(byte_chat, "^u:q|a:a|$" + "_" * 14), ids(byte_chat, "......a|$" + "." * 15)),
+    ]
+    assert (ds.stats.moved, ds.stats.truncated) == (1, 1)  # the story moved; "q" found a full row
+    shown = show_documents(ds, byte_chat, 2, colour=False)
+    assert "^" not in shown and "<|pad|>" not in shown  # a document stops before the padding
+
+
+def test_the_modes_share_one_cache_entry(byte_chat, tmp_path):
+    path = chats(tmp_path, ("hi", "yo"), ("q", "a"), ("z", "k"))
+    cache = tmp_path / "cache"
+    split = pack(byte_chat, path, 24, cache_dir=cache)
+    whole = pack(byte_chat, path, 24, cache_dir=cache, packing="whole")
+    assert not split.stats.from_cache and whole.stats.from_cache  # the layout is applied on load
+    assert len(whole) == 2 and len(list(cache.iterdir())) == 1
+
+
+def test_whole_keeps_every_document_of_prompt_response_records(llama3_tokenizer, sample):
+    split = pack(llama3_tokenizer, sample)
+    whole = pack(llama3_tokenizer, sample, seq_length=1024, packing="whole")
+    width = 1025
+    assert len(whole.tokens) == len(whole) * width and whole.stats.documents == 5
+    starts, ends = whole.doc_starts, whole.doc_ends
+    assert np.all(starts // width == (ends - 1) // width)  # each document inside one row
+    assert [
+        tuple(whole.tokens[a:b].tolist()) for a, b in zip(starts, ends, strict=True)
+    ] == _documents(split)
+    assert whole.stats.truncated == 0 and whole.stats.moved == len(whole) - 1
+    assert "every token: 5 documents" in whole.stats.summary()
+    assert "(98.7% of tokens kept)" in split.stats.summary()  # the course line, as it was
 
 
 # --- bad input ----------------------------------------------------------------------------

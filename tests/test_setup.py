@@ -44,12 +44,12 @@ def test_defaults_file_flags_precedence(tmp_path):
         ("lrr: 1\n", "unknown setting 'lrr'"),
         ("optim: {seq_length: 3}\n", "unknown setting optim.seq_length"),
         ("lr: [1\n", "invalid YAML"),
-        ("batch_size: 0\n", "--batch-size must be >= 1"),
-        ("warmup_ratio: 1.5\n", "--warmup-ratio"),
+        ("batch_size: 0\n", "bad.yaml: batch_size must be >= 1"),
+        ("warmup_ratio: 1.5\n", "bad.yaml: warmup_ratio must be in"),
         ("report_to: mlflow\n", "unknown backend 'mlflow'"),
-        ("activation_memory_budget: 0\n", "--activation-memory-budget must be in"),
-        ("model: {sdpa_backend: fast}\n", "--sdpa-backend: 'fast' is not one of"),
-        ("compile_mode: max-autotune\n", "--compile-mode: 'max-autotune' is not one of"),
+        ("activation_memory_budget: 0\n", "bad.yaml: activation_memory_budget must be in"),
+        ("model: {sdpa_backend: fast}\n", "bad.yaml: sdpa_backend: 'fast' is not one of"),
+        ("compile_mode: max-autotune\n", "bad.yaml: compile_mode: 'max-autotune' is not one of"),
     ],
 )
 def test_bad_config_files_name_the_problem(tmp_path, text, message):
@@ -246,7 +246,7 @@ def test_bad_input_fails_before_torch_is_imported(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "1+1?", "response": "2"}\n')
     cases = [
-        (["--lr", "-1"], "--lr must be >= 0"),
+        (["--lr", "-1"], "--lr must be in [0, 1000], got -1.0"),
         (["--batch-size", "3", "--micro-batch-size", "2"], "not a multiple of --micro-batch-size"),
         (["--train-data", str(csv)], f"{csv}:1: invalid JSON"),
         (["--train-data", str(qa)], f"{qa}:1: cannot tell the record format"),

@@ -120,3 +120,18 @@ def tiny_model_dir(path: str | Path, tokenizer: PreTrainedTokenizerFast, **model
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# A ChatML template (SmolLM2's layout) that also writes the tools, for a tiny chat model.
+CHATML = (
+    "{% if tools %}<|im_start|>tools\n{{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_model_dir(path: str | Path) -> Path:
+    """`tiny_model_dir` with the byte tokenizer and the CHATML template: a tiny chat model."""
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = CHATML
+    return tiny_model_dir(path, tokenizer)

@@ -3,6 +3,8 @@
     sftune train    --config configs/demo.yaml           # fine-tune (sftune.train.loop)
     sftune eval     --model DIR --data FILE              # token-weighted loss and perplexity
     sftune generate --model DIR --prompt "..."           # a response, stopping where it ends
+    sftune generate --model DIR --messages chat.json     # a conversation's next assistant turn
+    sftune generate --model DIR                          # an interactive chat (on a terminal)
     sftune prepare  DATA --tokenizer TOK --seq-length N  # build and cache a packed dataset
     sftune eval     --model DIR --tasks gsm8k --task-data gsm8k=test.jsonl   # lm-eval accuracy
     sftune export   RUN/checkpoints/step_N --out DIR     # a checkpoint as a model directory
@@ -28,8 +30,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from sftune import config as config_mod  # noqa: E402 (standard library + yaml only)
 from sftune import presets  # noqa: E402
-from sftune.data.formats import parse_fields, peek  # noqa: E402
-from sftune.errors import DataError, SftuneError  # noqa: E402
+from sftune.data.formats import data_file, parse_fields, peek  # noqa: E402
+from sftune.errors import SftuneError  # noqa: E402
 
 # module -> what to pip install; checked before the run starts instead of failing mid-run.
 REQUIRED = {
@@ -49,10 +51,12 @@ TRAIN_ON = config_mod.FIELDS["train_on"][1]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (through main) instead of usage + exit."""
+    """argparse, with its errors as one line (through main) instead of usage + exit: main
+    prints `sftune: error: `, then the subcommand (if any) and argparse's message."""
 
     def error(self, message: str):
-        raise SftuneError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("sftune").strip()
+        raise SftuneError(f"{command}: {message}" if command else message)
 
 
 def check_dependencies() -> None:
@@ -107,7 +111,13 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = config_mod.from_args(args)
+    given = config_mod.given_values(args)
+    if given.get("resume"):  # the saved run's settings; the given ones may change only some
+        from sftune.train.rundir import plan_resume
+
+        cfg = plan_resume(given).cfg
+    else:
+        cfg = config_mod.from_flat(given)
     check_environment(cfg.model.model, cfg.model.fp8, cfg.optim.optimizer)
     presets.check_seq_length(cfg.data.seq_length, cfg.model.model)
     check_data(cfg.data.fields, cfg.data.train_data, cfg.data.val_data)
@@ -140,13 +150,21 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
     )
     loss = parser.add_argument_group("loss and perplexity (--data)")
     loss.add_argument(
-        "--seq-length", type=int, default=512, help="tokens per packed sequence (default: 512)"
+        "--seq-length",
+        type=int,
+        default=None,
+        help="tokens per packed sequence (default: the length the model was tuned at, which "
+        "sftune.json records; else 512)",
     )
     loss.add_argument("--fields", help="field mapping, e.g. question=prompt,answer=response")
     _train_on_flags(loss, "scored")
     loss.add_argument(
-        "--max-batches", type=int, default=0, help="score only the first N batches (default: all)"
+        "--max-sequences",
+        type=int,
+        default=0,
+        help="score only the first N packed sequences (default: all)",
     )
+    loss.add_argument("--max-batches", help=argparse.SUPPRESS)  # refused: see run_eval
     tasks = parser.add_argument_group("task accuracy (--tasks, through lm-evaluation-harness)")
     tasks.add_argument(
         "--task-data",
@@ -163,6 +181,14 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
         "--output-dir", help="where eval_results.json goes (default: the model directory)"
     )
     tasks.add_argument(
+        "--prompt-format",
+        default="auto",
+        choices=("auto", "alpaca", "chat"),
+        help="how task prompts are rendered: alpaca (sftune's Alpaca template), chat (the "
+        "tokenizer's chat template); auto (default): the format the model was tuned with, "
+        "which its sftune.json records",
+    )
+    tasks.add_argument(
         "--log-samples", action="store_true", help="also write each task's prompts and outputs"
     )
     tasks.add_argument("--verbose", action="store_true", help="show lm-eval's own log lines")
@@ -177,30 +203,52 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.batch_size < 0:
+        raise SftuneError(f"--batch-size must be >= 0 (0: the default), got {args.batch_size}")
     check_environment(args.model)
     if args.tasks:
         return run_task_eval(args)
+    if args.max_batches is not None:
+        raise SftuneError(
+            "--max-batches is now --max-sequences: it counts packed sequences, the same whatever "
+            "the --batch-size"
+        )
+    if args.max_sequences < 0 or (args.seq_length is not None and args.seq_length < 1):
+        raise SftuneError("--max-sequences must be >= 0 and --seq-length >= 1")
     check_data(args.fields, args.data)
     from sftune.train.evaluate import evaluate_file
+    from sftune.train.generate import tuned_settings
 
+    seq_length, why = eval_seq_length(args.seq_length, tuned_settings(args.model))
     loss, count = evaluate_file(
         args.model,
         args.data,
-        seq_length=args.seq_length,
+        seq_length=seq_length,
         batch_size=args.batch_size or 8,
         fields=parse_fields(args.fields),
         train_on=args.train_on,
         response_only=args.response_only,
         dtype=args.dtype,
         device=args.device,
-        max_batches=args.max_batches,
+        max_sequences=args.max_sequences,
     )
     import math
 
     print(
-        f"loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | {count} tokens | {args.data}"
+        f"loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | {count} tokens | "
+        f"seq-length {seq_length} ({why}) | {args.data}"
     )
     return 0
+
+
+def eval_seq_length(flag: int | None, tuned: tuple[dict, Path | None]) -> tuple[int, str]:
+    """--seq-length, else the tuned run's (sftune.json), else 512; and why, to print."""
+    meta, where = tuned
+    if flag is not None:
+        return flag, "--seq-length"
+    if isinstance(meta.get("seq_length"), int):
+        return meta["seq_length"], f"the model was tuned at it: {where}"
+    return 512, "the default: the model records no tuned length"
 
 
 def eval_output_dir(model: str, output_dir: str | None) -> Path:
@@ -229,6 +277,7 @@ def run_task_eval(args: argparse.Namespace) -> int:
         max_gen_toks=args.max_gen_toks,
         dtype=args.dtype,
         device=args.device,
+        prompt_format=args.prompt_format,
         log_samples=args.log_samples,
         verbose=args.verbose,
     )
@@ -253,7 +302,19 @@ def _train_on_flags(parser: argparse.ArgumentParser, verb: str = "trained") -> N
 
 def add_generate(parser: argparse.ArgumentParser) -> None:
     _model_flags(parser)
-    parser.add_argument("--prompt", required=True, help="the instruction or user message")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--prompt", help="the instruction or user message")
+    what.add_argument(
+        "--messages",
+        metavar="FILE",
+        help="a conversation as JSON (a list of messages, or {messages, tools}): the model "
+        "writes its next assistant turn",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        help="a system message to open the chat with (default: the one the model was tuned "
+        "with, if any)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling"
@@ -263,34 +324,55 @@ def add_generate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument(
-        "--format",
+        "--prompt-format",
+        "--format",  # its first name
+        dest="format",
         default="auto",
         choices=("auto", "alpaca", "chat"),
         help="prompt rendering; auto: what sftune tuned the model with, else the tokenizer's chat "
         "template if it has one, else Alpaca",
     )
+    parser.epilog = "Without --prompt or --messages, on a terminal: an interactive chat."
     parser.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    check_environment(args.model)
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SftuneError("--temperature must be >= 0 and --top-p in (0, 1]")
-    from sftune.train.generate import generate_text
-
-    print(
-        generate_text(
-            args.model,
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            fmt=args.format,
-            dtype=args.dtype,
-            device=args.device,
+    if args.max_new_tokens < 1:
+        raise SftuneError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    interactive = args.prompt is None and args.messages is None
+    if interactive and not sys.stdin.isatty():
+        raise SftuneError(
+            "generate: give --prompt or --messages FILE (the interactive chat needs a terminal)"
         )
+    check_environment(args.model)
+    from sftune.train.generate import chat_loop, load_generator, read_messages
+
+    # Checked before the model loads: a bad file costs a moment, not a model load.
+    messages, tools = read_messages(args.messages) if args.messages else (None, None)
+    if messages and args.system_prompt and messages[0]["role"] == "system":
+        raise SftuneError(
+            f"--system-prompt and {args.messages}'s own system message: give one of them"
+        )
+    gen = load_generator(
+        args.model,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        fmt=args.format,
+        system_prompt=args.system_prompt,
+        chat=messages is not None,
+        dtype=args.dtype,
+        device=args.device,
     )
+    if interactive:
+        chat_loop(gen)
+    elif messages is not None:
+        print(gen.reply(messages, tools))
+    else:
+        print(gen.answer(args.prompt))
     return 0
 
 
@@ -310,6 +392,14 @@ def add_prepare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--system-prompt", help="a system message for every chat that has none (chats only)"
     )
+    for name in ("chat_template", "packing", "overlong"):  # as `train` has them (DataConfig)
+        setting = config_mod.FIELDS[name][1]
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=setting.default,
+            choices=setting.metadata["choices"],
+            help=setting.metadata["help"],
+        )
     parser.add_argument("--cache-dir", type=Path, help="default: <cache root>/packed")
     parser.add_argument(
         "--show",
@@ -326,16 +416,19 @@ def run_prepare(args: argparse.Namespace) -> int:
     """Build (or load from the cache) the packed dataset and print its statistics, so training
     with the same file, tokenizer, mapping and masking starts from the cache; with --show N,
     also its first N documents, trained tokens marked."""
-    if not Path(args.data).is_file():
-        raise DataError(args.data, "no such file")
+    data_file(args.data)  # a directory, /dev/null or a FIFO is named as such
     if args.show < 0:
         raise SftuneError(f"--show must be >= 0, got {args.show}")
     check_data(args.fields, str(args.data))
     from sftune import models
     from sftune.data import PackedSFTDataset
+    from sftune.data.chat_templates import read_chat_template, set_chat_template
     from sftune.data.show import show_documents
 
-    tokenizer = models.load_tokenizer(args.tokenizer)
+    template = read_chat_template(args.chat_template) if args.chat_template else None
+    tokenizer = set_chat_template(
+        models.load_tokenizer(args.tokenizer), args.chat_template, template
+    )
     dataset = PackedSFTDataset(
         tokenizer,
         args.data,
@@ -346,6 +439,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         train_on=args.train_on,
         response_only=args.response_only,
         system_prompt=args.system_prompt,
+        packing=args.packing,
+        overlong=args.overlong,
         cache_dir=args.cache_dir,
         verbose=True,
     )

@@ -4,7 +4,8 @@ Every field is a CLI flag (`--field-name`) and a key of a YAML config file (`--c
 either flat (`lr: 1e-4`) or under its section (`optim: {lr: 1e-4}`). Field names are unique
 across sections so that a flat key is never ambiguous. Precedence: defaults < config file <
 flags. The resolved config is saved as `config.yaml` in the run directory and in every
-checkpoint.
+checkpoint. With `--resume` the base is that saved config instead, and the settings given
+may change only what `RESUME_MAY_CHANGE` lists (`resume_settings`).
 
     sftune train --model smollm2-135m --train-data train.jsonl --lr 1e-4 --max-steps 100
     sftune train --config configs/demo.yaml --max-steps 10     # a flag overrides the file
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,10 +31,22 @@ from sftune.files import atomic_write_text
 from sftune.tasks import split_names
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+def _f(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A config field: its default, its help text and, for a string setting, the allowed values
-    (validated once, in `validate`, and shown as the flag's choices in --help)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+    (validated once, in `validate`, and shown as the flag's choices in --help); for a number,
+    its bounds (>= ge, > gt, <= le, < lt; validated once too, and shown in --help). A float must
+    also be finite: no setting takes NaN or an infinity."""
+    bounds = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
+    return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
 
 
 @dataclass
@@ -67,6 +82,8 @@ class ModelConfig:
         1.0,
         "with compile: fraction of the layers' activation memory to keep for backward; below 1 "
         "the compiler recomputes the cheapest activations instead (selective checkpointing)",
+        gt=0,
+        le=1,
     )
     sdpa_backend: str = _f(
         "auto",
@@ -89,6 +106,7 @@ class ModelConfig:
         "on a GPU: use at most this many GiB (the allocator is capped there, and the micro-batch "
         "and checkpointing are chosen to fit), so a large card shows what fits a smaller one; "
         "0: the whole GPU",
+        ge=0,
     )
     fp8: str = _f(
         "off",
@@ -115,14 +133,17 @@ class DataConfig:
         None, "validation file; default: hold out --val-fraction of the training documents"
     )
     val_fraction: float = _f(
-        0.05, "fraction of training documents held out when there is no --val-data"
+        0.05,
+        "fraction of training documents held out when there is no --val-data",
+        ge=0,
+        lt=1,
     )
     fields: str | None = _f(
         None,
         "the file's keys as sftune's fields (prompt, response, messages), FILE_KEY=FIELD, "
         "comma-separated: e.g. 'question=prompt,answer=response' (GSM8K)",
     )
-    seq_length: int = _f(512, "tokens per packed sequence")
+    seq_length: int = _f(512, "tokens per packed sequence", ge=1)
     train_on: str = _f(
         "auto",
         "which labels are trained (the others are -100): all (every token), assistant (the "
@@ -142,6 +163,26 @@ class DataConfig:
         ("auto", "on", "off"),
     )
     shuffle: bool = _f(True, "shuffle documents before packing and sequences every epoch")
+    chat_template: str | None = _f(
+        None,
+        "the chat template for chat records, set on the tokenizer and saved with final/'s: a "
+        "name (chatml, llama3: both render tools and tool calls) or a Jinja file; default: the "
+        "tokenizer's own",
+    )
+    packing: str = _f(
+        "split",
+        "split (the course rule: documents back to back, a row boundary may cut one), whole "
+        "(a document that does not fit in the rest of a row starts the next one; the rest is "
+        "padding, never trained)",
+        ("split", "whole"),
+    )
+    overlong: str = _f(
+        "refuse",
+        "with --packing whole, a document too long for one row (more than --seq-length tokens "
+        "before its final EOS): refuse (stop, naming its file and line), truncate (keep its "
+        "start, drop the rest)",
+        ("refuse", "truncate"),
+    )
 
 
 # The 8-bit --optimizer choices and the package each needs (its pip extra is the choice's name).
@@ -150,20 +191,23 @@ EIGHT_BIT_OPTIMIZERS = {"adamw8bit": "torchao", "adamw8bit-bnb": "bitsandbytes"}
 
 @dataclass
 class OptimConfig:
-    batch_size: int = _f(32, "sequences per optimizer step (all ranks together)")
+    batch_size: int = _f(32, "sequences per optimizer step (all ranks together)", ge=1)
     micro_batch_size: int = _f(
-        0, "sequences per forward pass per rank; 0: largest that fits (GPU) or up to 8 (CPU)"
+        0,
+        "sequences per forward pass per rank; 0: largest that fits (GPU) or up to 8 (CPU)",
+        ge=0,
     )
-    epochs: float = _f(1.0, "passes over the training set (ignored when --max-steps > 0)")
-    max_steps: int = _f(0, "optimizer steps; 0: from --epochs")
-    lr: float = _f(2e-5, "peak learning rate")
-    min_lr_ratio: float = _f(0.0, "cosine decay ends at min_lr_ratio * lr")
-    warmup_ratio: float = _f(0.03, "fraction of the steps with linear warmup")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.999, "AdamW beta2")
-    eps: float = _f(1e-8, "AdamW epsilon")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    epochs: float = _f(1.0, "passes over the training set (ignored when --max-steps > 0)", ge=0)
+    max_steps: int = _f(0, "optimizer steps; 0: from --epochs", ge=0)
+    # lr 0 trains nothing but is a valid baseline run; above 1e3 it is a typo (2e5 for 2e-5).
+    lr: float = _f(2e-5, "peak learning rate", ge=0, le=1000)
+    min_lr_ratio: float = _f(0.0, "cosine decay ends at min_lr_ratio * lr", ge=0, le=1)
+    warmup_ratio: float = _f(0.03, "fraction of the steps with linear warmup", ge=0, lt=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    beta1: float = _f(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = _f(0.999, "AdamW beta2", ge=0, lt=1)
+    eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)", ge=0)
     optimizer: str = _f(
         "adamw",
         "adamw (torch's; its moments in the weights' dtype); adamw8bit (torchao's AdamW8bit: "
@@ -179,21 +223,25 @@ class OptimConfig:
         "8B, 18 ms less optimizer time per step (+0.6% tokens/s) after about 90 s of compiling, "
         "so it pays off only in runs of thousands of steps; off: torch's fused AdamW on CUDA",
     )
-    seed: int = _f(0, "seed for data order, held-out split and initialisation")
+    seed: int = _f(0, "seed for data order, held-out split and initialisation", ge=0, le=2**63 - 1)
 
 
 @dataclass
 class LogConfig:
     output_dir: str | None = _f(None, "run directory; default runs/<timestamp>")
-    log_every: int = _f(10, "optimizer steps between train-loss log lines")
-    eval_every: int = _f(0, "optimizer steps between validation passes (0: only at start and end)")
-    eval_max_batches: int | None = _f(
-        None,
-        "validation micro-batches per pass (the first ones of the validation set, the same every "
-        "time); unset: all on a GPU, 16 on a CPU; 0: all",
+    log_every: int = _f(10, "optimizer steps between train-loss log lines", ge=1)
+    eval_every: int = _f(
+        0, "optimizer steps between validation passes (0: only at start and end)", ge=0
     )
-    num_samples: int = _f(2, "generations from validation prompts at each evaluation")
-    max_new_tokens: int = _f(64, "tokens generated per sample")
+    eval_max_sequences: int | None = _f(
+        None,
+        "validation sequences per pass: the first K of the validation set, the same ones "
+        "whatever the micro-batch size and the number of ranks; unset: all on a GPU, 64 on a "
+        "CPU; 0: all",
+        ge=0,
+    )
+    num_samples: int = _f(2, "generations from validation prompts at each evaluation", ge=0)
+    max_new_tokens: int = _f(64, "tokens generated per sample", ge=1)
     report_to: str = _f("", "comma-separated: wandb, tensorboard")
     run_name: str | None = _f(None, "name for wandb / tensorboard")
     verbose: bool = _f(False, "show the libraries' own progress bars and warnings too")
@@ -210,8 +258,9 @@ class CheckpointConfig:
         0,
         "optimizer steps between checkpoints (model + optimizer state, to resume from); 0: only "
         "when a run is interrupted (a finished run then keeps just final/)",
+        ge=0,
     )
-    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", ge=1)
     resume: str | None = _f(
         None,
         "continue a run: the latest checkpoint in --output-dir (bare --resume, or 'latest'), "
@@ -226,9 +275,9 @@ class LoraConfig:
     qlora: bool = _f(
         False, "LoRA on a 4-bit NF4 base (double quantization, bf16 compute; one CUDA GPU)"
     )
-    lora_r: int = _f(16, "adapter rank")
-    lora_alpha: float = _f(32.0, "adapter scale numerator: the update is B A * alpha / r")
-    lora_dropout: float = _f(0.0, "dropout on the adapters' input")
+    lora_r: int = _f(16, "adapter rank", ge=1)
+    lora_alpha: float = _f(32.0, "adapter scale numerator: the update is B A * alpha / r", gt=0)
+    lora_dropout: float = _f(0.0, "dropout on the adapters' input", ge=0, lt=1)
     lora_targets: str = _f(
         "all-linear",
         "comma-separated module names to adapt (e.g. q_proj,v_proj); all-linear: every linear "
@@ -265,10 +314,14 @@ class TaskEvalConfig:
         "the model in training; pip install 'sftune[eval]')",
     )
     eval_tasks_every: int = _f(
-        0, "optimizer steps between task evaluations (0: only at the start and the end)"
+        0,
+        "optimizer steps between task evaluations (0: only at the start and the end)",
+        ge=0,
     )
     eval_limit: int = _f(
-        0, "problems per task and evaluation: the first K of its data, the same every time; 0: all"
+        0,
+        "problems per task and evaluation: the first K of its data, the same every time; 0: all",
+        ge=0,
     )
     task_data: str | None = _f(
         None,
@@ -277,7 +330,16 @@ class TaskEvalConfig:
     )
     task_dir: str | None = _f(None, "a folder of lm-eval task YAMLs to add to sftune's own (gsm8k)")
     task_batch_size: int = _f(
-        0, "prompts per generation batch in task evaluation; 0: 8 on a CPU, 64 on a GPU"
+        0,
+        "prompts per generation batch in task evaluation; 0: 8 on a CPU, 64 on a GPU",
+        ge=0,
+    )
+    task_prompt_format: str = _f(
+        "auto",
+        "how task prompts are rendered: alpaca (sftune's Alpaca template), chat (the "
+        "tokenizer's chat template, with --system-prompt); auto: as the run trains (chat for "
+        "chat records, else alpaca)",
+        ("auto", "alpaca", "chat"),
     )
 
     @property
@@ -309,6 +371,13 @@ SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
 REPORT_TO = ("wandb", "tensorboard")
 # Earlier names still read from flags and files: old name -> (field, {old value: new value}).
 ALIASES = {"fsdp": ("dist", {"on": "fsdp", "off": "none", "auto": "auto"})}
+# Settings that changed meaning, refused by their old name (a number of micro-batches cannot
+# be turned into one of sequences): old name -> the message. A saved config.yaml (a run being
+# resumed or exported) that still holds one is read without it: the run's new default applies.
+RENAMED = {
+    "eval_max_batches": "--eval-max-batches is now --eval-max-sequences: it counts validation "
+    "sequences, the same whatever the micro-batch size and the number of ranks"
+}
 
 
 def _section_fields() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -350,10 +419,16 @@ def _coerce(name: str, value: Any) -> Any:
             return bool(value)
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # YAML's yes/no/on/off are booleans, not 1 and 0
         if tp is str and isinstance(value, bool) and "on" in (f.metadata["choices"] or ()):
             return "on" if value else "off"  # YAML reads a bare on/off as a boolean
+        if tp is str and not isinstance(value, (str, int, float)):
+            # str() of a YAML list or mapping is no setting: `output_dir: [a, b]` would name
+            # a directory "['a', 'b']".
+            raise TypeError(value)
         return tp(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
 
 
@@ -365,8 +440,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         tp = _base_type(f.type)
         help_text = f.metadata["help"].replace("%", "%%")
-        if f.default not in (None, "") and tp is not bool:
-            help_text += f" (default: {f.default})"
+        notes = [f"default: {f.default}"] if f.default not in (None, "") and tp is not bool else []
+        if f.metadata["bounds"]:
+            notes.append(_describe_bounds(f.metadata["bounds"]))
+        if notes:
+            help_text += f" ({'; '.join(notes)})"
         group = groups[section]
         if tp is bool:
             group.add_argument(
@@ -392,6 +470,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 metavar="{" + ",".join(choices) + "}" if choices else None,
                 help=help_text,
             )
+    for old in RENAMED:
+        parser.add_argument("--" + old.replace("_", "-"), dest=old, help=argparse.SUPPRESS)
     for old, (name, values) in ALIASES.items():
         renamed = ", ".join(f"{a} = {b}" for a, b in values.items())
         groups[FIELDS[name][0]].add_argument(
@@ -399,24 +479,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _flatten_file(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: config file not found")
+def _read_yaml(path: str) -> Any:
+    """A config file's YAML; one line naming the file (and the line) where it is unreadable, not
+    UTF-8 text, not YAML, or nested too deeply to parse."""
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
-        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        reason = getattr(e, "problem", None) or " ".join(str(e).split())  # one line
+        raise ConfigError(f"{where}: invalid YAML ({reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid config file (nested too deeply)") from None
+
+
+def _check_file_value(path: str, name: str, value: Any) -> None:
+    """A value of a config file is checked where it is read, so that its error names the file."""
+    try:
+        value = _coerce(name, value)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    _check_field(name, value, f"{path}: {name}")
+
+
+def _flatten_file(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    raw = _read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         key = str(key).replace("-", "_")
-        if key in SECTIONS and isinstance(value, dict):
+        if key in RENAMED:
+            raise ConfigError(f"{path}: {RENAMED[key]}")
+        if key in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key}: expected a mapping of {key} settings")
+        if key in SECTIONS:
             for sub, v in value.items():
                 sub = str(sub).replace("-", "_")
+                if sub in RENAMED:
+                    raise ConfigError(f"{path}: {RENAMED[sub]}")
                 owner = FIELDS[ALIASES[sub][0]][0] if sub in ALIASES else FIELDS.get(sub, ("",))[0]
                 if owner != key:
                     raise ConfigError(f"{path}: unknown setting {key}.{sub}")
@@ -425,6 +539,9 @@ def _flatten_file(path: str) -> dict[str, Any]:
             flat[key] = value
         else:
             raise ConfigError(f"{path}: unknown setting {key!r}")
+    for name, value in flat.items():
+        if name in FIELDS:  # aliases are checked once renamed
+            _check_file_value(path, name, value)
     return flat
 
 
@@ -454,20 +571,28 @@ def from_flat(values: dict[str, Any]) -> RunConfig:
     return cfg.validate()
 
 
-def from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults < --config file < flags."""
+def given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave, flat: the --config file's keys, then the flags set."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(_unalias(_flatten_file(args.config)))
+    for old, message in RENAMED.items():
+        if getattr(args, old, None) is not None:
+            raise ConfigError(message)
     flags = {name: getattr(args, name, None) for name in [*FIELDS, *ALIASES]}
     values.update(_unalias({k: v for k, v in flags.items() if v is not None}))
-    return from_flat(values)
+    return values
+
+
+def from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults < --config file < flags."""
+    return from_flat(given_values(args))
 
 
 def from_dict(d: dict[str, Any]) -> RunConfig:
     """Inverse of RunConfig.to_dict (nested); used when resuming from a checkpoint."""
     flat = {k: v for sec in d.values() if isinstance(sec, dict) for k, v in sec.items()}
-    return from_flat(flat)
+    return from_flat({k: v for k, v in flat.items() if k not in RENAMED})
 
 
 def save(cfg: RunConfig, path: Path) -> None:
@@ -501,43 +626,47 @@ def check_world_size(cfg: RunConfig, world_size: int) -> None:
         )
 
 
+# The bounds of `_f` as predicates and as they read in a message.
+_BOUNDS = {
+    "ge": (operator.ge, ">="),
+    "gt": (operator.gt, ">"),
+    "le": (operator.le, "<="),
+    "lt": (operator.lt, "<"),
+}
+
+
+def _describe_bounds(bounds: dict[str, float]) -> str:
+    """{"ge": 0, "lt": 1} -> "in [0, 1)"; {"gt": 0} -> "> 0"."""
+    low = [(k, v) for k, v in bounds.items() if k in ("ge", "gt")]
+    high = [(k, v) for k, v in bounds.items() if k in ("le", "lt")]
+    if low and high:
+        (lk, lv), (hk, hv) = low[0], high[0]
+        return f"in {'[' if lk == 'ge' else '('}{lv}, {hv}{']' if hk == 'le' else ')'}"
+    k, v = (low or high)[0]
+    return f"{_BOUNDS[k][1]} {v}"
+
+
+def _check_field(name: str, value: Any, setting: str | None = None) -> None:
+    """One field's value against its choices, or its bounds and (a float) finiteness; the
+    message names `setting` (default: the field's flag)."""
+    _, f = FIELDS[name]
+    setting = setting or "--" + name.replace("_", "-")
+    allowed = f.metadata["choices"]
+    if allowed and value not in allowed:
+        raise ConfigError(f"{setting}: {value!r} is not one of {sorted(allowed)}")
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{setting} must be a finite number, got {value}")
+    bounds = f.metadata["bounds"]
+    if not all(_BOUNDS[k][0](value, bound) for k, bound in bounds.items()):
+        raise ConfigError(f"{setting} must be {_describe_bounds(bounds)}, got {value}")
+
+
 def _validate(cfg: RunConfig) -> None:
-    for name, (section, f) in FIELDS.items():
-        allowed = f.metadata["choices"]
-        value = getattr(getattr(cfg, section), name)
-        if allowed and value not in allowed:
-            raise ConfigError(
-                f"--{name.replace('_', '-')}: {value!r} is not one of {sorted(allowed)}"
-            )
-    positive = {
-        "seq_length": cfg.data.seq_length,
-        "batch_size": cfg.optim.batch_size,
-        "log_every": cfg.log.log_every,
-        "keep_checkpoints": cfg.checkpoint.keep_checkpoints,
-    }
-    for name, v in positive.items():
-        if v < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    non_negative = {
-        "micro_batch_size": cfg.optim.micro_batch_size,
-        "max_steps": cfg.optim.max_steps,
-        "eval_every": cfg.log.eval_every,
-        "save_every": cfg.checkpoint.save_every,
-        "lr": cfg.optim.lr,
-        "weight_decay": cfg.optim.weight_decay,
-        "grad_clip": cfg.optim.grad_clip,
-        "epochs": cfg.optim.epochs,
-        "num_samples": cfg.log.num_samples,
-        "eval_max_batches": cfg.log.eval_max_batches or 0,
-        "lora_dropout": cfg.adapter.lora_dropout,
-        "max_memory_gib": cfg.model.max_memory_gib,
-        "eval_tasks_every": cfg.tasks.eval_tasks_every,
-        "eval_limit": cfg.tasks.eval_limit,
-        "task_batch_size": cfg.tasks.task_batch_size,
-    }
-    for name, v in non_negative.items():
-        if v < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    for name, (section, _) in FIELDS.items():
+        _check_field(name, getattr(getattr(cfg, section), name))
+    # What no single field's bounds can say.
     bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
     if mb and bs % mb:
         raise ConfigError(f"--batch-size {bs} is not a multiple of --micro-batch-size {mb}")
@@ -549,27 +678,139 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "--fp8 is for full fine-tuning: it cannot be combined with --lora or --qlora"
         )
-    if cfg.adapter.lora_r < 1 or cfg.adapter.lora_alpha <= 0:
-        raise ConfigError("--lora-r must be >= 1 and --lora-alpha > 0")
     if cfg.optim.max_steps == 0 and cfg.optim.epochs <= 0:
         raise ConfigError("--epochs must be > 0 when --max-steps is 0")
-    if not 0.0 < cfg.model.activation_memory_budget <= 1.0:
-        raise ConfigError(
-            f"--activation-memory-budget must be in (0, 1], got {cfg.model.activation_memory_budget}"
-        )
-    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
-        raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if cfg.data.response_only and cfg.data.train_on not in ("auto", "assistant"):
         raise ConfigError(
             f"--response-only means --train-on assistant, not --train-on {cfg.data.train_on}"
         )
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.dist.dist in ("ddp", "none") and (cfg.dist.cpu_offload or cfg.dist.reduce_fp32):
         flag = "--cpu-offload" if cfg.dist.cpu_offload else "--reduce-fp32"
         raise ConfigError(f"{flag} is an FSDP setting: use --dist fsdp (or auto) with it")
     for name in cfg.log.backends:
         if name not in REPORT_TO:
             raise ConfigError(f"--report-to: unknown backend {name!r} ({', '.join(REPORT_TO)})")
+
+
+# ----------------------------------------------------------------------------- resume policy
+
+# What `--resume` may change in the run it continues: how long it runs, how it logs, evaluates
+# and saves, and how the same computation is laid out (ranks, sharding, micro-batches with
+# accumulation, kernels, compilation: the step's gradient does not depend on them, which the
+# accumulation and 2-rank tests prove). Every other setting decides what is trained (model,
+# adapters, data and its rendering, optimizer and schedule, dtype, seed): changing one on
+# resume would train something else under the saved run's name, so it is refused.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        # length
+        "max_steps",
+        "epochs",
+        # logging and evaluation
+        "log_every",
+        "eval_every",
+        "eval_max_sequences",
+        "num_samples",
+        "max_new_tokens",
+        "report_to",
+        "run_name",
+        "verbose",
+        "eval_tasks",
+        "eval_tasks_every",
+        "eval_limit",
+        "task_data",
+        "task_dir",
+        "task_batch_size",
+        "task_prompt_format",
+        # checkpoints and the run directory
+        "save_every",
+        "keep_checkpoints",
+        "save_final",
+        "resume",
+        "output_dir",
+        # layout: the same step computed another way
+        "micro_batch_size",
+        "activation_checkpointing",
+        "activation_memory_budget",
+        "max_memory_gib",
+        "compile",
+        "compile_mode",
+        "compile_step",
+        "attn",
+        "sdpa_backend",
+        "fused_loss",
+        "device",
+        "dist",
+        "reshard_after_forward",
+        "reduce_fp32",
+        "cpu_offload",
+    }
+)
+# Settings whose default (auto, 0, unset) the build resolves and saves as what it became
+# (config.yaml says `dtype: fp32` where the user said auto). Given at that default on resume
+# (a config file that says `dtype: auto`), one means "as resolved before" and keeps the saved
+# value: a resumed run never re-resolves into something else on other hardware.
+RESOLVED_BY_BUILD = frozenset(
+    {
+        "train_data",
+        "val_data",
+        "dtype",
+        "attn",
+        "compile",
+        "fused_loss",
+        "doc_mask",
+        "device",
+        "dist",
+        "reshard_after_forward",
+        "micro_batch_size",
+        "activation_checkpointing",
+        "eval_max_sequences",
+        "task_batch_size",
+        "task_prompt_format",
+        "train_on",
+        "response_only",
+        "output_dir",
+    }
+)
+# A short form of the rule, for the refusal.
+RESUME_RULE = (
+    "a resumed run keeps its settings (only steps, epochs, logging, evaluation and save "
+    "cadence, and how the step is laid out, may change)"
+)
+
+
+def flat_values(cfg: RunConfig) -> dict[str, Any]:
+    """Every setting of `cfg` by its flat name."""
+    return {name: getattr(getattr(cfg, section), name) for name, (section, _) in FIELDS.items()}
+
+
+def show_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "unset" if value is None else str(value)
+
+
+def resume_settings(saved: RunConfig, given: dict[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
+    """The saved run's resolved config with the given settings that may change applied:
+    (config, {setting: the saved value it replaced}). A given setting equal to the saved one
+    (or, for one the build resolves, at its "auto" default) is no change; any other change
+    outside RESUME_MAY_CHANGE is a ConfigError naming it, the saved and the given value.
+
+        --lr 0.01: the run being resumed was trained with 0.001; a resumed run keeps ...
+    """
+    before = flat_values(saved)
+    changes: dict[str, Any] = {}
+    for name, raw in _unalias(given).items():
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        value = _coerce(name, raw)
+        default = FIELDS[name][1].default
+        if value == before[name] or (name in RESOLVED_BY_BUILD and value == default):
+            continue
+        if name not in RESUME_MAY_CHANGE:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {show_value(value)}: the run being resumed was trained "
+                f"with {show_value(before[name])}; {RESUME_RULE}"
+            )
+        changes[name] = value
+    cfg = with_values(saved, **changes)
+    return cfg, {name: before[name] for name in changes}

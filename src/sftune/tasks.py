@@ -6,15 +6,21 @@ run offline on local data files (sftune.train.harness runs it):
     sftune eval --model runs/x/final --tasks gsm8k --task-data gsm8k=test.jsonl --limit 100
     sftune train ... --eval-tasks gsm8k --task-data gsm8k=test.jsonl --eval-tasks-every 100
 
-A task is an lm-eval task YAML. sftune ships `gsm8k` (eval_tasks/gsm8k.yaml: the question in
-the Alpaca rendering that sftune trains with, zero-shot, the answer read from its `#### N`
-line); `--task-dir DIR` adds every task YAML under DIR (one of the same name replaces
-sftune's). `--task-data TASK=FILE` gives a task its test data: the file becomes its
-`data_files`, read by the `datasets` builder its extension names (.jsonl -> json), so a copy of
-an upstream YAML that names a hub dataset runs on a local file unchanged. Nothing is fetched
-from a hub: a task whose data is neither given nor local is refused here.
+A task is an lm-eval task YAML. sftune ships `gsm8k` (eval_tasks/gsm8k.yaml: the question,
+zero-shot, the answer read from its `#### N` line); `--task-dir DIR` adds every task YAML under
+DIR (one of the same name replaces sftune's). `--task-data TASK=FILE` gives a task its test
+data: the file becomes its `data_files`, read by the `datasets` builder its extension names
+(.jsonl -> json), so a copy of an upstream YAML that names a hub dataset runs on a local file
+unchanged. Nothing is fetched from a hub: a task whose data is neither given nor local is
+refused here.
 
     specs = resolve_tasks("gsm8k", "gsm8k=test.jsonl", task_dir=None)   # [TaskSpec(...)]
+
+The prompt follows the format the model was tuned with (`--prompt-format`, auto: the model's
+sftune.json): `chat` hands each task's prompt (its `doc_to_text`) to the chat template as the
+user message (lm-eval's `apply_chat_template`); `alpaca` wraps it in the Alpaca template that
+sftune trains prompt/response records with (`prompt_overrides`). A task whose `doc_to_text` is
+a Python function keeps its own prompt under Alpaca: sftune cannot see into it.
 
 Standard library and yaml only.
 """
@@ -32,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from sftune.data import formats
+from sftune.data.templates import ALPACA_PROMPT_TEMPLATE
 from sftune.errors import ConfigError, DataError
 
 SHIPPED_DIR = Path(__file__).parent / "eval_tasks"
@@ -59,20 +67,51 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
-def read_task_yaml(path: Path) -> dict[str, Any]:
-    """A task YAML with its `include:` files merged in (their keys first, as lm-eval does)."""
-    try:
-        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not a readable task YAML ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: not a task YAML (expected a mapping)")
+MAX_INCLUDE_DEPTH = 32  # `include:` files nested deeper than this are refused, not followed
+
+
+def read_task_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A task YAML with its `include:` files merged in (their keys first, as lm-eval does).
+
+    A file that includes itself, directly or through others, is a `ConfigError` naming the
+    cycle (lm-eval would recurse until it crashes), and so is a chain deeper than
+    `MAX_INCLUDE_DEPTH`.
+    """
+    chain = (*_chain, Path(os.path.abspath(path)))
+    cfg = _read_one(path)
     includes = cfg.pop("include", None) or []
     merged: dict[str, Any] = {}
     for inc in [includes] if isinstance(includes, str) else includes:
-        merged.update(read_task_yaml(path.parent / inc))
+        target = path.parent / str(inc)
+        if Path(os.path.abspath(target)) in chain or _same_file(target, chain):
+            cycle = " -> ".join(p.name for p in (*chain, Path(target)))
+            raise ConfigError(
+                f"{chain[0]}: include: cycle {cycle}: a task YAML cannot include itself"
+            )
+        if len(chain) >= MAX_INCLUDE_DEPTH:
+            raise ConfigError(f"{chain[0]}: include: more than {MAX_INCLUDE_DEPTH} files deep")
+        merged.update(read_task_yaml(target, chain))
     merged.update(cfg)
     return merged
+
+
+def _read_one(path: Path) -> dict[str, Any]:
+    """One task YAML as it is, its `include:` not followed."""
+    try:
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not a readable task YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: not a task YAML (expected a mapping)")
+    return cfg
+
+
+def _same_file(target: Path, chain: tuple[Path, ...]) -> bool:
+    """`target` is one of `chain` under another name (a link, `..`)."""
+    try:
+        return any(os.path.samefile(target, p) for p in chain)
+    except OSError:
+        return False  # a missing include: reading it names it
 
 
 def known_tasks(task_dir: str | None = None) -> dict[str, Path]:
@@ -87,7 +126,9 @@ def known_tasks(task_dir: str | None = None) -> dict[str, Path]:
     for root in dirs:
         for path in sorted(root.rglob("*.yaml")):
             try:
-                name = read_task_yaml(path).get("task")
+                # The file's own `task:` names it even when its includes fail: asking for
+                # that task then gives their error, not "unknown task".
+                name = _read_one(path).get("task") or read_task_yaml(path).get("task")
             except ConfigError:
                 continue  # lm-eval skips what it cannot read, too
             if isinstance(name, str):
@@ -142,13 +183,30 @@ def resolve_tasks(
     return [_spec(name, known[name], data.get(name)) for name in names]
 
 
+def prompt_overrides(spec: TaskSpec, fmt: str) -> dict[str, Any]:
+    """What sets a task's prompt in the format `fmt` ("alpaca" or "chat"): for Alpaca, its
+    doc_to_text wrapped in the Alpaca prompt (a field name, which lm-eval reads as the
+    record's field, becomes that field's template); nothing for chat, whose template lm-eval
+    applies, and nothing for a doc_to_text that is a function (left as the task renders it)."""
+    if fmt != "alpaca":
+        return {}
+    text = read_task_yaml(spec.yaml_path).get("doc_to_text")
+    if not isinstance(text, str):
+        return {}
+    if "{{" not in text and "{%" not in text and re.fullmatch(r"[A-Za-z_]\w*", text):
+        text = "{{" + text + "}}"
+    return {"doc_to_text": ALPACA_PROMPT_TEMPLATE.replace("{prompt}", text)}
+
+
 def _spec(name: str, path: Path, data_file: str | None) -> TaskSpec:
     cfg = read_task_yaml(path)
     overrides: dict[str, Any] = {}
     if data_file is not None:
         file = Path(data_file).expanduser()
-        if not file.is_file():
-            raise DataError(file, f"no such file (--task-data {name})")
+        try:
+            formats.data_file(file)  # a directory or a FIFO is named as such (and never opened)
+        except DataError as e:
+            raise DataError(file, f"{e.problem} (--task-data {name})") from None
         overrides = _local_data(cfg, file)
         check_first_record(file, cfg)
     else:
@@ -220,6 +278,8 @@ def check_first_record(file: Path, cfg: dict[str, Any]) -> None:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(file, f"not valid JSON ({e.msg})", line=line_no) from None
+    except RecursionError:
+        raise DataError(file, "JSON nested too deeply", line=line_no) from None
     if not isinstance(record, dict):
         raise DataError(file, "expected a JSON object per line", line=line_no)
     for field in _record_fields(cfg):

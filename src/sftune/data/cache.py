@@ -11,10 +11,11 @@ a node shares one copy in the page cache:
                                   meta.json        source path, documents, tokens
 
 The key hashes what changes the stream: the file's bytes, the tokenizer (its full backend
-JSON, BOS/EOS, special tokens and chat template), the Alpaca template, the field mapping, the
+JSON, BOS/EOS, special tokens and chat template, `--chat-template`'s included, since it is set
+on the tokenizer), the Alpaca template, the field mapping, the
 `--train-on` mode (resolved: `auto` keys as what it became), the default system prompt and
-`CACHE_VERSION` (bumped whenever the packing rule changes). Shuffle, holdout and position
-ids are applied after loading, so one entry serves them all. Entries are written through
+`CACHE_VERSION` (bumped whenever the packing rule changes). Shuffle, holdout, `--packing
+split|whole` and position ids are applied after loading, so one entry serves them all. Entries are written through
 `sftune.files.atomic_dir`: a reader sees a complete entry or none, and of two processes
 building the same entry the first to finish wins.
 

@@ -24,7 +24,9 @@ Anything else is read through a mapping from our names to the file's names, e.g.
     >>> recs[0].prompt[:16], recs[0].line  # doctest: +SKIP
     ('Natalia sold cli', 1)
 
-Every problem raises `DataError` naming the file, the line and the field.
+Every problem raises `DataError` naming the file, the line and the field. A path that is not a
+regular file (a directory, /dev/null, a FIFO) is refused before it is opened, and a record whose
+JSON text is over `MAX_RECORD_BYTES` (8 MiB) is refused before it is parsed.
 
 Standard library only (like `sftune.errors` and `sftune.paths`), so the CLI can check a data
 file before it pays for importing torch: `peek` reads and validates just the first record.
@@ -39,6 +41,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import stat
+import sys
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -59,6 +64,12 @@ FORMAT_NAMES = {
     SHAREGPT: "ShareGPT conversations",
 }
 CANONICAL_FIELDS = ("prompt", "response", "messages")
+# The most one record may take as JSON text: its JSON Lines line, or, in a `.json` list, the item
+# written compactly in UTF-8. 8 MiB is about 2 million tokens of English, twice a 1M-token
+# context. The tokenizer needs some 200 bytes of memory per byte of one text: a record of 8 MiB
+# tokenizes in about 12 s with 1.6 GB on one CPU core, one of 50 MB took 193 s and 7.6 GB. The
+# bound also stops reading a "line" that never ends (a binary file, a `.json` named `.jsonl`).
+MAX_RECORD_BYTES = 8 * 1024 * 1024
 _CHAT_KEYS = {MESSAGES: "messages", SHAREGPT: "conversations"}
 
 
@@ -96,7 +107,7 @@ def iter_records(
     message. Raises `DataError` for a missing or empty file and for any bad line (the records
     before it have been yielded already).
     """
-    path = _existing(path)
+    path = data_file(path)
     parse = shape = None
     count = 0
     for line_no, obj in _iter_objects(path):
@@ -118,7 +129,7 @@ def peek(path: str | Path, fields: Mapping[str, str] | None = None) -> str:
 
     A JSON Lines file is read only up to its first record; a `.json` list is parsed whole.
     """
-    path = _existing(path)
+    path = data_file(path)
     for line_no, obj in _iter_objects(path):
         parse, shape = _parser_for(path, line_no, obj, fields, None)
         parse(obj, line_no)
@@ -126,11 +137,38 @@ def peek(path: str | Path, fields: Mapping[str, str] | None = None) -> str:
     raise _no_records(path)
 
 
-def _existing(path: str | Path) -> Path:
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def data_file(path: str | Path) -> Path:
+    """`path` as a Path, if it is a regular file (or a link to one); else a `DataError` saying
+    what it is. Only `stat` is called: opening a FIFO to look would block until a writer comes.
+
+        >>> data_file("/dev/null")  # doctest: +SKIP
+        DataError: /dev/null: is not a regular file (a character device): give a .jsonl, ...
+    """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "no such file")
-    return path
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        broken = " (a symbolic link to a missing file)" if path.is_symlink() else ""
+        raise DataError(path, f"no such file{broken}") from None
+    except OSError as e:  # a permission denied on a folder above it, a loop of links, ...
+        raise DataError(path, f"cannot read ({e.strerror or e})") from None
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISDIR(mode):
+        raise DataError(path, f"is a directory, not a data file: {_WANTED}")
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a file")
+    raise DataError(path, f"is not a regular file ({kind}): {_WANTED}")
+
+
+_WANTED = "give a .jsonl, .jsonl.gz or .json file of records"
 
 
 def _no_records(path: Path) -> DataError:
@@ -146,39 +184,125 @@ def _iter_objects(path: Path) -> Iterator[tuple[int, Any]]:
     line_no = 0
     try:
         with opener(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):  # noqa: B007 (line_no is read in except)
+            # readline with a bound: a line longer than any record is never held whole.
+            while raw := f.readline(MAX_RECORD_BYTES + 2):
+                line_no += 1
+                if _line_bytes(raw) > MAX_RECORD_BYTES:
+                    raise _too_large(path, _rest_of_line(f, len(raw), raw), line_no, _NOT_JSONL)
                 if raw.isspace():
                     continue
                 yield line_no, _parse_line(path, line_no, raw)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         # A truncated or corrupt gzip stream: report where reading stopped.
         raise DataError(path, f"corrupt or truncated gzip data ({e})", line=line_no + 1) from None
+    except OSError as e:  # unreadable (permissions), an I/O error
+        raise DataError(path, f"cannot read ({e.strerror or e})", line=line_no or None) from None
+
+
+def _line_bytes(raw: bytes) -> int:
+    """The length of a line without its end (LF or CRLF)."""
+    if raw.endswith(b"\n"):
+        return len(raw) - 1 - raw.endswith(b"\r\n")
+    return len(raw)
+
+
+def _rest_of_line(f: Any, size: int, raw: bytes) -> int:
+    """The byte length of a too-long line, read on in 1 MiB pieces up to 64 times the limit."""
+    while not raw.endswith(b"\n") and size <= 64 * MAX_RECORD_BYTES:
+        raw = f.readline(1 << 20)
+        if not raw:
+            break
+        size += len(raw)
+    return size - len(raw) + _line_bytes(raw)
+
+
+_NOT_JSONL = " (or, if this file is not JSON Lines at all, give the right one)"
+
+
+def _too_large(path: Path, size: int, line: int, hint: str = "") -> DataError:
+    at_least = "at least " if size > 64 * MAX_RECORD_BYTES else ""  # not read to its end
+    return DataError(
+        path,
+        f"this record is {at_least}{_size(size)} of JSON, over the limit of "
+        f"{_size(MAX_RECORD_BYTES)} per record (MAX_RECORD_BYTES in sftune/data/formats.py): "
+        f"split it into smaller records{hint}",
+        line=line,
+    )
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size:,} bytes"
 
 
 def _parse_line(path: Path, line_no: int, raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(path, f"not valid UTF-8 (byte {e.start})", line=line_no) from None
+        problem = f"not valid UTF-8 (byte {e.start}){_gzip_hint(raw, line_no)}"
+        raise DataError(path, problem, line=line_no) from None
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=line_no) from None
+    except RecursionError:
+        raise DataError(path, _too_deep(), line=line_no) from None
+    if _SURROGATE.search(raw):
+        _json_bytes(path, obj, line_no)
+    return obj
+
+
+# A \\uD800-\\uDFFF escape: half of a UTF-16 pair, which json.loads lets through alone.
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _too_deep() -> str:
+    # The JSON decoder recurses once per level, against Python's recursion limit.
+    return f"JSON nested too deeply (arrays or objects over about {sys.getrecursionlimit()} deep)"
+
+
+def _gzip_hint(data: bytes, line_no: int) -> str:
+    if line_no == 1 and data.startswith(b"\x1f\x8b"):
+        return ": this is gzip data; a gzip file must be named .gz (e.g. train.jsonl.gz)"
+    return ""
 
 
 def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
     """Items of a `.json` file holding one list; the item's 1-based index stands in for a line."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise DataError(path, f"cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise DataError(path, f"not valid UTF-8 (byte {e.start})") from None
+        raise DataError(path, f"not valid UTF-8 (byte {e.start}){_gzip_hint(raw, 1)}") from None
     except json.JSONDecodeError as e:
         raise DataError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
+    except RecursionError:
+        raise DataError(path, _too_deep()) from None
     if not isinstance(data, list):
         raise DataError(
             path, f"a .json file must hold a list of records, not {type(data).__name__}"
         )
-    yield from enumerate(data, start=1)
+    # No item of a smaller file can be over the limit; only an escape makes a lone surrogate.
+    check = len(raw) > MAX_RECORD_BYTES or _SURROGATE.search(raw) is not None
+    del raw
+    for index, item in enumerate(data, start=1):
+        if check and (size := _json_bytes(path, item, index)) > MAX_RECORD_BYTES:
+            raise _too_large(path, size, index)
+        yield index, item
+
+
+def _json_bytes(path: Path, item: Any, line: int) -> int:
+    """The size of `item` as one JSON Lines line; a `DataError` for a lone surrogate (no
+    tokenizer takes one: it is no character)."""
+    try:
+        return len(json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode())
+    except RecursionError:
+        raise DataError(path, _too_deep(), line=line) from None
+    except UnicodeEncodeError as e:
+        code = ord(e.object[e.start])
+        problem = f"\\u{code:04x} is half of a UTF-16 surrogate pair, alone: not a character"
+        raise DataError(path, problem, line=line) from None
 
 
 def detect_format(obj: Any, fields: Mapping[str, str] | None = None) -> str:

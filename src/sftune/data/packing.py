@@ -52,6 +52,24 @@ Options beyond the course:
   Where e is not the EOS (Gemma's `<end_of_turn>`, EOS `<eos>`), the EOS is appended after the
   last turn (and the newline the template writes after its e) and trained. The chat worked example with real token ids is in
   docs/DATA.md; `sftune prepare --show N` prints any file's first documents this way.
+* `packing="whole"` (`--packing whole`; the default `split` is the rule above) keeps each
+  document inside one item. Items no longer overlap: item i is tokens[i*(m+1) : (i+1)*(m+1)],
+  inputs its first m tokens and labels its last m, so a document of up to m + 1 tokens fits
+  (its final EOS is only a label). A document that does not fit in the rest of an item starts
+  the next one; the rest is padding P (the tokenizer's pad id, else its EOS), never trained.
+  The example above, whole, m = 3, and a third document C = B c1 E:
+
+      item 0  input_ids     B  a1 a2            labels  a1 a2 E
+      item 1  input_ids     B  b1 b2            labels  b1 b2 b3       B b1 b2 b3 E: 5 > 4
+      item 2  input_ids     B  c1 E             labels  c1 E  -100     (P, untrained)
+
+  Document B is longer than an item: `overlong="refuse"` (the default) stops with one line
+  naming its file, line and length; `overlong="truncate"` keeps its first m + 1 tokens, as
+  above (b3 is trained, the EOS is dropped). Padding changes no real token's loss: it comes
+  after them and attention is causal; with position ids it restarts at 0 like a document. The summary line counts the documents
+  moved to the next item and the truncated ones; under `split`, for chats, how many
+  conversations cross an item boundary (some of their tokens predicted in a later item than
+  their first).
 * `position_ids=True` adds positions that restart at 0 at every document start AND at each
   item's first token (item 1 above: E is the end of document A, yet starts at 0). Flash
   attention's varlen path and transformers' packed-sequence detection read a restart to 0
@@ -64,7 +82,7 @@ The file-order stream, its document offsets and the label mask live in numpy arr
 disk (`cache.py`: `SFTUNE_CACHE_DIR`, default `platformdirs.user_cache_dir("sftune")`,
 subfolder `packed`), keyed by the file's contents, the tokenizer (its chat template included),
 the Alpaca template, the field mapping, the `train_on` mode and the system prompt. Shuffle,
-holdout and position ids are applied when loading, so one cache entry serves them all. The dataset remembers its file, field mapping and the
+holdout, `packing` and position ids are applied when loading, so one cache entry serves them all. The dataset remembers its file, field mapping and the
 file-order indices of its documents, so `sample_records(n)` can show a few of its records
 (the trainer's sample generations) without splitting the file again:
 
@@ -95,6 +113,8 @@ from sftune.data.templates import resolve_train_on
 from sftune.errors import ConfigError, DataError
 
 _HOLDOUT_STREAM, _SHUFFLE_STREAM = 1, 2  # independent random streams derived from `seed`
+PACKING = ("split", "whole")
+OVERLONG = ("refuse", "truncate")
 
 
 @dataclass(frozen=True)
@@ -112,11 +132,21 @@ class PackStats:
     format: str = ""  # formats.FORMAT_NAMES key; "" when unknown
     train_on: str = "all"
     detected: bool = True  # the format came from the first record, not a field mapping
+    packing: str = "split"
+    crossing: int = 0  # split: documents whose tokens are predicted in more than one item
+    moved: int = 0  # whole: documents that started the next item (the rest of one was padded)
+    truncated: int = 0  # whole: documents cut to one item (--overlong truncate)
+    padding: int = 0  # whole: padding tokens in the items
 
     @property
     def tokens_kept_fraction(self) -> float:
-        """Share of the stream that appears as input in some item: items * m / L."""
-        return self.items * self.seq_length / self.tokens if self.tokens else 0.0
+        """Share of the stream that appears as input in some item: items * m / L (split), or
+        the real tokens kept after truncation over L (whole)."""
+        if not self.tokens:
+            return 0.0
+        if self.packing == "whole":
+            return (self.items * (self.seq_length + 1) - self.padding) / self.tokens
+        return self.items * self.seq_length / self.tokens
 
     def summary(self) -> str:
         how = "loaded from cache" if self.from_cache else "built"
@@ -129,8 +159,25 @@ class PackStats:
             )
         return (
             f"sftune: {self.file}: {what}{self.documents:,} documents, {self.tokens:,} tokens -> "
-            f"{self.items:,} items of {self.seq_length} ({self.tokens_kept_fraction:.1%} of "
-            f"tokens kept), {how} in {self.seconds:.1f} s"
+            f"{self.items:,} items of {self.seq_length} ({self._layout()}), "
+            f"{how} in {self.seconds:.1f} s"
+        )
+
+    def _layout(self) -> str:
+        """How the documents lie in the items: what a user needs to know about boundaries."""
+        kept = f"{self.tokens_kept_fraction:.1%} of tokens kept"
+        chats = self.format in CHAT_FORMATS
+        if self.packing == "whole":
+            what = "conversations" if chats else "documents"
+            return (
+                f"whole {what}: {kept}, {self.padding:,} padding tokens; moved to the next "
+                f"item: {self.moved:,}, truncated: {self.truncated:,}"
+            )
+        if not chats:  # the course rule, reported as it always was
+            return kept
+        return (
+            f"{kept}; {self.crossing:,} of {self.documents:,} conversations cross an item "
+            "boundary, --packing whole keeps each in one item"
         )
 
 
@@ -164,6 +211,8 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         train_on: str = "auto",
         response_only: bool = False,
         system_prompt: str | None = None,
+        packing: str = "split",
+        overlong: str = "refuse",
         position_ids: bool = False,
         holdout_fraction: float = 0.0,
         holdout: bool = False,
@@ -173,7 +222,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
     ):
         start = time.perf_counter()
         path = Path(dataset_path)
-        _check_arguments(tokenizer, path, seq_length, holdout_fraction)
+        _check_arguments(tokenizer, path, seq_length, holdout_fraction, packing, overlong)
         self.path = path
         self.fields = dict(fields) if fields else None
         self.system_prompt = system_prompt or None
@@ -195,9 +244,14 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         if shuffle:
             docs = np.random.default_rng((seed, _SHUFFLE_STREAM)).permutation(docs)
         self.stream_documents = docs
-        self._tokens, self._mask, self._doc_starts = _arrange(base, docs)
-        total = len(self._tokens)
-        self.num_items = max(total - 1, 0) // seq_length
+        self.packing = packing
+        tokens, mask, doc_starts = _arrange(base, docs)
+        total = len(tokens)
+        lengths = np.diff(np.append(doc_starts, total))
+        if packing == "whole":
+            layout = self._whole(tokenizer, tokens, mask, doc_starts, lengths, overlong)
+        else:
+            layout = self._split(tokens, mask, doc_starts, lengths)
         if self.num_items == 0:
             raise DataError(
                 path,
@@ -216,19 +270,83 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             format=self.format,
             train_on=self.train_on,
             detected=not fields,
+            packing=packing,
+            **layout,
         )
         if verbose:
             print(self.stats.summary(), flush=True)
 
+    def _split(self, tokens, mask, doc_starts, lengths) -> dict[str, int]:
+        """The course rule: items cut the stream every seq_length tokens (see the module doc)."""
+        m = self.seq_length
+        self._tokens, self._mask, self._doc_starts = tokens, mask, doc_starts
+        self._doc_ends = doc_starts + lengths
+        self._segment_starts = doc_starts
+        self._stride = m
+        self.num_items = max(len(tokens) - 1, 0) // m
+        return {"crossing": count_crossing(doc_starts, lengths, m, self.num_items)}
+
+    def _whole(self, tokenizer, tokens, mask, doc_starts, lengths, overlong) -> dict[str, int]:
+        """Each document inside one item; the rest of an item is padding (see the module doc)."""
+        width = self.seq_length + 1  # an item's inputs and its last label
+        too_long = np.flatnonzero(lengths > width)
+        if len(too_long) and overlong == "refuse":
+            first = too_long[np.argmin(self.stream_documents[too_long])]  # in file order
+            self._refuse(int(lengths[first]), int(self.stream_documents[first]))
+        kept = np.minimum(lengths, width)
+        starts, rows, moved = place_whole(kept, width)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        out = np.full(rows * width, tokenizer.eos_token_id if pad is None else pad, np.int32)
+        trained = np.zeros(rows * width, dtype=bool)
+        _copy_documents(tokens, doc_starts, kept, out, starts)
+        # Always a mask, even when every token is trained: the padding is not.
+        source_mask = np.ones(len(tokens), bool) if mask is None else mask
+        _copy_documents(source_mask, doc_starts, kept, trained, starts)
+        ends = starts + kept
+        padded = ends[(ends % width != 0) & ~np.isin(ends, starts)]  # padding starts there
+        self._tokens, self._mask, self._doc_starts = out, trained, starts
+        self._doc_ends = ends
+        self._segment_starts = np.union1d(starts, padded)  # positions restart at padding too
+        self._stride = width
+        self.num_items = rows
+        return {
+            "moved": moved,
+            "truncated": len(too_long),
+            "padding": rows * width - int(kept.sum()),
+        }
+
+    def _refuse(self, length: int, index: int) -> None:
+        """One line naming the too-long document `index` (file order): its file and line."""
+        line = next(
+            r.line
+            for k, r in enumerate(iter_records(self.path, self.fields, self.system_prompt))
+            if k == index
+        )
+        m = self.seq_length
+        raise DataError(
+            self.path,
+            f"a document of {length:,} tokens is too long for one item of --seq-length {m} "
+            f"(at most {m + 1:,} tokens, its final EOS only a label): use --overlong truncate, "
+            "a longer --seq-length, or --packing split",
+            line=line,
+        )
+
     @property
     def tokens(self) -> np.ndarray:
-        """The whole packed stream (int32, after shuffle and holdout), tail included."""
+        """The whole packed stream (int32, after shuffle and holdout), tail included; with
+        `packing="whole"`, the items back to back, padding included (item i is
+        tokens[i * (seq_length + 1) : (i + 1) * (seq_length + 1)])."""
         return self._tokens
 
     @property
     def doc_starts(self) -> np.ndarray:
         """Where each document starts in `tokens` (its BOS, for tokenizers that add one)."""
         return self._doc_starts
+
+    @property
+    def doc_ends(self) -> np.ndarray:
+        """Where each document ends in `tokens` (one past its last token kept)."""
+        return self._doc_ends
 
     @property
     def mask(self) -> np.ndarray | None:
@@ -271,7 +389,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """Items `indices` stacked to (len(indices), seq_length), gathered in one numpy step."""
-        starts = np.asarray(indices, dtype=np.int64) * self.seq_length
+        starts = np.asarray(indices, dtype=np.int64) * self._stride
         window = starts[:, None] + np.arange(self.seq_length + 1)  # inputs + one label
         tokens = self._tokens[window].astype(np.int64)
         labels = tokens[:, 1:]
@@ -286,20 +404,35 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         return batch
 
     def _positions(self, window: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """Distance to the latest document start or to the item's first token, whichever is later."""
-        doc = np.searchsorted(self._doc_starts, window, side="right") - 1
-        fragment_start = np.maximum(self._doc_starts[doc], starts[:, None])
+        """Distance to the latest document (or padding) start or to the item's first token,
+        whichever is later."""
+        doc = np.searchsorted(self._segment_starts, window, side="right") - 1
+        fragment_start = np.maximum(self._segment_starts[np.maximum(doc, 0)], starts[:, None])
         return window - fragment_start
 
     def _count_trained(self) -> int:
-        used = self.num_items * self.seq_length
+        m = self.seq_length
+        if self.packing == "whole":  # an item's first token is no label
+            return int(np.count_nonzero(self._mask.reshape(-1, m + 1)[:, 1:]))
+        used = self.num_items * m
         if self._mask is None:
             return used
         return int(np.count_nonzero(self._mask[1 : used + 1]))
 
 
-def _check_arguments(tokenizer: Any, path: Path, seq_length: Any, holdout_fraction: float) -> None:
+def _check_arguments(
+    tokenizer: Any,
+    path: Path,
+    seq_length: Any,
+    holdout_fraction: float,
+    packing: str,
+    overlong: str,
+) -> None:
     """Fail before any work on settings that cannot produce a dataset."""
+    if packing not in PACKING:
+        raise ConfigError(f"packing: {packing!r} is not one of {', '.join(PACKING)}")
+    if overlong not in OVERLONG:
+        raise ConfigError(f"overlong: {overlong!r} is not one of {', '.join(OVERLONG)}")
     if isinstance(seq_length, bool) or not isinstance(seq_length, (int, np.integer)):
         raise DataError(path, f"seq_length must be an integer >= 1, got {seq_length!r}")
     if seq_length < 1:
@@ -355,3 +488,52 @@ def _gather_documents(
         shift = np.repeat(sources[lo:hi] - targets[lo:hi], lengths[lo:hi])
         out[targets[lo] : targets[hi]] = array[np.arange(targets[lo], targets[hi]) + shift]
     return out
+
+
+def count_crossing(starts: np.ndarray, lengths: np.ndarray, m: int, items: int) -> int:
+    """Documents (starting within the items) whose tokens are predicted in more than one item.
+
+    A document's tokens after its first are predicted at its positions start .. end - 2, so it
+    crosses a boundary when those are not all in one item (one cut by the dropped tail too).
+
+        >>> count_crossing(np.array([0, 4]), np.array([4, 5]), m=3, items=2)  # the example above
+        1
+    """
+    inside = starts < items * m
+    last_input = starts + np.maximum(lengths - 2, 0)
+    return int(np.count_nonzero(inside & (starts // m != last_input // m)))
+
+
+def place_whole(lengths: np.ndarray, width: int) -> tuple[np.ndarray, int, int]:
+    """(where each document starts, items, documents moved): documents in order, each in one
+    item of `width` tokens (all fit); one that does not fit in the rest of an item starts the next.
+
+        >>> place_whole(np.array([3, 4, 2]), width=4)
+        (array([0, 4, 8]), 3, 1)
+    """
+    starts = np.empty(len(lengths), dtype=np.int64)
+    row, fill, moved = 0, 0, 0
+    for j, n in enumerate(lengths.tolist()):
+        if fill + n > width:
+            moved += fill < width  # an item already full moves nothing
+            row, fill = row + 1, 0
+        starts[j] = row * width + fill
+        fill += n
+    return starts, row + (fill > 0), moved
+
+
+def _copy_documents(
+    source: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    out: np.ndarray,
+    targets: np.ndarray,
+    block: int = 8192,
+) -> None:
+    """out[targets[j] : targets[j] + lengths[j]] = source[starts[j] : ...] for every document j,
+    in blocks of documents to bound the index memory."""
+    for lo in range(0, len(starts), block):
+        hi = min(lo + block, len(starts))
+        n = lengths[lo:hi]
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        out[np.repeat(targets[lo:hi], n) + within] = source[np.repeat(starts[lo:hi], n) + within]

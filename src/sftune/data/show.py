@@ -25,10 +25,10 @@ BRACKETS = ("[[", "]]")
 
 def show_documents(dataset: Any, tokenizer: Any, count: int, colour: bool = False) -> str:
     """The first `count` documents of a `PackedSFTDataset`'s stream, trained tokens marked."""
-    starts = [*dataset.doc_starts.tolist(), len(dataset.tokens)]
+    starts, ends = dataset.doc_starts.tolist(), dataset.doc_ends.tolist()  # no padding between
     out = []
-    for j in range(min(max(count, 0), len(dataset.doc_starts))):
-        lo, hi = starts[j], starts[j + 1]
+    for j in range(min(max(count, 0), len(starts))):
+        lo, hi = starts[j], ends[j]
         mask = None if dataset.mask is None else np.asarray(dataset.mask[lo:hi])
         trained = hi - lo if mask is None else int(mask.sum())
         record = int(dataset.stream_documents[j]) + 1

@@ -44,7 +44,9 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from sftune.data.chat import ASSISTANT
+from sftune.data.chat_templates import HINT
 from sftune.data.formats import CHAT_FORMATS, Record
+from sftune.data.limits import bounded
 from sftune.errors import ConfigError
 
 ALPACA_TEMPLATE = (
@@ -57,6 +59,8 @@ ALPACA_PROMPT_TEMPLATE = ALPACA_TEMPLATE.removesuffix("{response}")
 assert ALPACA_PROMPT_TEMPLATE + "{response}" == ALPACA_TEMPLATE
 
 TRAIN_ON = ("all", "assistant", "last")
+# The shipped templates render tool calls and tools lists (`chat_templates.py`).
+TOOLS_HINT = "--chat-template chatml (or llama3, or a Jinja FILE that renders them)"
 TRAIN_ON_CHOICES = ("auto", *TRAIN_ON)
 
 
@@ -184,13 +188,21 @@ class _ChatTemplate:
     """
 
     def __init__(self, tokenizer: Any):
+        tokenizer_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat records need a tokenizer with a chat template")
+            raise ValueError(
+                f"chat records need a chat template and the tokenizer of {tokenizer_name} has "
+                f"none: give one with {HINT}"
+            )
         self.template = tokenizer.get_chat_template()
         self.tools_template = tokenizer.get_chat_template(None, tools=[{}])
         self._compiled = {t: _compile(t) for t in {self.template, self.tools_template}}
         self.variables = dict(tokenizer.special_tokens_map)
-        self.name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        # Errors name the --chat-template given, else the tokenizer whose template it is.
+        given = getattr(tokenizer, "sftune_chat_template", None)
+        self.name = (
+            f"--chat-template {given}" if given else f"the chat template of {tokenizer_name}"
+        )
         bos = getattr(tokenizer, "bos_token", None)
         self.bos = bos if bos and adds_bos(tokenizer) else None
         # The special tokens the template writes itself (and EOS): a turn's trailing whitespace
@@ -204,9 +216,9 @@ class _ChatTemplate:
         """A template that never reads tool calls (or tools) would drop them silently: refuse."""
         source = self.tools_template if tools else self.template
         if any("tool_calls" in m for m in messages) and "tool_calls" not in source:
-            raise ValueError(f"the chat template of {self.name} does not render tool calls")
+            raise ValueError(f"{self.name} does not render tool calls: use {TOOLS_HINT}")
         if tools and "tools" not in source:
-            raise ValueError(f"the chat template of {self.name} does not render a tools list")
+            raise ValueError(f"{self.name} does not render a tools list: use {TOOLS_HINT}")
 
     def render(self, conversations: list[list[dict]], tools: list | None, generation: bool):
         """The texts of `conversations`, as `apply_chat_template(..., tokenize=False)`."""
@@ -224,7 +236,7 @@ class _ChatTemplate:
             ]
         except Exception as e:  # a template's raise_exception, a missing key, ...
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"the chat template of {self.name} fails: {first}") from None
+            raise ValueError(f"{self.name} fails: {first}") from None
 
     def turn_spans(
         self, messages: list[dict], tools: list | None, full: str, turns: list[int]
@@ -259,7 +271,7 @@ class _ChatTemplate:
 
     def _inconsistent(self, k: int) -> ValueError:
         return ValueError(
-            f"the chat template of {self.name} is not prefix-consistent: the conversation up to "
+            f"{self.name} is not prefix-consistent: the conversation up to "
             f"message {k} renders differently from the start of the whole conversation, so its "
             "turns cannot be located (--train-on all trains every token without them)"
         )
@@ -291,7 +303,7 @@ def _compile(template: str):
             return render_jinja_template([messages], chat_template=template, **variables)[0][0]
 
         return render
-    return _compile_jinja_template(template).render
+    return bounded(_compile_jinja_template(template))  # a time and size limit: limits.py
 
 
 def _complement(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:

@@ -38,10 +38,12 @@ from typing import Any
 import numpy as np
 
 from sftune.data.formats import Record, iter_records, peek
+from sftune.data.limits import within_budget
 from sftune.data.templates import Document, DocumentRenderer, adds_bos, resolve_train_on
 from sftune.errors import DataError, SftuneError
 
 DOCS_PER_BATCH = 2048  # documents tokenized per call: big enough for the Rust thread pool
+AGREE_CHARS = 4096  # characters of each sample text compared by `_backend_agrees`
 
 # Trained character ranges of one document: None (all of it), a response's first character
 # (the response runs to the end), or (start, end) ranges.
@@ -101,7 +103,7 @@ def render_batch(path: Path, records: list[Record], renderer: DocumentRenderer) 
     out = []
     for record in records:
         try:
-            out.append(renderer.render(record))
+            out.append(within_budget(renderer.render, record))  # RENDER_SECONDS per record
         except ValueError as e:
             raise DataError(path, str(e), line=record.line) from None
     return out
@@ -143,7 +145,10 @@ class DocumentEncoder:
         (default: yes). The mask is None when every token is trained.
         """
         if self.use_backend is None:
-            self.use_backend = self._backend_agrees(texts[:8])
+            # The first characters of a few texts show any difference of the two pipelines
+            # (post-processor, truncation, added tokens); whole texts would cost three
+            # encodings of a batch whose first record may be megabytes long.
+            self.use_backend = self._backend_agrees([t[:AGREE_CHARS] for t in texts[:8]])
         eos_trained = np.ones(len(texts), bool) if eos_trained is None else np.array(eos_trained)
         needs_mask = self.masked and (
             any(s is not None for s in spans) or not bool(eos_trained.all())

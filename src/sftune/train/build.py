@@ -27,6 +27,7 @@ from sftune import config as config_mod
 from sftune import tasks
 from sftune.config import RunConfig
 from sftune.data import PackedSFTDataset
+from sftune.data.chat_templates import read_chat_template, set_chat_template
 from sftune.data.formats import CHAT_FORMATS, parse_fields, peek
 from sftune.data.sampler import StepSampler
 from sftune.errors import ConfigError, SftuneError
@@ -37,7 +38,7 @@ from sftune.models import (
     quiet_libraries,
 )
 from sftune.paths import cache_root
-from sftune.train import checkpoint, distributed, fp8, harness, lora
+from sftune.train import checkpoint, distributed, fp8, harness, lora, rundir
 from sftune.train.distributed import World
 from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
@@ -51,9 +52,10 @@ from sftune.train.optim import build_optimizer
 
 # Dense bf16 peak of the GPUs people train on (MFU's denominator).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-CPU_EVAL_MAX_BATCHES = 16  # validation on 2 CPU cores takes ~1 s per 256-token sequence
-# Files whose presence means a directory already holds a run (never overwritten).
-RUN_MARKERS = ("checkpoints", "final", "metrics.jsonl")
+# Validation on 2 CPU cores takes ~1 s per 256-token sequence: 64 keep a pass near a minute
+# (the old cap of 16 micro-batches was 32 to 128 sequences, by the micro-batch chosen).
+CPU_EVAL_MAX_SEQUENCES = 64
+RUN_MARKERS = rundir.RUN_MARKERS  # what makes a directory hold a run (never overwritten)
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,15 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     logger: MetricsLogger
-    sample_prompts: tuple[tuple[str, str], ...]  # (shown prompt, rendered prompt part)
+    sample_prompts: tuple[SamplePrompt, ...]  # validation documents to generate from
     prompt_format: str  # "alpaca" or "chat": how `sftune generate` should render prompts
     task_specs: tuple[tasks.TaskSpec, ...]  # --eval-tasks, resolved (none: no task evaluation)
     task_tokenizer: Any  # lm-eval's own copy of the tokenizer (None without tasks)
     flops_per_token: float | None
     peak_flops: float | None
     notes: tuple[str, ...]
+    data_digests: dict  # the data files' fingerprints, saved in every checkpoint (rundir)
+    lock: rundir.RunLock | None  # rank 0's lock on the run directory, released by close()
 
     @property
     def sharded(self) -> bool:
@@ -115,8 +119,12 @@ class Run:
         return "\n".join(lines)
 
     def close(self) -> None:
-        self.logger.close()
-        distributed.shutdown()
+        try:
+            self.logger.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            distributed.shutdown()
 
 
 # ----------------------------------------------------------------------------- small choices
@@ -165,20 +173,34 @@ def _peak_flops(device: torch.device) -> float | None:
 
 
 def plan_output_dir(cfg: RunConfig, world: World) -> Path:
-    """The run directory's path (created later, once everything that can fail on input has
-    been built). Never an earlier run's directory unless resuming it."""
+    """The run directory's path (its files are written later, once everything that can fail
+    on input has been built). Never an earlier run's directory unless resuming it, never a
+    directory of the user's own files (rundir.check_output_dir)."""
     name = cfg.log.output_dir
     if name is None:
         stamp = distributed.broadcast_object(datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         name = f"runs/{stamp}"
     out = Path(name)
-    held = [m for m in RUN_MARKERS if (out / m).exists()]
-    if cfg.checkpoint.resume is None and held:
-        raise SftuneError(
-            f"{out}: already holds a run ({', '.join(held)}); pass --resume to continue it or "
-            "choose another --output-dir"
-        )
+    rundir.check_output_dir(out, resuming=cfg.checkpoint.resume is not None)
     return out
+
+
+def lock_output_dir(out: Path, world: World, resuming: bool) -> rundir.RunLock | None:
+    """Rank 0 locks the run directory (creating it); every rank fails alike if it cannot."""
+    lock, error = None, None
+    if world.is_main:
+        try:
+            lock = rundir.RunLock.acquire(out)
+            # Again under the lock: a run that started with this one may have written first.
+            rundir.check_output_dir(out, resuming=resuming)
+        except SftuneError as e:
+            if lock is not None:
+                lock.release()
+            error = str(e)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise SftuneError(error)
+    return lock
 
 
 def create_output_dir(out: Path, cfg: RunConfig, world: World) -> None:
@@ -228,6 +250,8 @@ def build_datasets(
             train_on=cfg.data.train_on,
             response_only=cfg.data.response_only,
             system_prompt=cfg.data.system_prompt,
+            packing=cfg.data.packing,
+            overlong=cfg.data.overlong,
             position_ids=doc_mask,
             verbose=world.is_main,
             **kw,
@@ -246,21 +270,51 @@ def build_datasets(
     return Datasets(train, val)
 
 
-def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[tuple[str, str], ...]:
-    """(shown prompt, rendered prompt part) of `n` validation documents, spread over the set."""
+class SamplePrompt(NamedTuple):
+    """A validation document the trainer generates from at each evaluation."""
+
+    shown: str  # on the console: the prompt, or enough of a chat to tell two chats apart
+    rendered: str  # the prompt part, as the model is given it
+    record: dict[str, Any]  # for samples.jsonl: a chat's whole conversation and its answer
+
+
+def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[SamplePrompt, ...]:
+    """`n` validation documents, spread over the set, ready to generate from."""
     from sftune.data import render_record
 
     out = []
     for r in val.sample_records(n):
         prompt_part, _ = render_record(r, tokenizer)
-        out.append((r.prompt or _last_user_turn(r.messages), prompt_part))
+        if r.messages is None:
+            record = {"prompt": r.prompt, "reference": r.response}  # the whole prompt
+            out.append(SamplePrompt(repr(r.prompt[:60]), prompt_part, record))
+            continue
+        last = max(i for i, m in enumerate(r.messages) if m["role"] == "assistant")
+        record = {"messages": list(r.messages[:last]), "reference": r.messages[last]}
+        if r.tools:
+            record["tools"] = list(r.tools)
+        out.append(SamplePrompt(chat_summary(r.messages[:last], r.tools), prompt_part, record))
     return tuple(out)
 
 
-def _last_user_turn(messages) -> str:
-    """The content of the user turn before a chat's last assistant turn (what it answers)."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
+def chat_summary(messages, tools=None) -> str:
+    """A chat's prompt in one line, enough to tell two apart that end alike: the system
+    prompt's start, the number of messages, the tools, and the user turn being answered.
+
+    >>> chat_summary([{"role": "system", "content": "You are terse."},
+    ...               {"role": "user", "content": "Hi"}], [{"function": {"name": "add"}}])
+    "system 'You are terse.' | 2 messages | tools add | user 'Hi'"
+    """
+    parts = []
+    if messages and messages[0]["role"] == "system":
+        parts.append(f"system {messages[0]['content'][:30]!r}")
+    parts.append(f"{len(messages)} message{'s' if len(messages) != 1 else ''}")
+    if tools:
+        names = [(t.get("function") or t).get("name", "?") for t in tools]
+        parts.append("tools " + ",".join(map(str, names)))
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    parts.append(f"user {user[:60]!r}")
+    return " | ".join(parts)
 
 
 # ----------------------------------------------------------------------------- model, optimizer
@@ -270,6 +324,8 @@ def load_model(cfg: RunConfig, device: torch.device):
     """(hf_model, tokenizer, ModelInfo, PeftModel or None): bf16-mixed loads fp32 weights for
     bf16 autocast; --qlora loads a 4-bit base; --lora/--qlora inject the adapters."""
     load_dtype = "fp32" if cfg.model.dtype == "bf16-mixed" else cfg.model.dtype
+    template = cfg.data.chat_template  # read first: a bad --chat-template fails before the load
+    template_text = read_chat_template(template) if template else None
     hf_model, tokenizer, info = load_model_and_tokenizer(
         cfg.model.model,
         device=device,
@@ -277,6 +333,7 @@ def load_model(cfg: RunConfig, device: torch.device):
         attn_implementation=attention_request(cfg, device),
         quantization=lora.quantization_kwargs(cfg),
     )
+    set_chat_template(tokenizer, template, template_text)  # so final/'s tokenizer carries it
     adapter = lora.apply_lora(hf_model, cfg) if lora.enabled(cfg) else None
     return hf_model, tokenizer, info, adapter
 
@@ -315,8 +372,14 @@ def build_optimization(cfg: RunConfig, built, num_items: int, world: World, devi
 
 
 def build(cfg: RunConfig) -> Run:
-    """Everything for `cfg`, in the order that fails cheapest first; see the module doc."""
+    """Everything for `cfg`, in the order that fails cheapest first; see the module doc.
+
+    With --resume, the saved run's settings with the changes that may be made
+    (rundir.plan_resume); the run directory is locked for the run (released by Run.close).
+    """
     cfg.validate()
+    resumed = rundir.plan_resume(config_mod.flat_values(cfg)) if cfg.checkpoint.resume else None
+    cfg = resumed.cfg if resumed else cfg
     quiet_libraries(cfg.log.verbose)
     world = distributed.init(
         "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu",
@@ -328,11 +391,23 @@ def build(cfg: RunConfig) -> Run:
     budget = gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else None
     torch.manual_seed(cfg.optim.seed)
     output_dir = plan_output_dir(cfg, world)
-    resume_from = None
-    if cfg.checkpoint.resume:  # "latest" resolved once; a checkpoint this run cannot take
-        resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)
-        checkpoint.check_kind(resume_from, lora.enabled(cfg))  # fails before the model loads
+    lock = lock_output_dir(output_dir, world, resuming=cfg.checkpoint.resume is not None)
+    try:
+        return _build(cfg, resumed, world, device, budget, output_dir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
+    """build() once the run directory is locked."""
+    resume_from = resumed.checkpoint if resumed else None  # None: none, or starting over
     train_path, val_path = data_paths(cfg, world)
+    digests = rundir.data_digests(train_path, val_path)
+    if resume_from is not None:  # before the model loads
+        paths = {"train_data": train_path, "val_data": val_path}
+        rundir.check_data(digests, resumed.trainer.get("data"), paths)
     fields = parse_fields(cfg.data.fields)
     prompt_format = "chat" if peek(train_path, fields) in CHAT_FORMATS else "alpaca"
 
@@ -341,9 +416,10 @@ def build(cfg: RunConfig) -> Run:
     fp8.check_available(cfg.model.fp8, device)
     hf_model, tokenizer, info, adapter = load_model(cfg, device)
     notes = [
+        *(resumed.notes if resumed else ()),
         f"model {cfg.model.model} ({info.num_params / 1e6:.1f}M params, {info.dtype}"
         f"{' + bf16 autocast' if cfg.model.dtype == 'bf16-mixed' else ''}), attention "
-        f"{info.attn_implementation}"
+        f"{info.attn_implementation}",
     ]
     if adapter is not None:
         trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
@@ -354,10 +430,13 @@ def build(cfg: RunConfig) -> Run:
         )
     if cfg.model.max_memory_gib and budget is None:
         notes.append("--max-memory-gib ignored: it caps GPU memory and this run is on the CPU")
+    if lock is not None and lock.note:
+        notes.append(lock.note)
     doc_mask = doc_mask_on(cfg, info.attn_implementation)
     notes.append(f"document-aware packing {_on_off(doc_mask)}")
+    task_format = task_prompt_format(cfg, prompt_format, tokenizer)
     if task_specs:
-        notes.append(_task_note(cfg))
+        notes.append(_task_note(cfg, task_format))
     data = build_datasets(cfg, tokenizer, world, doc_mask, train_path, val_path)
 
     built = build_module(cfg, hf_model, device, world)
@@ -383,9 +462,13 @@ def build(cfg: RunConfig) -> Run:
         )
         micro, checkpointing = plan.micro_batch, plan.checkpointing
         notes.append(plan.note)
+    notes.append(
+        checkpoint.check_disk_space(output_dir, built.module, optimizer, cfg, adapter is not None)
+    )
 
     resolved = config_mod.with_values(
         cfg,
+        output_dir=str(output_dir),
         train_data=train_path,
         val_data=val_path,
         dtype=cfg.model.dtype if cfg.model.dtype != "auto" else dtype_name(info.dtype),
@@ -398,8 +481,9 @@ def build(cfg: RunConfig) -> Run:
         reshard_after_forward=_on_off(built.reshard_after_forward),
         micro_batch_size=micro,
         activation_checkpointing=checkpointing,
-        eval_max_batches=_eval_max_batches(cfg, device),
+        eval_max_sequences=_eval_max_sequences(cfg, device),
         task_batch_size=cfg.tasks.task_batch_size or harness.default_batch_size(device),
+        task_prompt_format=task_format,
         train_on=data.train.train_on,
         response_only=False,  # an alias, resolved into train_on
     )
@@ -411,7 +495,7 @@ def build(cfg: RunConfig) -> Run:
         run_name=cfg.log.run_name,
         config=resolved.to_dict(),
         tokens_per_step=cfg.optim.batch_size * cfg.data.seq_length,
-        resume=cfg.checkpoint.resume is not None,
+        resume=resume_from is not None,  # starting over: new files
     )
     # MFU's FLOPs count assumes every weight is trained; adapters skip most weight gradients.
     flops = (
@@ -446,6 +530,8 @@ def build(cfg: RunConfig) -> Run:
         flops_per_token=flops,
         peak_flops=_peak_flops(device),
         notes=tuple(notes),
+        data_digests=digests,
+        lock=lock,
     )
 
 
@@ -458,17 +544,29 @@ def build_task_specs(cfg: RunConfig) -> tuple[tasks.TaskSpec, ...]:
     return tuple(specs)
 
 
-def _task_note(cfg: RunConfig) -> str:
+def task_prompt_format(cfg: RunConfig, run_format: str, tokenizer) -> str:
+    """--task-prompt-format; auto: the run's own prompt format (chat for chat records)."""
+    fmt = cfg.tasks.task_prompt_format
+    fmt = run_format if fmt == "auto" else fmt
+    if cfg.tasks.names and fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"--task-prompt-format chat: the tokenizer of {cfg.model.model} has no chat template"
+        )
+    return fmt
+
+
+def _task_note(cfg: RunConfig, prompt_format: str) -> str:
     every = cfg.tasks.eval_tasks_every
     limit = cfg.tasks.eval_limit
     return (
         f"task evaluation (lm-eval, rank 0): {', '.join(cfg.tasks.names)} at the start, "
         f"{f'every {every} steps, ' if every else ''}at the end; "
-        f"{f'the first {limit} problems' if limit else 'all problems'} of each"
+        f"{f'the first {limit} problems' if limit else 'all problems'} of each; "
+        f"prompts in the {prompt_format} format"
     )
 
 
-def _eval_max_batches(cfg: RunConfig, device: torch.device) -> int:
-    if cfg.log.eval_max_batches is not None:
-        return cfg.log.eval_max_batches
-    return 0 if device.type == "cuda" else CPU_EVAL_MAX_BATCHES
+def _eval_max_sequences(cfg: RunConfig, device: torch.device) -> int:
+    if cfg.log.eval_max_sequences is not None:
+        return cfg.log.eval_max_sequences
+    return 0 if device.type == "cuda" else CPU_EVAL_MAX_SEQUENCES

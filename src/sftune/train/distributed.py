@@ -116,6 +116,21 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+def is_main_process() -> bool:
+    """Rank 0, or the only process (for code that runs before a World is passed to it)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def first_error(message: str | None) -> str | None:
+    """The first rank's error message, on every rank, where any rank has one (all ranks call
+    it): the ranks stop together instead of waiting for one that gave up."""
+    if not dist.is_initialized():
+        return message
+    box: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, message)
+    return next((m for m in box if m), None)
+
+
 def resolve_device(requested: str, world: World) -> torch.device:
     """--device: "auto" is this rank's GPU when CUDA is available, else the CPU."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):

@@ -2,11 +2,16 @@
 
 Used by the trainer (validation passes) and by `sftune eval`:
 
-    loss, tokens = evaluate(module, dataset, micro_batch_size=8, device=device)
-    sftune eval --model runs/x/final --data test.jsonl
+    loss, tokens = evaluate(module, dataset, micro_batch_size=8, device=device, max_sequences=64)
+    sftune eval --model runs/x/final --data test.jsonl --max-sequences 64
 
-Under FSDP every rank runs the same number of forwards (they gather parameters together);
-a rank with fewer items runs padding forwards whose loss is weighted 0.
+A pass covers the first `max_sequences` sequences of the dataset, whatever the micro-batch
+size and the number of ranks (rank r takes sequences r, r + W, ...), and its loss is the
+summed cross-entropy over them divided by their trained tokens, summed in float64: so the
+same model gets the same validation loss under any layout (to the rounding of the forward
+itself; exactly equal in fp64 runs to 1e-15). Under FSDP every rank runs the same number of
+forwards (they gather parameters together); a rank with fewer items runs padding forwards
+whose loss is weighted 0.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from sftune.data import IGNORE_INDEX
+from sftune.errors import DataError
 from sftune.train import distributed
 from sftune.train.distributed import World
 from sftune.train.step import load_batch
@@ -26,9 +32,9 @@ class EvalInterrupted(Exception):
     """SIGINT / SIGTERM arrived during an evaluation, which stopped within one micro-batch."""
 
 
-def eval_items(num_items: int, micro_batch_size: int, max_batches: int) -> int:
-    """How many items a pass covers: all, or the first `max_batches` micro-batches' worth."""
-    return num_items if max_batches <= 0 else min(num_items, max_batches * micro_batch_size)
+def eval_items(num_items: int, max_sequences: int) -> int:
+    """How many items a pass covers: all (max_sequences 0), or the first `max_sequences`."""
+    return num_items if max_sequences <= 0 else min(num_items, max_sequences)
 
 
 @torch.no_grad()
@@ -39,7 +45,7 @@ def evaluate(
     micro_batch_size: int,
     device: torch.device,
     world: World = World(),
-    max_batches: int = 0,
+    max_sequences: int = 0,
     varlen: bool = False,
     on_batch: Callable[[], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
@@ -50,7 +56,7 @@ def evaluate(
     (under torchrun it must agree across ranks)."""
     was_training = module.training
     module.eval()
-    n = eval_items(len(dataset), micro_batch_size, max_batches)
+    n = eval_items(len(dataset), max_sequences)
     mine = list(range(world.rank, n, world.world_size))
     forwards = torch.tensor([math.ceil(len(mine) / micro_batch_size)], device=device)
     forwards = int(distributed.all_reduce_max(forwards).item())
@@ -83,13 +89,16 @@ def evaluate_file(
     response_only: bool = False,
     dtype: str = "auto",
     device: str = "auto",
-    max_batches: int = 0,
+    max_sequences: int = 0,
 ) -> tuple[float, int]:
-    """`sftune eval`: (loss, trained tokens) of a saved model or preset on a data file."""
+    """`sftune eval --data`: (loss, trained tokens) of a saved model or preset on a data file
+    (its first `max_sequences` packed sequences; 0: all). No trained token is an error."""
     from sftune.data import PackedSFTDataset
+    from sftune.models import quiet_libraries
     from sftune.train.lora import load_for_inference
     from sftune.train.module import CausalLMWithLoss
 
+    quiet_libraries(verbose=False)
     dev = distributed.resolve_device(device, World())
     lm, tokenizer, _ = load_for_inference(model, device=dev, dtype=dtype)
     dataset = PackedSFTDataset(
@@ -102,6 +111,13 @@ def evaluate_file(
         response_only=response_only,
     )
     module = CausalLMWithLoss(lm, fused=False)
-    return evaluate(
-        module, dataset, micro_batch_size=batch_size, device=dev, max_batches=max_batches
+    loss, tokens = evaluate(
+        module, dataset, micro_batch_size=batch_size, device=dev, max_sequences=max_sequences
     )
+    if tokens == 0:  # a loss over nothing would print as perplexity 1.000
+        raise DataError(
+            data,
+            f"no scored tokens in {eval_items(len(dataset), max_sequences)} sequence(s) of "
+            f"{seq_length} tokens (--train-on {dataset.train_on}): nothing to evaluate",
+        )
+    return loss, tokens

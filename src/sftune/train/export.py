@@ -6,8 +6,10 @@
     sftune export runs/x/checkpoints/step_00000400 --out models/x-bf16 --dtype bf16
 
 A checkpoint (sftune.train.checkpoint) holds the run's resolved config (config.yaml, which
-names the base model), trainer.pt (whether it holds adapters only) and model_optim/, a
-torch.distributed.checkpoint written by however many ranks trained. Export reads the model's
+names the base model), trainer.json (whether it holds adapters only), model_optim/, a
+torch.distributed.checkpoint written by however many ranks trained, and manifest.json. The
+manifest is verified first (a truncated or changed file is one line naming it), and nothing in
+the checkpoint is unpickled unsafely (checkpoint.SafeReader). Export reads the model's
 tensors only, each at its full shape whatever the sharding was: empty tensors are made from the
 checkpoint's metadata and DCP fills them in one process (no process group, no model built, no
 optimizer state read). They are written as the run's final/ would have been at that step:
@@ -41,12 +43,11 @@ EXPORT_DTYPES = ("auto", "bf16", "fp32")
 
 
 def check_checkpoint(path: Path) -> None:
-    """A checkpoint directory that sftune wrote (one line naming what is missing otherwise)."""
-    if not path.is_dir():
-        raise SftuneError(f"{path}: no such checkpoint directory")
-    for need in ("trainer.pt", "config.yaml", f"{DCP_DIR}/.metadata"):
-        if not (path / need).is_file():
-            raise SftuneError(f"{path}: not a sftune checkpoint directory (no {need})")
+    """A checkpoint directory that sftune wrote, with every file at its size (the quick check,
+    before anything loads; export_checkpoint checks the contents too)."""
+    from sftune.train.checkpoint import verify
+
+    verify(path, contents=False)
 
 
 def check_out(out: Path) -> None:
@@ -57,16 +58,17 @@ def check_out(out: Path) -> None:
 
 def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "auto", merge: bool = False) -> Path:
     """Writes checkpoint `ckpt` as a model (or adapter) directory `out`; see the module doc."""
-    check_checkpoint(ckpt)
-    check_out(out)
     import torch
 
     from sftune.models import quiet_libraries, resolve_source
+    from sftune.train.checkpoint import read_trainer_state, verify
 
+    verify(ckpt)
+    check_out(out)
     quiet_libraries(verbose=False)
     cfg = config_mod.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
-    adapters = bool(trainer.get("adapters_only", False))
+    trainer = read_trainer_state(ckpt)
+    adapters = trainer["adapters_only"]
     if merge and not adapters:
         raise ConfigError(f"--merge: {ckpt} is from a full fine-tune, which has no adapter")
     source, _ = resolve_source(cfg.model.model)
@@ -81,12 +83,13 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "auto", merge: bool
             _write_lora(cfg, state, source, tmp, merge=merge, dtype=cast)
         else:
             _write_model(state, source, tmp)
-        _write_tokenizer(source, tmp)
+        _write_tokenizer(source, tmp, cfg.data.chat_template)
         fmt = trainer.get("prompt_format")
         if fmt:  # checkpoints written before sftune recorded it: `generate` decides itself
-            from sftune.train.generate import FORMAT_FILE
+            from sftune.train.generate import FORMAT_FILE, tuned_meta
 
-            atomic_write_text(tmp / FORMAT_FILE, json.dumps({"prompt_format": fmt}))
+            meta = tuned_meta(cfg, fmt, trainer.get("data_format"))  # as final/ writes it
+            atomic_write_text(tmp / FORMAT_FILE, json.dumps(meta))
     return out
 
 
@@ -94,13 +97,11 @@ def read_model_state(ckpt: Path) -> dict:
     """The model's tensors of a checkpoint, unsharded, by their Hugging Face names, on the CPU
     (for LoRA: the adapters only, by peft's module names)."""
     import torch
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from sftune.train.checkpoint import hf_keys
+    from sftune.train.checkpoint import hf_keys, load_dcp, read_dcp_metadata
 
-    reader = dcp.FileSystemReader(str(ckpt / DCP_DIR))
-    saved = reader.read_metadata().state_dict_metadata
+    saved = read_dcp_metadata(ckpt / DCP_DIR / ".metadata").state_dict_metadata
     prefix = "model."  # checkpoint.save stores {"model": ..., "optim": ...}
     state = {
         key[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -111,7 +112,7 @@ def read_model_state(ckpt: Path) -> dict:
         raise SftuneError(f"{ckpt}: the checkpoint holds no model tensors")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": state}, storage_reader=reader, no_dist=True)
+        load_dcp({"model": state}, ckpt / DCP_DIR, no_dist=True)
     return hf_keys(state)
 
 
@@ -172,9 +173,11 @@ def _write_lora(cfg, state: dict, source: Path, out: Path, *, merge: bool, dtype
     _generation_config(source, hf_config).save_pretrained(out)
 
 
-def _write_tokenizer(source: Path, out: Path) -> None:
+def _write_tokenizer(source: Path, out: Path, chat_template: str | None) -> None:
+    """The base's tokenizer, with the run's --chat-template when it had one (as final/ has)."""
+    from sftune.data.chat_templates import set_chat_template
     from sftune.models import load_tokenizer
     from sftune.train.checkpoint import portable_tokenizer_class
 
-    load_tokenizer(str(source)).save_pretrained(out)
+    set_chat_template(load_tokenizer(str(source)), chat_template).save_pretrained(out)
     portable_tokenizer_class(out)

@@ -4,6 +4,14 @@ answer ends.
     ids = prompt_ids(tokenizer, "What is 12 * 7?", "alpaca")
     text = generate(module, tokenizer, ids, max_new_tokens=128, temperature=0.7, top_p=0.9)
     sftune generate --model runs/x/final --prompt "What is 12 * 7?" --temperature 0.7
+    sftune generate --model runs/x/final --prompt "Hi" --system-prompt "Answer in French."
+    sftune generate --model runs/x/final --messages chat.json   # its next assistant turn
+    sftune generate --model runs/x/final                        # a chat on the terminal
+
+A `--messages` file is a conversation as JSON: a list of messages, or an object with
+`messages` and `tools` (OpenAI's shape, validated as training chats are); the model writes the
+next assistant turn, rendered with the chat template. Without a prompt on a terminal,
+`sftune generate` is an interactive chat that keeps its history (`/exit` or Ctrl-D quits).
 
 Generation stops at the EOS token, at a chat template's end-of-turn token, and at the Alpaca
 template's next "### Instruction:" (a model that has not learnt to stop would otherwise run on
@@ -14,12 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from sftune.data.templates import render_alpaca
+from sftune.errors import DataError, SftuneError
 
 PROMPT_FORMATS = ("auto", "alpaca", "chat")
 FORMAT_FILE = "sftune.json"  # written into final/: the prompt format the model was tuned with
@@ -28,15 +40,56 @@ STOP_STRINGS = ("### Instruction:",)
 END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
 
 
-def prompt_format(model_dir: str | Path | None, tokenizer, requested: str = "auto") -> str:
-    """ "alpaca" or "chat". auto: what sftune tuned the model with (final/sftune.json), else the
-    chat template when the tokenizer has one, else Alpaca."""
+def tuned_meta(cfg, prompt_format: str, data_format: str | None) -> dict[str, Any]:
+    """sftune.json of a model tuned with the resolved config `cfg` (final/, `sftune export`):
+    how `generate` and `eval` should prompt it and at which length to score it."""
+    meta: dict[str, Any] = {"prompt_format": prompt_format, "seq_length": cfg.data.seq_length}
+    if data_format:  # checkpoints written before sftune recorded it have none
+        meta["data_format"] = data_format
+    meta["train_on"] = cfg.data.train_on
+    if prompt_format == "chat" and cfg.data.system_prompt:
+        meta["system_prompt"] = cfg.data.system_prompt  # what it was tuned with
+    return meta
+
+
+def tuned_settings(model: str | Path) -> tuple[dict[str, Any], Path | None]:
+    """What sftune recorded of how a model directory was tuned (sftune.json: prompt_format,
+    seq_length, train_on, data_format, system_prompt) and the file; ({}, None) for a preset or
+    a model sftune did not tune. final/sftune.json sits beside final/adapter: the directory
+    given is searched, then its parent."""
+    here = Path(model).expanduser()
+    if not here.is_dir():
+        return {}, None
+    for meta in (here / FORMAT_FILE, here.parent / FORMAT_FILE):
+        if not meta.is_file():
+            continue
+        try:
+            values = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SftuneError(f"{meta}: not readable JSON ({e}); delete it or fix it") from None
+        if not isinstance(values, dict):
+            raise SftuneError(f"{meta}: expected a JSON object")
+        return values, meta
+    return {}, None
+
+
+def prompt_format(meta: dict[str, Any] | None, tokenizer, requested: str = "auto") -> str:
+    """ "alpaca" or "chat". auto: what sftune tuned the model with (`meta`, its sftune.json),
+    else the chat template when the tokenizer has one, else Alpaca."""
     if requested != "auto":
         return requested
-    meta = Path(model_dir) / FORMAT_FILE if model_dir else None
-    if meta is not None and meta.is_file():
-        return json.loads(meta.read_text())["prompt_format"]
+    if meta and meta.get("prompt_format") in ("alpaca", "chat"):
+        return meta["prompt_format"]
     return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
+def chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The token ids of a conversation rendered by the chat template, ready for the next
+    assistant turn."""
+    out = tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(out["input_ids"])
 
 
 def prompt_ids(tokenizer, prompt: str, fmt: str, system_prompt: str | None = None) -> list[int]:
@@ -44,13 +97,7 @@ def prompt_ids(tokenizer, prompt: str, fmt: str, system_prompt: str | None = Non
     (a chat opens with `system_prompt` when one is given)."""
     if fmt == "chat":
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        out = tokenizer.apply_chat_template(
-            [*system, {"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-        )
-        return list(out["input_ids"])
+        return chat_ids(tokenizer, [*system, {"role": "user", "content": prompt}])
     return tokenizer(render_alpaca(prompt, "")[0])["input_ids"]
 
 
@@ -140,37 +187,154 @@ def _generate_sharded(module, ids, stops, max_new_tokens, temperature, top_p) ->
     return new
 
 
-def generate_text(
+def read_messages(path: str | Path) -> tuple[list[dict], list[dict] | None]:
+    """A --messages file: a JSON list of messages, or {"messages": [...], "tools": [...]},
+    checked as a training chat is; it must end where the assistant speaks next (a user turn
+    or a tool result). One-line errors naming the file and the field."""
+    from sftune.data.chat import ASSISTANT, parse_chat
+
+    file = Path(path).expanduser()
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(file, "no such file (--messages)") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(file, f"cannot read (--messages): {e}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(file, f"not valid JSON ({e.msg})", line=e.lineno) from None
+    if isinstance(raw, dict):
+        unknown = sorted(set(raw) - {"messages", "tools"})
+        if unknown:
+            raise DataError(file, "unknown key (expected messages and tools)", field=unknown[0])
+        messages, tools = raw.get("messages"), raw.get("tools")
+    elif isinstance(raw, list):
+        messages, tools = raw, None
+    else:
+        raise DataError(file, 'expected a list of messages or {"messages": [...], "tools": [...]}')
+    chat = parse_chat(file, messages, tools, line=None, key="messages")
+    last = chat.messages[-1]["role"]
+    if last in (ASSISTANT, "system"):
+        raise DataError(
+            file,
+            f"ends with {'an assistant turn' if last == ASSISTANT else 'the system message'}: "
+            "end it with the user turn (or tool result) that the model should answer",
+            field="messages",
+        )
+    return list(chat.messages), list(chat.tools) if chat.tools else None
+
+
+@dataclass
+class Generator:
+    """A loaded model that answers prompts and conversations (`sftune generate`)."""
+
+    module: nn.Module
+    tokenizer: Any
+    fmt: str  # "alpaca" or "chat"
+    system_prompt: str | None
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def _run(self, ids: list[int]) -> str:
+        return generate(
+            self.module,
+            self.tokenizer,
+            ids,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+        )
+
+    def answer(self, prompt: str) -> str:
+        return self._run(prompt_ids(self.tokenizer, prompt, self.fmt, self.system_prompt))
+
+    def reply(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The next assistant turn of a conversation (opened with the system prompt when it
+        has no system message)."""
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return self._run(chat_ids(self.tokenizer, messages, tools))
+
+
+def load_generator(
     model: str,
-    prompt: str,
     *,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
     fmt: str = "auto",
+    system_prompt: str | None = None,
+    chat: bool = False,
     dtype: str = "auto",
     device: str = "auto",
-) -> str:
-    """`sftune generate`: a saved model's (or preset's) response to one prompt."""
+) -> Generator:
+    """A saved model (or preset) ready to generate. `chat`: conversations will be given
+    (--messages), which need the chat template whatever the tuned format. The system prompt
+    is `system_prompt`, else the one the model was tuned with (sftune.json)."""
+    from sftune.models import quiet_libraries
     from sftune.train import distributed
     from sftune.train.lora import load_for_inference
     from sftune.train.module import CausalLMWithLoss
 
+    quiet_libraries(verbose=False)
     dev = distributed.resolve_device(device, distributed.World())
-    lm, tokenizer, info = load_for_inference(model, device=dev, dtype=dtype)
+    lm, tokenizer, _ = load_for_inference(model, device=dev, dtype=dtype)
     torch.manual_seed(seed)
-    # final/sftune.json sits beside final/adapter: look in the directory given, then its parent.
-    here = Path(model).expanduser()
-    meta_dir = next((d for d in (here, here.parent) if (d / FORMAT_FILE).is_file()), info.source)
-    fmt = prompt_format(meta_dir, tokenizer, fmt)
-    meta = Path(meta_dir) / FORMAT_FILE
-    system_prompt = json.loads(meta.read_text()).get("system_prompt") if meta.is_file() else None
-    return generate(
+    meta, _ = tuned_settings(model)
+    fmt = "chat" if chat else prompt_format(meta, tokenizer, fmt)
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise SftuneError(
+            f"{model}: its tokenizer has no chat template, which "
+            f"{'--messages needs' if chat else '--prompt-format chat needs'}"
+        )
+    if fmt == "alpaca" and system_prompt:
+        raise SftuneError(
+            f"--system-prompt: {model} takes Alpaca prompts, which have no system message "
+            "(--prompt-format chat renders the tokenizer's chat template instead)"
+        )
+    if fmt == "chat" and system_prompt is None:
+        system_prompt = meta.get("system_prompt")  # what it was tuned with
+    return Generator(
         CausalLMWithLoss(lm, fused=False),
         tokenizer,
-        prompt_ids(tokenizer, prompt, fmt, system_prompt),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
+        fmt,
+        system_prompt,
+        max_new_tokens,
+        temperature,
+        top_p,
     )
+
+
+EXIT_COMMANDS = ("/exit", "/quit")
+
+
+def chat_loop(gen: Generator, read: Callable[[str], str] = input, write=print) -> int:
+    """An interactive chat: each line is a user turn, answered with the history so far (with
+    Alpaca, which has no turns, each line is answered on its own). `/exit`, `/quit` or
+    end of input (Ctrl-D) quit. Returns the number of turns answered."""
+    history: list[dict] = []
+    write(
+        f"sftune: chat ({gen.fmt} format"
+        + ("; each prompt on its own" if gen.fmt == "alpaca" else "")
+        + f"); {' or '.join(EXIT_COMMANDS)} or Ctrl-D to quit"
+    )
+    turns = 0
+    while True:
+        try:
+            line = read("> ")
+        except EOFError:
+            write("")
+            return turns
+        if line.strip() in EXIT_COMMANDS:
+            return turns
+        if not line.strip():
+            continue
+        if gen.fmt == "alpaca":
+            text = gen.answer(line)
+        else:
+            history.append({"role": "user", "content": line})
+            text = gen.reply(history)
+            history.append({"role": "assistant", "content": text})
+        write(text)
+        turns += 1

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftune.tasks import TaskSpec, check_installed, go_offline
+from sftune.tasks import TaskSpec, check_installed, go_offline, prompt_overrides
 from sftune.train.metrics import TASK_PREFIX, task_label, task_stderr_key
 
 FEWSHOT_SEED = 1234  # lm-eval's default
@@ -60,13 +60,21 @@ def run_tasks(
     log_samples: bool = False,
     progress: bool = True,
     verbose: bool = False,
+    prompt_format: str = "alpaca",
+    system_prompt: str | None = None,
 ) -> dict[str, Any]:
     """lm-eval's results dict for `specs` on `model` (a Hugging Face causal LM, in memory).
 
     `limit`: the first K documents of each task; `max_gen_toks` caps generation (else each
-    task's own cap); `autocast_dtype`: bf16 autocast for a model trained with bf16-mixed. The
-    model comes back in the train/eval mode it had, and the RNGs in the state they had.
+    task's own cap); `autocast_dtype`: bf16 autocast for a model trained with bf16-mixed;
+    `prompt_format`: "alpaca" (each task's prompt in the Alpaca template) or "chat" (the
+    tokenizer's chat template, opened with `system_prompt` when given; few-shot examples as
+    earlier turns). The model comes back in the train/eval mode it had, and the RNGs in the
+    state they had.
     """
+    if prompt_format not in ("alpaca", "chat"):
+        raise ValueError(f"prompt_format {prompt_format!r}")
+    chat = prompt_format == "chat"
     check_installed()
     go_offline()
     from lm_eval.evaluator import evaluate
@@ -81,7 +89,7 @@ def run_tasks(
             _rng_kept(),
             _eager(),
         ):
-            folder = _task_folder(specs, Path(tmp))
+            folder = _task_folder(specs, Path(tmp), prompt_format)
             manager = TaskManager(include_path=folder, include_defaults=False)
             loaded = manager.load([s.name for s in specs])
             for task in loaded["tasks"].values():
@@ -92,15 +100,25 @@ def run_tasks(
                 batch_size=batch_size,
                 mixed_precision_dtype=autocast_dtype,
             )
-            return evaluate(lm=lm, task_dict=loaded, limit=limit or None, log_samples=log_samples)
+            return evaluate(
+                lm=lm,
+                task_dict=loaded,
+                limit=limit or None,
+                log_samples=log_samples,
+                apply_chat_template=chat,
+                fewshot_as_multiturn=chat,
+                system_instruction=system_prompt if chat else None,
+            )
     finally:
         model.train(was_training)
 
 
-def _task_folder(specs: list[TaskSpec], folder: Path) -> str:
-    """One YAML per task that includes the real one and sets what sftune sets (data files)."""
+def _task_folder(specs: list[TaskSpec], folder: Path, prompt_format: str) -> str:
+    """One YAML per task that includes the real one and sets what sftune sets (data files,
+    the prompt in the Alpaca template)."""
     for spec in specs:
-        text = json.dumps({"include": str(spec.yaml_path), "task": spec.name, **spec.overrides})
+        keys = {**spec.overrides, **prompt_overrides(spec, prompt_format)}
+        text = json.dumps({"include": str(spec.yaml_path), "task": spec.name, **keys})
         (folder / f"{spec.name}.yaml").write_text(text + "\n", encoding="utf-8")
     return str(folder)
 
@@ -224,10 +242,12 @@ def evaluate_model(
     max_gen_toks: int = 0,
     dtype: str = "auto",
     device: str = "auto",
+    prompt_format: str = "auto",
     log_samples: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """`sftune eval --tasks`: a saved model (or adapter, or preset) on `specs`; prints lm-eval's
+    """`sftune eval --tasks`: a saved model (or adapter, or preset) on `specs`, its prompts in
+    `prompt_format` (auto: the one it was tuned with, `task_prompt_format`); prints lm-eval's
     table and writes <out>/eval_results.json (and eval_samples_<task>.jsonl with log_samples)."""
     import time
 
@@ -238,7 +258,8 @@ def evaluate_model(
 
     quiet_libraries(verbose)
     dev = distributed.resolve_device(device, distributed.World())
-    lm, tokenizer, info = load_for_inference(model, device=dev, dtype=dtype, verbose=verbose)
+    lm, tokenizer, info = load_for_inference(model, device=dev, dtype=dtype)
+    fmt, why, system_prompt = task_prompt_format(model, tokenizer, prompt_format)
     batch = batch_size or default_batch_size(dev)
     start = time.perf_counter()
     results = run_tasks(
@@ -250,10 +271,15 @@ def evaluate_model(
         max_gen_toks=max_gen_toks or None,
         log_samples=log_samples,
         verbose=verbose,
+        prompt_format=fmt,
+        system_prompt=system_prompt,
     )
     seconds = time.perf_counter() - start
     extra = {
         "model": model,
+        "prompt_format": fmt,
+        "prompt_format_source": why,
+        "system_prompt": system_prompt,
         "tasks": {s.name: {"yaml": str(s.yaml_path), **s.overrides} for s in specs},
         "limit": limit or None,
         "batch_size": batch,
@@ -269,8 +295,49 @@ def evaluate_model(
         )
     print(table(results))  # after the results are on disk: minutes of generation are never lost
     done = sum(n["effective"] for n in results.get("n-samples", {}).values())
-    print(f"{done} problems in {seconds:.1f} s on {dev} | {out / RESULTS_FILE}")
+    print(
+        f"{done} problems in {seconds:.1f} s on {dev} | prompt format {fmt} ({why}) | "
+        f"{out / RESULTS_FILE}"
+    )
     return results
+
+
+def task_prompt_format(model: str, tokenizer, requested: str) -> tuple[str, str, str | None]:
+    """(format, why, system prompt) of `sftune eval --tasks`' prompts: --prompt-format, else
+    what the model's sftune.json says it was tuned with, else (with a warning: a guess) the
+    chat template when the tokenizer has one, else Alpaca."""
+    import sys
+
+    from sftune.train.generate import prompt_format, tuned_settings
+
+    meta, where = tuned_settings(model)
+    fmt = prompt_format(meta, tokenizer, requested)
+    tuned = meta.get("prompt_format")
+    if requested != "auto":
+        why = "--prompt-format"
+        if tuned in ("alpaca", "chat") and tuned != fmt:
+            print(
+                f"sftune: warning: {model} was tuned with {tuned} prompts ({where}); scoring "
+                f"it with {fmt} ones as --prompt-format asks",
+                file=sys.stderr,
+            )
+    elif meta.get("prompt_format") in ("alpaca", "chat"):
+        why = f"tuned with it: {where}"
+    else:
+        why = "guessed: no sftune.json, " + (
+            "the tokenizer has a chat template" if fmt == "chat" else "no chat template"
+        )
+        print(
+            f"sftune: warning: {model} has no sftune.json saying how it was tuned: its prompts "
+            f"are rendered as {fmt} ({why.split(', ', 1)[1]}); pass --prompt-format alpaca|chat "
+            "to choose",
+            file=sys.stderr,
+        )
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        from sftune.errors import SftuneError
+
+        raise SftuneError(f"--prompt-format chat: the tokenizer of {model} has no chat template")
+    return fmt, why, meta.get("system_prompt") if fmt == "chat" else None
 
 
 def eval_copy(tokenizer):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shlex
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -24,11 +25,12 @@ import torch
 
 from sftune.config import RunConfig
 from sftune.errors import SftuneError
-from sftune.files import atomic_write_text
+from sftune.files import atomic_write_text, raise_if_disk_full
 from sftune.train import checkpoint, distributed, harness, lora
 from sftune.train.build import Run, build
+from sftune.train.divergence import Diverged, LossSpikes, check_weights
 from sftune.train.evaluate import EvalInterrupted, eval_items, evaluate
-from sftune.train.generate import FORMAT_FILE, generate
+from sftune.train.generate import FORMAT_FILE, generate, tuned_meta
 from sftune.train.metrics import read_metrics, task_curves, task_label
 from sftune.train.progress import ConsoleProgress
 from sftune.train.step import micro_batches, train_step
@@ -40,6 +42,7 @@ class TrainState:
     tokens: int = 0  # input tokens seen, all ranks
     trained_tokens: int = 0  # label tokens trained on (not -100), all ranks
     elapsed: float = 0.0  # seconds spent in training steps (not evals or saves), all processes
+    eval_pending: bool = False  # this step's validation was interrupted: a resume runs it first
 
 
 @dataclass
@@ -94,19 +97,26 @@ def validate(r: Run, state: TrainState, bar: ConsoleProgress, stop: StopFlag) ->
     """A validation pass (with its own progress bar), logged; then samples and the curve."""
     start = time.perf_counter()
     mb = r.micro_batch_size
-    n = eval_items(len(r.val_data), mb, r.cfg.log.eval_max_batches)
+    n = eval_items(len(r.val_data), r.cfg.log.eval_max_sequences)
     batches = math.ceil(math.ceil(n / r.world.world_size) / mb)
     with bar.eval_bar(batches) as eval_bar:
-        val, _ = evaluate(
+        val, tokens = evaluate(
             r.module,
             r.val_data,
             micro_batch_size=mb,
             device=r.device,
             world=r.world,
-            max_batches=r.cfg.log.eval_max_batches,
+            max_sequences=r.cfg.log.eval_max_sequences,
             varlen=r.varlen,
             on_batch=eval_bar.update,
             stop_requested=stop.agreed,
+        )
+    if not math.isfinite(val):  # weights that are finite but useless: nothing saves them
+        raise Diverged(f"non-finite validation loss at step {state.step}", state.step)
+    if tokens == 0:  # the same sequences every pass: this happens at step 0, before training
+        raise SftuneError(
+            f"{r.val_data.path}: no trained tokens in the first {n} validation sequence(s) "
+            f"(--train-on {r.cfg.data.train_on}): raise --eval-max-sequences or check the data"
         )
     r.logger.log(
         state.step,
@@ -120,19 +130,20 @@ def validate(r: Run, state: TrainState, bar: ConsoleProgress, stop: StopFlag) ->
 
 def write_samples(r: Run, step: int, bar: ConsoleProgress) -> None:
     """Greedy generations from the validation prompts, to samples.jsonl and the console."""
-    rows = []
-    for prompt, rendered in r.sample_prompts:
+    rows, extras = [], []
+    for sample in r.sample_prompts:
         text = generate(
             r.module,
             r.tokenizer,
-            r.tokenizer(rendered)["input_ids"],
+            r.tokenizer(sample.rendered)["input_ids"],
             max_new_tokens=r.cfg.log.max_new_tokens,
             sharded=r.sharded,
         )
-        rows.append((prompt, text))
-        bar.write(f"  sample | {prompt[:60]!r} -> {text[:120]!r}")
+        rows.append((sample.shown, text))
+        extras.append(sample.record)
+        bar.write(f"  sample | {sample.shown} -> {text[:120]!r}")
     if rows:
-        r.logger.log_text(step, "samples", rows)
+        r.logger.log_text(step, "samples", rows, extras)
 
 
 def evaluate_tasks(r: Run, state: TrainState, bar: ConsoleProgress) -> None:
@@ -151,6 +162,8 @@ def evaluate_tasks(r: Run, state: TrainState, bar: ConsoleProgress) -> None:
             autocast_dtype=r.module.autocast_dtype,
             progress=False,
             verbose=cfg.log.verbose,
+            prompt_format=cfg.tasks.task_prompt_format,
+            system_prompt=cfg.data.system_prompt,
         )
         seconds = time.perf_counter() - start
         r.logger.log(state.step, {**harness.metrics(results), "task_eval_seconds": seconds})
@@ -185,9 +198,11 @@ def task_model(r: Run) -> torch.nn.Module | None:
 
 
 class Window:
-    """The steps since the last log line: one (loss share, grad norm, trained tokens) tensor each."""
+    """The steps since the last log line: one (loss share, grad norm, trained tokens) tensor each;
+    and the recent losses that a step's loss is compared with to flag a spike."""
 
     def __init__(self, state: TrainState) -> None:
+        self.spikes = LossSpikes()
         self.reset(state)
 
     def reset(self, state: TrainState) -> None:
@@ -200,7 +215,8 @@ class Window:
 
 
 def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> None:
-    """Logs the window's steps with one host synchronisation; stops on a non-finite loss."""
+    """Logs the window's steps with one host synchronisation and flags loss spikes; stops
+    (Diverged) at a step whose loss or gradient norm is not finite, logging the steps before it."""
     if not window.steps:
         return
     seconds = time.perf_counter() - window.start
@@ -210,20 +226,31 @@ def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> No
     stacked[:, 0] = distributed.all_reduce_sum(stacked[:, 0].contiguous())
     values = stacked.tolist()
     first = state.step - len(values) + 1
-    for k, (loss, _, _) in enumerate(values):
-        if not math.isfinite(loss):
-            raise SftuneError(
-                f"non-finite loss ({loss}) at step {first + k}: stopping; the last good checkpoint "
-                f"(if any) is kept in {r.output_dir / 'checkpoints'} (try a lower --lr)"
+    # Every step of the window goes to metrics.jsonl so curves have full resolution.
+    rows = [{"train_loss": loss, "grad_norm": norm} for loss, norm, _ in values]
+    for k, row in enumerate(rows):
+        if not all(math.isfinite(v) for v in row.values()):
+            for j in range(k):  # the curve up to the divergence
+                r.logger.log(first + j, rows[j])
+            what = "loss" if not math.isfinite(row["train_loss"]) else "gradient norm"
+            loss, norm = row["train_loss"], row["grad_norm"]
+            raise Diverged(
+                f"non-finite {what} at step {first + k} (loss {loss}, gradient norm {norm})",
+                first + k - 1,
+            )
+        median = window.spikes.check(row["train_loss"])
+        if median is not None:
+            row["loss_spike"] = True
+            bar.write(
+                f"step {first + k:>6} | warning: loss spike: {row['train_loss']:.4g}, the recent "
+                f"median is {median:.4g} (a lower --lr or a longer --warmup-ratio may help)"
             )
     state.trained_tokens += int(sum(v[2] for v in values))
     tok_s = (state.tokens - window.start_tokens) / max(seconds, 1e-9)
     loss, norm, _ = values[-1]
     lr = float(r.scheduler.get_last_lr()[0])
-    metrics = {
-        "train_loss": loss,
+    rows[-1] |= {
         "lr": lr,
-        "grad_norm": norm,
         "tokens": state.tokens,
         "trained_tokens": state.trained_tokens,
         "tokens_per_s": tok_s,
@@ -231,13 +258,11 @@ def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> No
         "epoch": state.tokens / max(r.tokens_per_epoch, 1),
     }
     if r.flops_per_token and r.peak_flops:
-        metrics["mfu"] = tok_s * r.flops_per_token / (r.peak_flops * r.world.world_size)
+        rows[-1]["mfu"] = tok_s * r.flops_per_token / (r.peak_flops * r.world.world_size)
     if r.device.type == "cuda":
-        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(r.device) / 2**30
-    # Every step of the window goes to metrics.jsonl so curves have full resolution.
-    for k, (l_k, n_k, _) in enumerate(values[:-1]):
-        r.logger.log(first + k, {"train_loss": l_k, "grad_norm": n_k})
-    r.logger.log(state.step, metrics)
+        rows[-1]["peak_mem_gib"] = torch.cuda.max_memory_allocated(r.device) / 2**30
+    for k, row in enumerate(rows):
+        r.logger.log(first + k, row)
     bar.update(len(values), loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
     window.reset(state)
 
@@ -245,12 +270,18 @@ def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> No
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save(r: Run, state: TrainState, bar: ConsoleProgress) -> Path:
+def save(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> Path:
+    """A checkpoint of step `state.step`; never of a diverged run: the steps not yet logged
+    (a GPU logs every --log-every steps) are checked first, then the weights."""
+    flush(r, state, window, bar)
+    check_weights(r.module, r.device, state.step)
     trainer_state = {
         "train": asdict(state),
         "sampler": r.sampler.state_dict(),
         "scheduler": r.scheduler.state_dict(),
         "prompt_format": r.prompt_format,  # for `sftune export`, which writes sftune.json too
+        "data": r.data_digests,  # a resume refuses data files whose bytes changed
+        "data_format": r.train_data.format,
     }
     path = checkpoint.save(
         r.output_dir,
@@ -278,21 +309,54 @@ def resume(r: Run) -> tuple[TrainState, str]:
     except ValueError as e:
         raise SftuneError(f"{path}: cannot resume: {e}") from None
     state = TrainState(**saved["train"])
-    r.logger.truncate_after(state.step)
+    # Resumed at its last step, a run validates (and samples, scores its tasks) there again:
+    # the rows of an evaluation logged before the kill go, or that step would have two.
+    r.logger.truncate_after(state.step, redo_evaluation=state.step >= r.total_steps)
     return state, f"sftune: resumed from {path} at step {state.step}"
 
 
-def save_final(r: Run) -> Path:
-    """model + tokenizer (save_pretrained) and the prompt format, for `sftune generate`."""
+def save_final(r: Run, step: int) -> Path:
+    """model + tokenizer (save_pretrained) and how it was tuned (sftune.json), which `sftune
+    generate` and `sftune eval` read: the prompt format, the sequence length, the data format
+    and the trained labels, and the system prompt of a chat run. Never from non-finite weights."""
+    check_weights(r.module, r.device, step)
     final = checkpoint.save_final(
         r.output_dir, r.module, r.hf_model, r.tokenizer, r.world, write_model=_lora_writer(r)
     )
     if r.world.is_main:
-        meta = {"prompt_format": r.prompt_format}
-        if r.prompt_format == "chat" and r.cfg.data.system_prompt:
-            meta["system_prompt"] = r.cfg.data.system_prompt  # what it was tuned with
+        meta = tuned_meta(r.cfg, r.prompt_format, r.train_data.format)
         atomic_write_text(final / FORMAT_FILE, json.dumps(meta))
     return final
+
+
+def save_final_or_keep(
+    r: Run, state: TrainState, window: Window, bar: ConsoleProgress, last_saved: int
+) -> Path:
+    """final/, or where it cannot be written (a full disk) a checkpoint of the last step, from
+    which `sftune export` writes the same model; the one-line error says what survived."""
+    try:
+        return save_final(r, state.step)
+    except Diverged:
+        raise  # nothing of a diverged run is saved
+    except SftuneError as e:
+        error = f"{e}; final/ was not written"
+    if last_saved != state.step:
+        try:
+            save(r, state, window, bar)
+            last_saved = state.step
+        except SftuneError:
+            error += f", nor a checkpoint of step {state.step}"
+    kept = checkpoint.list_checkpoints(r.output_dir)
+    if last_saved == state.step:
+        ckpt = checkpoint.checkpoint_dir(r.output_dir, state.step)
+        error += (
+            f"; {ckpt} holds step {state.step}: `sftune export {ckpt} --out DIR` writes the model"
+        )
+    elif kept:
+        error += f"; the newest checkpoint is {kept[-1]}: free some space and --resume latest"
+    else:
+        error += "; no checkpoint survived: free some space and train again"
+    raise SftuneError(error)
 
 
 def _lora_writer(r: Run):
@@ -316,6 +380,7 @@ def _lora_writer(r: Run):
 
 def run(r: Run) -> TrainResult:
     cfg = r.cfg
+    checkpoint.remove_stale_temps(r.output_dir, r.world)  # a killed run's half-written saves
     state, resumed = resume(r) if r.resume_from else (TrainState(), None)
     bar = ConsoleProgress(r.total_steps, initial=state.step, enabled=r.world.is_main)
     bar.write("\n".join([r.describe(), *([resumed] if resumed else [])]))
@@ -324,10 +389,8 @@ def run(r: Run) -> TrainResult:
     window = Window(state)
     with StopFlag(r) as stop, bar:
         try:
-            if state.step == 0:
-                val_start = validate(r, state, bar, stop)
-                if r.task_specs:
-                    evaluate_tasks(r, state, bar)
+            val_start = evaluate_before_training(r, state, bar, stop)
+            window.reset(state)  # evaluations are not training time
             while state.step < r.total_steps:
                 batches = micro_batches(
                     r.train_data, r.sampler.next_indices(), r.micro_batch_size, r.device, r.varlen
@@ -353,7 +416,7 @@ def run(r: Run) -> TrainResult:
                 if every["tasks"] and state.step < r.total_steps:
                     evaluate_tasks(r, state, bar)
                 if every["save"]:
-                    save(r, state, bar)
+                    save(r, state, window, bar)
                     last_saved = state.step
                 if every["eval"] or every["tasks"] or every["save"]:  # not training time
                     window.reset(state)
@@ -366,18 +429,43 @@ def run(r: Run) -> TrainResult:
                 if r.task_specs:
                     evaluate_tasks(r, state, bar)
         except EvalInterrupted:
-            pass
+            # A validation between steps is owed to the curve: the checkpoint below records it,
+            # and the resumed run runs it first. (The last one is run again anyway; the first
+            # has no checkpoint: its run starts over.)
+            state.eval_pending = 0 < state.step < r.total_steps
         if state.step < r.total_steps or val_end is None:  # stopped by SIGINT / SIGTERM
             if last_saved != state.step and state.step > 0:
-                save(r, state, bar)
-            bar.write(
-                f"interrupted at step {state.step}; resume with --resume latest --output-dir {r.output_dir}"
+                save(r, state, window, bar)
+            bar.write(  # the command's settings are read from the run directory
+                f"interrupted at step {state.step}; resume with --resume latest --output-dir "
+                f"{shlex.quote(str(r.output_dir))}"
             )
             return TrainResult(r.output_dir, None, state.step, val_start, None, interrupted=True)
     if cfg.checkpoint.save_every and last_saved != state.step:
-        save(r, state, bar)  # checkpoints were asked for: the last one can extend the run
-    final = save_final(r) if cfg.checkpoint.save_final else None
+        save(r, state, window, bar)  # checkpoints were asked for: the last one can extend the run
+        last_saved = state.step
+    final = (
+        save_final_or_keep(r, state, window, bar, last_saved) if cfg.checkpoint.save_final else None
+    )
     return TrainResult(r.output_dir, final, state.step, val_start, val_end)
+
+
+def evaluate_before_training(
+    r: Run, state: TrainState, bar: ConsoleProgress, stop: StopFlag
+) -> float | None:
+    """At step 0 the starting point (its validation loss is returned); after a resume, the
+    evaluations of the step whose validation the interrupted run did not finish."""
+    if state.step == 0:
+        val = validate(r, state, bar, stop)
+        if r.task_specs:
+            evaluate_tasks(r, state, bar)
+        return val
+    if state.eval_pending:
+        validate(r, state, bar, stop)
+        if _due(r.cfg, state.step)["tasks"]:
+            evaluate_tasks(r, state, bar)
+        state.eval_pending = False
+    return None
 
 
 def _due(cfg: RunConfig, step: int) -> dict[str, bool]:
@@ -404,11 +492,34 @@ def train(cfg: RunConfig) -> TrainResult:
             f"out of GPU memory at micro-batch {r.micro_batch_size} x {r.cfg.data.seq_length} "
             "tokens: lower --micro-batch-size or --seq-length, or add --activation-checkpointing"
         ) from None
+    except Diverged as e:
+        where = last_good(r.output_dir, e.weights_step)
+        hint = "try a lower --lr"
+        if r.cfg.model.dtype == "fp16":  # AdamW's eps and squared gradients underflow there
+            hint = "fp16 weights cannot hold AdamW's update: use --dtype bf16 or bf16-mixed"
+        raise Diverged(
+            f"{e}: stopping, nothing of it saved; {where}; {hint}", e.weights_step
+        ) from None
+    except OSError as e:  # a log, sample or curve write that filled the disk: one line
+        raise_if_disk_full(e.filename or r.output_dir, e)
+        raise
     finally:
         r.close()
     if r.world.is_main:
         print_summary(result)
     return result
+
+
+def last_good(output_dir: Path, weights_step: int) -> str:
+    """Where a diverged run can go back to: the newest checkpoint before the weights that were
+    found bad (every checkpoint is finite, since every save checks first; one of the step before
+    a non-finite loss is finite, but it gave that loss)."""
+    steps = {int(p.name.rpartition("_")[2]): p for p in checkpoint.list_checkpoints(output_dir)}
+    good = [p for step, p in steps.items() if step < weights_step]
+    said = f"the last good checkpoint is {good[-1]}" if good else "there is no good checkpoint"
+    if weights_step in steps:
+        said += f" ({steps[weights_step]} holds the weights that gave it)"
+    return said
 
 
 def print_summary(result: TrainResult) -> None:

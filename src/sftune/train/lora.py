@@ -209,15 +209,10 @@ def is_adapter_dir(path: str) -> bool:
     return (Path(path).expanduser() / "adapter_config.json").is_file()
 
 
-def load_for_inference(
-    model: str, *, device: torch.device, dtype: str = "auto", verbose: bool = False
-):
+def load_for_inference(model: str, *, device: torch.device, dtype: str = "auto"):
     """(model, tokenizer, info) for `sftune eval/generate`: a model directory, a preset, or a
-    LoRA adapter directory (its base, named in adapter_config.json, with the adapter merged).
-    The libraries' bars and warnings are folded unless `verbose` (models.quiet_libraries)."""
-    from sftune.models import load_model_and_tokenizer, quiet_libraries
-
-    quiet_libraries(verbose)
+    LoRA adapter directory (its base, named in adapter_config.json, with the adapter merged)."""
+    from sftune.models import check_safetensors, load_model_and_tokenizer
 
     if not is_adapter_dir(model):
         return load_model_and_tokenizer(model, device=device, dtype=dtype)
@@ -227,8 +222,11 @@ def load_for_inference(
         )
     from peft import PeftModel
 
-    config = json.loads((Path(model) / "adapter_config.json").read_text())
-    base, tokenizer, info = load_model_and_tokenizer(
-        config["base_model_name_or_path"], device=device, dtype=dtype
-    )
+    config_file = Path(model) / "adapter_config.json"
+    try:
+        base_name = json.loads(config_file.read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SftuneError(f"{config_file}: not a LoRA adapter's config ({e})") from None
+    check_safetensors(model)
+    base, tokenizer, info = load_model_and_tokenizer(base_name, device=device, dtype=dtype)
     return PeftModel.from_pretrained(base, model).merge_and_unload(), tokenizer, info

@@ -226,12 +226,21 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.log(numbers, step=int(step))
 
-    def log_text(self, step: int, name: str, rows: list[tuple[str, str]]) -> None:
-        """Append generations (prompt, output) to samples.jsonl and forward them as a table."""
+    def log_text(
+        self,
+        step: int,
+        name: str,
+        rows: list[tuple[str, str]],
+        extras: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        """Append generations (prompt, output) to samples.jsonl and forward them as a table;
+        `extras[i]` adds keys to row i's line (a chat's whole conversation)."""
         if not self.enabled:
             return
+        extras = extras or [{}] * len(rows)
         lines = [
-            json.dumps({"step": int(step), "name": name, "prompt": p, "output": o}) for p, o in rows
+            json.dumps({"step": int(step), "name": name, "prompt": p, "output": o, **extra})
+            for (p, o), extra in zip(rows, extras, strict=True)
         ]
         with self.samples_path.open("a", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in lines)
@@ -241,13 +250,26 @@ class MetricsLogger:
             table = self._wandb.Table(columns=["prompt", "output"], data=[list(r) for r in rows])
             self._wandb_run.log({name: table}, step=int(step))
 
-    def truncate_after(self, step: int) -> None:
-        """Keep only rows with step <= `step` (atomically), before a resumed run re-runs the rest."""
+    def truncate_after(self, step: int, redo_evaluation: bool = False) -> None:
+        """Keep only rows with step <= `step` (atomically), before a resumed run re-runs the rest.
+
+        redo_evaluation: the resumed run evaluates at `step` itself again (it resumes at its
+        last step, where the final validation comes after the checkpoint): that step's
+        validation, task and sample rows go too, its training rows stay.
+        """
         if not self.enabled:
             return
-        for path in (self.metrics_path, self.samples_path):
+
+        def keep(row: dict, samples: bool) -> bool:
+            at = row.get("step", 0)
+            if at < step or (at == step and not redo_evaluation):
+                return True
+            evaluation = samples or "val_loss" in row or any(k.startswith("task") for k in row)
+            return at == step and not evaluation
+
+        for path, samples in ((self.metrics_path, False), (self.samples_path, True)):
             if path.exists():
-                kept = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
+                kept = [r for r in _read_jsonl(path) if keep(r, samples)]
                 atomic_write_lines(path, (json.dumps(r, allow_nan=False) for r in kept))
         if self._tb is not None:
             # TensorBoard hides events at or after purge_step that an earlier attempt wrote.
