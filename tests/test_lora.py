@@ -69,7 +69,7 @@ def test_adapter_and_merged_model_load_and_agree(workdir, tmp_path):
                     str(workdir / "train.jsonl"),
                     "--seq-length",
                     "32",
-                    "--max-batches",
+                    "--max-sequences",
                     "2",
                 ]
             )

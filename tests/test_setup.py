@@ -375,7 +375,7 @@ def test_no_library_chatter_without_verbose(workdir, tmp_path):
             str(workdir / "train.jsonl"),
             "--seq-length",
             "32",
-            "--max-batches",
+            "--max-sequences",
             "1",
         ),
     }
