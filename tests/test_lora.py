@@ -110,3 +110,30 @@ def test_bad_lora_settings_are_one_line_errors(workdir, tmp_path):
     with pytest.raises(ConfigError, match="--lora-r must be >= 1"):
         _cfg(workdir, tmp_path / "c", lora_r=0)
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_final_of_a_tied_model_is_the_merged_export(workdir, tmp_path):
+    """final/ stores a tied head once, as `sftune export --merge` and save_pretrained do (the
+    SmolLM2 preset's final/ held lm_head.weight beside the embeddings: 651 MB for 538)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tiny import byte_tokenizer, tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "tied", byte_tokenizer(), tie=True)
+    run = train(_cfg(workdir, tmp_path / "run", model=str(model), max_steps=2)).output_dir
+    out = tmp_path / "export"
+    assert (
+        main(["export", str(run / "checkpoints" / "step_00000002"), "--out", str(out), "--merge"])
+        == 0
+    )
+    final, exported = (load_file(d / "model.safetensors") for d in (run / "final", out))
+    assert "lm_head.weight" not in final and final.keys() == exported.keys()
+    assert all(torch.equal(final[k], exported[k]) for k in final)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    a, b = (
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64) for d in (run / "final", out)
+    )
+    assert a.lm_head.weight is a.model.embed_tokens.weight  # tied again on load
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)

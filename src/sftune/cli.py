@@ -487,8 +487,25 @@ def run_export(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- main
 
 
+USAGE_EXAMPLES = """examples:
+  sftune train --config configs/demo.yaml             the CPU demo (what `make demo` runs)
+  sftune train --model smollm2-135m --train-data examples/chats.jsonl \\
+      --chat-template chatml --lora --seq-length 256   your own chats (the README's quickstart)
+  sftune generate --model runs/X/final --prompt "What is 12 * 7?"
+  sftune COMMAND --help                               a command's flags
+
+The README has the rest: install, data formats, GPUs."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sftune", description=__doc__.splitlines()[0])
+    # The module docstring is for developers; a user gets what the tool does and where to start.
+    parser = _Parser(
+        prog="sftune",
+        description="Supervised fine-tuning (SFT) of causal language models on your own\n"
+        "prompt/response or chat data, from a laptop CPU to many GPUs.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     add_train(sub.add_parser("train", help="fine-tune a model"))
     add_eval(sub.add_parser("eval", help="loss and perplexity on a file, or lm-eval task accuracy"))

@@ -138,7 +138,11 @@ class DataConfig:
         ge=0,
         lt=1,
     )
-    fields: str | None = _f(None, "field mapping, e.g. 'prompt=question,response=answer' (GSM8K)")
+    fields: str | None = _f(
+        None,
+        "the file's keys as sftune's fields (prompt, response, messages), FILE_KEY=FIELD, "
+        "comma-separated: e.g. 'question=prompt,answer=response' (GSM8K)",
+    )
     seq_length: int = _f(512, "tokens per packed sequence", ge=1)
     train_on: str = _f(
         "auto",

@@ -15,6 +15,7 @@ Nothing here contacts a hub: every `from_pretrained` call passes `local_files_on
 from __future__ import annotations
 
 import importlib.util
+import logging
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -170,9 +171,18 @@ def resolve_attention(requested: str, device: torch.device) -> str:
 
 
 def quiet_libraries(verbose: bool) -> None:
-    """Fold transformers' and the hub's own chatter ("Loading weights" and "Writing model
-    shards" bars, tokenizer warnings) so that sftune's bar and summary lines stay readable;
-    `--verbose` keeps it."""
+    """Fold the libraries' own chatter so that sftune's bar and summary lines stay readable;
+    `--verbose` keeps it. Each source, silenced where it comes from:
+
+    - transformers' bars ("Loading weights", "Writing model shards") and log lines: its
+      logging switches (which also turn off the hub's bars);
+    - the GGUF conversion bar of a preset's first use: transformers draws it with tqdm
+      directly, so it is routed through transformers' own (now disabled) tqdm;
+    - Python warnings raised in transformers, such as the FutureWarning about
+      `is_gradient_checkpointing` that peft's PeftModel triggers;
+    - bitsandbytes' warning, on import (peft imports it), that it could not fetch an optional
+      CPU kernel from the hub: sftune never asks for one.
+    """
     if verbose:
         return
     from huggingface_hub.utils import disable_progress_bars
@@ -181,7 +191,14 @@ def quiet_libraries(verbose: bool) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     disable_progress_bars()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support has no such bar either
+        pass
+    else:
+        gguf_utils.tqdm = hf_logging.tqdm
     warnings.filterwarnings("ignore", module=r"transformers\..*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

@@ -133,8 +133,27 @@ def merged_state_dict(
     return out
 
 
+def tied_copies(hf_config) -> set[str]:
+    """The names of the weights that `hf_config`'s model ties to an earlier one (SmolLM2's
+    lm_head.weight, which is its embedding matrix). save_pretrained stores a tied tensor once,
+    under its first name, and from_pretrained ties it again: the model is built on the meta
+    device, which costs no memory, to ask it which those are."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    first: dict[int, str] = {}
+    return {
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if first.setdefault(id(param), name) != name
+    }
+
+
 def save_merged(merged: dict[str, torch.Tensor], hf_config, out: Path) -> None:
-    """The merged weights as an ordinary (unquantized) Hugging Face model directory."""
+    """The merged weights as an ordinary (unquantized) Hugging Face model directory, with what
+    save_pretrained would store: a tied weight once (the run's full state dict holds it under
+    both names, as separate tensors: stored twice, SmolLM2's final/ was 651 MB instead of 538)."""
     import copy
 
     from huggingface_hub import save_torch_state_dict
@@ -143,10 +162,10 @@ def save_merged(merged: dict[str, torch.Tensor], hf_config, out: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(out)
-    # Own storage for each tensor (a gathered FSDP state dict holds views into larger buffers,
-    # which safetensors refuses); a tied tensor stays one tensor, stored once.
-    owned: dict[int, torch.Tensor] = {}
-    merged = {k: owned.setdefault(id(v), v.detach().clone()) for k, v in merged.items()}
+    tied = tied_copies(config)
+    # Own storage for each tensor: a gathered FSDP state dict holds views into larger buffers,
+    # which safetensors refuses.
+    merged = {k: v.detach().clone() for k, v in merged.items() if k not in tied}
     save_torch_state_dict(merged, out)
 
 
