@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from sftune.errors import ConfigError
+from sftune.errors import ConfigError, SftuneError
 from sftune.files import atomic_write_text
 from sftune.tasks import split_names
 
@@ -597,6 +597,21 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
 
 def save(cfg: RunConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load(path: Path) -> RunConfig:
+    """A run's saved config.yaml (what `save` wrote), validated; one line naming the file when
+    it cannot be read or is not a valid sftune config."""
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SftuneError(f"{path}: cannot read the saved run's config ({e})") from None
+    if not isinstance(saved, dict):
+        raise SftuneError(f"{path}: not a sftune run config")
+    try:
+        return from_dict(saved)
+    except ConfigError as e:
+        raise SftuneError(f"{path}: the saved run's config is invalid ({e})") from None
 
 
 def with_values(cfg: RunConfig, **values: Any) -> RunConfig:

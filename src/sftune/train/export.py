@@ -32,8 +32,6 @@ import json
 import warnings
 from pathlib import Path
 
-import yaml
-
 from sftune import config as config_mod
 from sftune.errors import ConfigError, SftuneError
 from sftune.files import atomic_dir, atomic_write_text
@@ -64,7 +62,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "auto", merge: bool
     verify(ckpt)
     check_out(out)
     quiet_libraries(verbose=False)
-    cfg = config_mod.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    cfg = config_mod.load(ckpt / "config.yaml")
     trainer = read_trainer_state(ckpt)
     adapters = trainer["adapters_only"]
     if merge and not adapters:

@@ -31,12 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sftune import config as config_mod
 from sftune.config import RunConfig
 from sftune.data.cache import file_digest
-from sftune.errors import ConfigError, DataError, SftuneError
+from sftune.errors import DataError, SftuneError
 from sftune.train import checkpoint
 
 LOCK_FILE = ".lock"
@@ -100,19 +98,6 @@ class Resume:
     notes: tuple[str, ...]  # what was changed, or that the run starts over
 
 
-def read_saved_config(path: Path) -> RunConfig:
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise SftuneError(f"{path}: cannot read the saved run's config ({e})") from None
-    if not isinstance(saved, dict):
-        raise SftuneError(f"{path}: not a sftune run config")
-    try:
-        return config_mod.from_dict(saved)
-    except ConfigError as e:
-        raise SftuneError(f"{path}: the saved run's config is invalid ({e})") from None
-
-
 def plan_resume(given: dict[str, Any]) -> Resume:
     """The run that `--resume` continues, from the settings given (a CLI's flags and config
     file keys, or every field of a config built in code): refuses, in one line, a change that
@@ -131,7 +116,7 @@ def plan_resume(given: dict[str, Any]) -> Resume:
             "--output-dir)"
         )
     path = None if latest and restartable(run) else checkpoint.resolve_resume(resume, run)
-    saved = read_saved_config((path or run) / "config.yaml")
+    saved = config_mod.load((path or run) / "config.yaml")
     trainer: dict = {}
     if path is not None:
         # The kind first (LoRA or full), as asked: its own message says what does not fit.
