@@ -205,7 +205,16 @@ def test_fp16_weights_that_go_nan_are_never_saved(workdir, tmp_path, capsys):
     """A real NaN, not a patched one: fp16 AdamW turns every untouched embedding row into 0/0
     (eps 1e-8 is 0 in fp16) at step 1; before, that run wrote NaN checkpoints and final/."""
     run = tmp_path / "run"
-    extra = ["--dtype", "fp16", "--max-steps", "2", "--save-every", "1", "--eval-max-sequences", "8"]
+    extra = [
+        "--dtype",
+        "fp16",
+        "--max-steps",
+        "2",
+        "--save-every",
+        "1",
+        "--eval-max-sequences",
+        "8",
+    ]
     line = _error_line(*_main(train_args(workdir, run, *extra), capsys))
     assert "non-finite weights after step 1" in line and "there is no good checkpoint" in line
     assert "--dtype bf16" in line
@@ -245,7 +254,9 @@ def test_an_interrupted_validation_is_run_on_resume(workdir, tmp_path, monkeypat
     first = loop.train(tiny_config(workdir, cut, eval_every=2, eval_max_sequences=16))
     assert first.interrupted and first.steps == 2 and _checkpoints(cut) == ["step_00000002"]
     assert [r["step"] for r in read_metrics(cut) if "val_loss" in r] == [0]
-    again = loop.train(tiny_config(workdir, cut, eval_every=2, eval_max_sequences=16, resume="latest"))
+    again = loop.train(
+        tiny_config(workdir, cut, eval_every=2, eval_max_sequences=16, resume="latest")
+    )
     assert not again.interrupted and again.steps == 4
     val = {r["step"]: r["val_loss"] for r in read_metrics(cut) if "val_loss" in r}
     assert [r["step"] for r in read_metrics(cut) if "val_loss" in r] == [0, 2, 4]
