@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -307,3 +309,40 @@ def test_conversational_tokens_are_the_chat_templates_rendering(llama3_chatml, t
 
 def test_render_pair_of_strings_needs_no_tokenizer():
     assert render_pair(Pair("Add 2 and 2.", "4", "5"))[0].endswith("### Response:\n")
+
+
+def test_reading_pairs_imports_no_heavy_module(tmp_path):
+    path = jsonl(tmp_path, [HH_SINGLE])
+    code = (
+        "import sys\nfrom sftune.data.preference import read_pairs\n"
+        f"print(read_pairs({str(path)!r}).form)\n"
+        "heavy = ('torch', 'numpy', 'transformers', 'pyarrow')\n"
+        "assert not [m for m in heavy if m in sys.modules], sorted(sys.modules)\n"
+    )
+    src = Path(__file__).resolve().parents[1] / "src"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(src)}
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "hh"), done.stderr
+
+
+def test_parquet_rows_have_the_jsonl_limits(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    import sftune.data.preference as preference
+
+    folder = tmp_path / "dir.parquet"
+    folder.mkdir()
+    assert "is a directory, not a data file" in error(folder)
+    path = tmp_path / "big.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([STRING_PAIRS[0], {**STRING_PAIRS[0], "chosen": "x" * 200}]), path
+    )
+    import sftune.data.formats as formats
+
+    for module in (preference, formats):
+        monkeypatch.setattr(module, "MAX_RECORD_BYTES", 100)
+    assert error(path).startswith(
+        f"{path}:2: this record is 252 bytes of JSON, over the limit of 100 bytes per record"
+    )
