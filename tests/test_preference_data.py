@@ -104,7 +104,7 @@ def test_hh_single_turn_keeps_one_human_turn_and_renders_as_the_course(tmp_path)
     assert rejected == "It is 5."
     assert len(read_pairs(path).pairs) == 3  # without the option every pair stays
     assert error(jsonl(tmp_path, [HH_MULTI]), single_turn=True) == (
-        f"{tmp_path / 'pairs.jsonl'}: no usable pair: every one of the 1 is skipped"
+        f"{tmp_path / 'pairs.jsonl'}: no usable pair: all 1 skipped, 1 multi-turn (single_turn)"
     )
 
 
@@ -165,6 +165,10 @@ def test_fields_map_the_files_names(tmp_path):
             "field 'chosen': missing (a pair needs a chosen and a rejected response)",
         ),
         ({"prompt": "p", "chosen": " ", "rejected": "r"}, "field 'chosen': empty"),
+        (
+            {"prompt": "p"},
+            "field 'chosen': missing (a pair needs a chosen and a rejected response)",
+        ),
         ({**CHAT_PAIR, "rejected": []}, "field 'rejected': empty"),
         (
             {"chosen": HH_SINGLE["chosen"]},
@@ -228,7 +232,7 @@ def test_chosen_equal_to_rejected_is_counted_and_skipped(tmp_path):
         f"{path}: 2 pairs (prompt/chosen/rejected strings); skipped 2 with chosen equal to rejected"
     )
     assert error(jsonl(tmp_path, [same, same])) == (
-        f"{path}: no usable pair: every one of the 2 has chosen equal to rejected"
+        f"{path}: no usable pair: all 2 skipped, 2 with chosen equal to rejected"
     )
 
 
@@ -243,6 +247,18 @@ def test_chosen_equal_to_rejected_is_counted_and_skipped(tmp_path):
 def test_sft_data_given_as_pairs(tmp_path, record, kind):
     path = jsonl(tmp_path, [record])
     assert error(path) == f"{path}:1: this file holds {kind} records: use --objective sft"
+
+
+def test_a_first_record_of_neither_kind(tmp_path):
+    path = jsonl(tmp_path, [{"question": "q", "answer": "a"}])
+    assert error(path) == (
+        f"{path}:1: cannot tell the pair format: expected keys prompt/chosen/rejected, or "
+        "chosen/rejected (Anthropic HH), or a field mapping"
+    )
+    path = jsonl(tmp_path, [{"prompt": "p"}])
+    assert error(path) == (
+        f"{path}:1: field 'chosen': missing (a pair needs a chosen and a rejected response)"
+    )
 
 
 def test_pairs_given_as_sft_data(tmp_path):

@@ -100,15 +100,17 @@ class PairFile(NamedTuple):
     multi_turn: int  # HH with single_turn: more than one Human turn
 
     def summary(self) -> str:
-        skipped = [f"{n:,} {why}" for n, why in self._skips() if n]
+        skipped = _skipped(self.identical, self.multi_turn)
         text = f"{self.path}: {len(self.pairs):,} pairs ({PAIR_FORMAT_NAMES[self.form]})"
-        return text + (f"; skipped {', '.join(skipped)}" if skipped else "")
+        return text + (f"; skipped {skipped}" if skipped else "")
 
-    def _skips(self) -> list[tuple[int, str]]:
-        return [
-            (self.identical, "with chosen equal to rejected"),
-            (self.multi_turn, "multi-turn (single_turn)"),
-        ]
+
+def _skipped(identical: int, multi_turn: int) -> str:
+    counts = (
+        (identical, "with chosen equal to rejected"),
+        (multi_turn, "multi-turn (single_turn)"),
+    )
+    return ", ".join(f"{n:,} {why}" for n, why in counts if n)
 
 
 def parse_pair_fields(text: str | None) -> dict[str, str] | None:
@@ -144,8 +146,8 @@ def read_pairs(
     if form is None:
         raise DataError(path, "no records (the file is empty or has only blank lines)")
     if not pairs:
-        why = "has chosen equal to rejected" if not multi_turn else "is skipped"
-        raise DataError(path, f"no usable pair: every one of the {identical + multi_turn:,} {why}")
+        skipped = _skipped(identical, multi_turn)
+        raise DataError(path, f"no usable pair: all {identical + multi_turn:,} skipped, {skipped}")
     return PairFile(str(path), form, pairs, identical, multi_turn)
 
 
@@ -185,15 +187,16 @@ def pair_format(path: Path, line: int, obj: Any, keys: Mapping[str, str]) -> str
         raise DataError(path, f"a record must be a JSON object, not {_kind(obj)}", line=line)
     p, c, r = keys["prompt"], keys["chosen"], keys["rejected"]
     if c not in obj and r not in obj:
-        if _SFT_KEYS & set(obj) or "prompt" in obj:
+        if _SFT_KEYS & set(obj):
             kind = FORMAT_NAMES[detect_format(obj)]
             raise DataError(path, f"this file holds {kind} records: use --objective sft", line=line)
-        raise DataError(
-            path,
-            f"cannot tell the pair format: expected keys {p}/{c}/{r}, or {c}/{r} "
-            "(Anthropic HH), or a field mapping",
-            line=line,
-        )
+        if p not in obj:
+            raise DataError(
+                path,
+                f"cannot tell the pair format: expected keys {p}/{c}/{r}, or {c}/{r} "
+                "(Anthropic HH), or a field mapping",
+                line=line,
+            )
     if p in obj:
         return CONVERSATIONAL if isinstance(obj[p], list) else STRINGS
     value = obj[c] if c in obj else obj[r]
