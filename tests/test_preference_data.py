@@ -15,8 +15,8 @@ from sftune.data.preference import (
     CONVERSATIONAL,
     HH,
     STRINGS,
-    ChatPairEncoder,
     Pair,
+    PairEncoder,
     check_not_pairs,
     parse_pair_fields,
     peek_pairs,
@@ -298,7 +298,7 @@ def test_conversational_tokens_are_the_chat_templates_rendering(llama3_chatml, t
         "chosen": [{"role": "assistant", "content": "6"}],
         "rejected": [{"role": "assistant", "content": "33"}],
     }
-    encoder = ChatPairEncoder(tok)
+    encoder = PairEncoder(tok)
     for pair in read_pairs(jsonl(tmp_path, [CHAT_PAIR, multi_turn])).pairs:
         tokens = encoder.encode(pair)
         for response, ids, mask in (
@@ -362,3 +362,49 @@ def test_parquet_rows_have_the_jsonl_limits(tmp_path, monkeypatch):
     assert error(path).startswith(
         f"{path}:2: this record is 252 bytes of JSON, over the limit of 100 bytes per record"
     )
+
+
+@pytest.mark.parametrize("records", [STRING_PAIRS, [HH_SINGLE, HH_MULTI]])
+def test_string_pair_tokens_are_sfts_documents(llama3_copy, tmp_path, records):
+    tok = llama3_copy
+    encoder = PairEncoder(tok)
+    for pair in read_pairs(jsonl(tmp_path, records)).pairs:
+        tokens = encoder.encode(pair)
+        prompt_part, *responses = render_pair(pair)
+        pairs_of = zip(
+            responses,
+            (tokens.chosen, tokens.rejected),
+            (tokens.chosen_mask, tokens.rejected_mask),
+            strict=True,
+        )
+        for response, ids, mask in pairs_of:
+            sft = jsonl(
+                tmp_path, [{"prompt": _instruction(prompt_part), "response": response}], "sft.jsonl"
+            )
+            sft_tokens, _, sft_mask = build_stream(tok, sft, train_on="assistant")
+            assert sft_tokens[0].tolist() == tokens.prompt + ids
+            assert sft_mask[0].tolist() == [False] * len(tokens.prompt) + mask.tolist()
+            assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+
+
+def _instruction(prompt_part: str) -> str:
+    """The instruction inside an Alpaca prompt part."""
+    head, tail = render_alpaca("\0", "")[0].split("\0")
+    return prompt_part.removeprefix(head).removesuffix(tail)
+
+
+def test_a_response_that_merges_with_the_prompt_is_tokenized_alone(llama3_copy):
+    tok = llama3_copy
+    pair = Pair("Add 2 and 2.", "\n4", "5")
+    prompt_part = render_pair(pair)[0]
+    assert (
+        tok(prompt_part + "\n4")["input_ids"][: len(tok(prompt_part)["input_ids"])]
+        != (tok(prompt_part)["input_ids"])
+    )  # Llama 3 writes the two newlines as one token
+    tokens = PairEncoder(tok).encode(pair)
+    assert tokens.prompt == tok(prompt_part)["input_ids"]
+    assert tokens.chosen == tok("\n4", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tokens.chosen_mask.all()
+    assert tokens.prompt + tokens.rejected == tok(prompt_part + "5")["input_ids"] + [
+        tok.eos_token_id
+    ]

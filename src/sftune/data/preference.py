@@ -10,11 +10,9 @@ Three forms are recognised from the first record, and every record of a file mus
      "rejected": "\\n\\nHuman: 2+2?\\n\\nAssistant: 5"}
 
 * Strings are rendered as SFT renders a prompt/response record (`render_pair`): the Alpaca
-  template's prompt part, then the response; the encoder ends each response with one EOS.
-* Conversational pairs are rendered by the tokenizer's chat template with SFT's own machinery
-  (`templates.DocumentRenderer`, `tokenize.DocumentEncoder`): `ChatPairEncoder` gives the
-  prompt's token ids and each response's ids and trained mask, and prompt + chosen is exactly
-  the SFT document of the whole conversation. The prompt may also be left inside both
+  template's prompt part, then the response; each response ends with one EOS.
+* Conversational pairs are rendered by the tokenizer's chat template and the prefix rule SFT
+  uses for chats. The prompt may also be left inside both
   responses (TRL's "implicit prompt": `chosen` and `rejected` whole conversations); it is then
   the messages before the final assistant turn, and they must be the same in both.
 * Anthropic HH: the prompt is the longest shared prefix of the two texts that ends at a
@@ -39,6 +37,11 @@ batch of rows at a time. `--fields` maps the file's keys, as for SFT:
     >>> pairs.form, pairs.summary()  # doctest: +SKIP
     ('hh', 'hh.jsonl.gz: 1,000 pairs (Anthropic HH); skipped 240 multi-turn (single_turn)')
     >>> read_pairs("p.parquet", fields=parse_pair_fields("question=prompt,good=chosen,bad=rejected"))  # doctest: +SKIP
+
+`PairEncoder` turns a pair of any form into token ids with SFT's own machinery
+(`templates.DocumentRenderer`, `tokenize.DocumentEncoder`): the prompt's ids once, and each
+response's ids and trained mask, such that prompt + chosen is exactly SFT's document of that
+prompt and response (for a chat: of the whole conversation, as the chat template renders it).
 
 Standard library only at import (like `formats.py`), so the CLI can check a file before torch.
 """
@@ -413,11 +416,13 @@ def render_pair(pair: Pair, tokenizer: Any = None) -> tuple[str, str, str]:
     return texts[0][0], texts[0][1], texts[1][1]
 
 
-class ChatPairTokens(NamedTuple):
-    """A conversational pair as tokens: prompt + chosen is SFT's document of the conversation.
+class PairTokens(NamedTuple):
+    """A pair as token ids: `prompt + chosen` (and `prompt + rejected`) is SFT's document.
 
-    The masks (numpy bool, one per response token) mark the trained tokens: the assistant
-    turns and the EOS, not the whitespace a template writes after an end-of-turn token.
+    The masks (numpy bool, one per response token) mark the trained tokens: for strings and HH
+    every response token and the EOS; for chats the assistant turns and the EOS, as SFT's
+    `--train-on assistant` (not the whitespace a template writes after a special end-of-turn
+    token). Each response ends with exactly one EOS.
     """
 
     prompt: list[int]
@@ -427,16 +432,19 @@ class ChatPairTokens(NamedTuple):
     rejected_mask: Any
 
 
-class ChatPairEncoder:
-    """Encode conversational pairs with SFT's renderer and encoder for one tokenizer.
+class PairEncoder:
+    """Encode pairs of any form with SFT's renderer and encoder (`templates`, `tokenize`).
 
-        >>> enc = ChatPairEncoder(tok)  # doctest: +SKIP
+        >>> enc = PairEncoder(tok)  # doctest: +SKIP
         >>> t = enc.encode(pair)  # doctest: +SKIP
         >>> t.prompt + t.chosen == sft_document_tokens  # doctest: +SKIP
 
-    `encode` raises ValueError (one line; the caller names the file and line) when the template
-    renders the prompt differently inside the conversation, or when the prompt's last token and
-    the response's first merge into one token, so no token boundary separates them.
+    The prompt is tokenized alone and must be the start of each whole document, so that one
+    copy serves both responses. Where a string response's first characters merge with the
+    prompt's last token (Llama 3 writes "\\n\\n" as one token, so a response starting with a
+    newline), the response is tokenized on its own after the prompt's tokens instead (what TRL
+    always does). For a chat the boundary is the template's assistant header; there `encode`
+    raises ValueError (one line; the caller names the file and line) rather than guess.
     """
 
     def __init__(self, tokenizer: Any):
@@ -447,26 +455,48 @@ class ChatPairEncoder:
         self.renderer = DocumentRenderer(tokenizer, "assistant")
         self.encoder = DocumentEncoder(tokenizer, masked=True)
 
-    def encode(self, pair: Pair) -> ChatPairTokens:
+    def encode(self, pair: Pair) -> PairTokens:
         from sftune.data.formats import Record
-        from sftune.data.templates import render_chat
 
-        prompt_part, _ = render_chat([*pair.prompt, *pair.chosen], self.tokenizer, pair.tools)
+        prompt_part, chosen, rejected = render_pair(pair, self.tokenizer)
         prompt_ids = list(self.tokenizer(prompt_part)["input_ids"])
-        out = []
-        for response in (pair.chosen, pair.rejected):
-            messages = (*pair.prompt, *response)
-            # The prompt's turns are never trained; the responses' as --train-on assistant.
-            train = (False,) * len(pair.prompt) + (None,) * len(response)
-            doc = self.renderer.render(Record("", "", messages, pair.line, pair.tools, train))
-            tokens, _, mask = self.encoder.encode(
-                [doc.text], [doc.spans], [doc.ends_with_eos], [doc.eos_trained]
-            )
-            n = len(prompt_ids)
-            if tokens[:n].tolist() != prompt_ids or mask[:n].any():
-                raise ValueError(
-                    "the chat template's prompt does not tokenize as the start of the "
-                    "conversation (its last token merges with the response's first)"
+        out: list[Any] = []
+        if pair.form == CONVERSATIONAL:
+            for response in (pair.chosen, pair.rejected):
+                # The prompt's turns are never trained; the responses' as --train-on assistant.
+                train = (False,) * len(pair.prompt) + (None,) * len(response)
+                messages = (*pair.prompt, *response)
+                doc = self.renderer.render(Record("", "", messages, pair.line, pair.tools, train))
+                split = self._split(
+                    doc.text, doc.spans, doc.ends_with_eos, doc.eos_trained, prompt_ids
                 )
-            out += [tokens[n:].tolist(), mask[n:]]
-        return ChatPairTokens(prompt_ids, *out)
+                if split is None:
+                    raise ValueError(
+                        "the chat template's prompt does not tokenize as the start of the "
+                        "conversation (its last token merges with the response's first)"
+                    )
+                out += split
+            return PairTokens(prompt_ids, *out)
+        for response in (chosen, rejected):
+            text = (
+                prompt_part + response
+            )  # DocumentRenderer's Alpaca document, --train-on assistant
+            split = self._split(text, ((len(prompt_part), len(text)),), False, True, prompt_ids)
+            out += split or self._alone(response)
+        return PairTokens(prompt_ids, *out)
+
+    def _split(self, text, spans, ends_with_eos, eos_trained, prompt_ids) -> list | None:
+        """[response ids, mask] of SFT's document `text` after `prompt_ids`, or None when the
+        document does not start with them."""
+        tokens, _, mask = self.encoder.encode([text], [spans], [ends_with_eos], [eos_trained])
+        n = len(prompt_ids)
+        if tokens[:n].tolist() != prompt_ids or mask[:n].any():
+            return None
+        return [tokens[n:].tolist(), mask[n:]]
+
+    def _alone(self, response: str) -> list:
+        import numpy as np
+
+        ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
+        ids.append(int(self.tokenizer.eos_token_id))
+        return [ids, np.ones(len(ids), bool)]
