@@ -127,6 +127,17 @@ def test_parquet_round_trip(tmp_path):
         assert read_pairs(path).pairs == read_pairs(jsonl(tmp_path, records)).pairs
 
 
+def test_parquet_messages_with_different_keys(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    untrained = {"role": "assistant", "content": "4", "train": False}
+    record = {**CHAT_PAIR, "prompt": [USER, untrained, {"role": "user", "content": "Sure?"}]}
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist([record]), path)
+    assert read_pairs(path).pairs == read_pairs(jsonl(tmp_path, [record])).pairs
+
+
 def test_parquet_bad_row_names_the_row(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

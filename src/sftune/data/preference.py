@@ -14,7 +14,9 @@ Three forms are recognised from the first record, and every record of a file mus
 * Conversational pairs are rendered by the tokenizer's chat template and the prefix rule SFT
   uses for chats. The prompt may also be left inside both
   responses (TRL's "implicit prompt": `chosen` and `rejected` whole conversations); it is then
-  the messages before the final assistant turn, and they must be the same in both.
+  the messages before the final assistant turn, and they must be the same in both. A
+  message's `"train"`/`"weight"` flag is read and checked but not used: the prompt is never
+  trained and every assistant turn of a response is.
 * Anthropic HH: the prompt is the longest shared prefix of the two texts that ends at a
   `"\\n\\nAssistant:"`; the responses are what follows. `single_turn=True` keeps only pairs
   with one Human turn (the course does this); they are rendered as strings, the Human text as
@@ -245,12 +247,22 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
                 # A row's size as JSON, the same bound as a JSON Lines line.
                 if (size := _json_bytes(path, obj, row)) > MAX_RECORD_BYTES:
                     raise _too_large(path, size, row)
-                yield row, obj
+                yield row, _without_nulls(obj)
     except DataError:
         raise
     except Exception as e:  # pyarrow's ArrowInvalid for a file that is not Parquet, OSError, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(path, f"cannot read as Parquet ({first})") from None
+
+
+def _without_nulls(value: Any) -> Any:
+    """A Parquet row with the null fields of its structs dropped: one struct type holds every
+    key any message has, so a message without `train` reads back with `"train": None`."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 # ---- the three forms --------------------------------------------------------------------------
@@ -403,6 +415,8 @@ def render_pair(pair: Pair, tokenizer: Any = None) -> tuple[str, str, str]:
     """
     from sftune.data.templates import render_alpaca, render_chat
 
+    if pair.form == CONVERSATIONAL and tokenizer is None:
+        raise ValueError("a conversational pair is rendered by a tokenizer's chat template")
     if pair.form == HH:
         prompt_part, _ = render_alpaca(hh_instruction(pair.prompt), "")
         return prompt_part, pair.chosen.strip(), pair.rejected.strip()
