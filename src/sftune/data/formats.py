@@ -171,6 +171,13 @@ def data_file(path: str | Path) -> Path:
 _WANTED = "give a .jsonl, .jsonl.gz or .json file of records"
 
 
+def iter_objects(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line, parsed JSON) of each record of a `.jsonl`, `.jsonl.gz` or `.json` file, with every
+    check above (`data_file`, `MAX_RECORD_BYTES`, UTF-8, depth): the reader of other record
+    kinds (`preference.py`), which validate the objects themselves."""
+    return _iter_objects(data_file(path))
+
+
 def _no_records(path: Path) -> DataError:
     return DataError(path, "no records (the file is empty or has only blank lines)")
 
@@ -414,11 +421,13 @@ def _chat_record(path: Path, obj: Any, line: int, key: str, system_prompt: str |
     return Record("", "", chat.messages, line, chat.tools, chat.train)
 
 
-def parse_fields(text: str | None) -> dict[str, str] | None:
+def parse_fields(
+    text: str | None, ours: tuple[str, ...] = CANONICAL_FIELDS
+) -> dict[str, str] | None:
     """`question=prompt,answer=response` -> {"prompt": "question", "response": "answer"}.
 
-    Each pair names one of our fields (prompt, response, messages) on either side; the
-    other side is the file's key.
+    Each pair names one of `ours` (for SFT: prompt, response, messages; for preference pairs:
+    prompt, chosen, rejected) on either side; the other side is the file's key.
 
         >>> parse_fields("question=prompt,answer=response")
         {'prompt': 'question', 'response': 'answer'}
@@ -430,12 +439,10 @@ def parse_fields(text: str | None) -> dict[str, str] | None:
         left, sep, right = (s.strip() for s in pair.partition("="))
         if not sep or not left or not right:
             raise ConfigError(f"--fields: expected SOURCE=TARGET, got {pair!r}")
-        if right in CANONICAL_FIELDS:
+        if right in ours:
             mapping[right] = left
-        elif left in CANONICAL_FIELDS:
+        elif left in ours:
             mapping[left] = right
         else:
-            raise ConfigError(
-                f"--fields: {pair!r} names none of our fields {', '.join(CANONICAL_FIELDS)}"
-            )
+            raise ConfigError(f"--fields: {pair!r} names none of our fields {', '.join(ours)}")
     return mapping
