@@ -5,8 +5,6 @@ import math
 
 import pytest
 import torch
-from tiny import build_tiny_model
-from trainutil import FP64_ATOL, FP64_RTOL
 
 from sftune.train.loss import IGNORE_INDEX, fused_linear_token_logprobs
 from sftune.train.objectives import (
@@ -18,6 +16,8 @@ from sftune.train.objectives import (
     pair_logps,
     pair_loss,
 )
+from tiny import build_tiny_model
+from trainutil import FP64_ATOL, FP64_RTOL
 
 FP64 = dict(rtol=FP64_RTOL, atol=FP64_ATOL)
 
@@ -73,9 +73,7 @@ def test_orpo_odds_ratio_plus_chosen_nll():
     policy, _ = _fixed()
     out = pair_loss("orpo", policy, None, beta=0.1)
     a = [(-10 / 5, -12 / 4), (-4 / 2, -3 / 3)]
-    odds = [
-        (c - r) - (math.log(1 - math.exp(c)) - math.log(1 - math.exp(r))) for c, r in a
-    ]
+    odds = [(c - r) - (math.log(1 - math.exp(c)) - math.log(1 - math.exp(r))) for c, r in a]
     assert out.losses.tolist() == pytest.approx([-0.1 * _logsig(o) for o in odds], rel=1e-13)
     # The step loss adds the chosen NLL token-weighted over the step: (10 + 4) / (5 + 2).
     share = loss_share(out, policy, 2, 7)
@@ -130,7 +128,9 @@ def test_token_logprobs_match_log_softmax(chunk_size):
 def _pairs(n=8, seed=0):
     """n pairs of token sequences (prompt, chosen, rejected), of varied lengths."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda lo, hi: torch.randint(0, 50, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g)  # noqa: E731
+    rand = lambda lo, hi: torch.randint(
+        0, 50, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g
+    )  # noqa: E731
     return [(rand(3, 7), rand(1, 6), rand(2, 9)) for _ in range(n)]
 
 

@@ -28,7 +28,9 @@ def encode_response(tokenizer: Any, prompt: str, response: str) -> tuple[list[in
     """(token ids with the EOS, whether each token is scored) of one Alpaca-rendered example."""
     doc = DocumentRenderer(tokenizer, "assistant").render(Record(prompt, response))
     encoder = DocumentEncoder(tokenizer, masked=True)
-    tokens, _, mask = encoder.encode([doc.text], [doc.spans], [doc.ends_with_eos], [doc.eos_trained])
+    tokens, _, mask = encoder.encode(
+        [doc.text], [doc.spans], [doc.ends_with_eos], [doc.eos_trained]
+    )
     return tokens.tolist(), mask.tolist()
 
 

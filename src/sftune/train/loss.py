@@ -191,7 +191,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 
-def _chunk_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(label) per row, 0 where ignored; log-sum-exp per row), in at least fp32."""
     x = upcast(logits)
     lse = torch.logsumexp(x, dim=-1)
