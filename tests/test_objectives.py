@@ -128,9 +128,11 @@ def test_token_logprobs_match_log_softmax(chunk_size):
 def _pairs(n=8, seed=0):
     """n pairs of token sequences (prompt, chosen, rejected), of varied lengths."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda lo, hi: torch.randint(
-        0, 50, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g
-    )  # noqa: E731
+
+    def rand(lo: int, hi: int) -> torch.Tensor:
+        length = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(0, 50, (length,), generator=g)
+
     return [(rand(3, 7), rand(1, 6), rand(2, 9)) for _ in range(n)]
 
 
@@ -174,3 +176,16 @@ def test_accumulation_does_not_change_the_gradient(objective):
     assert any(g.abs().max() > 0 for g in one.values())
     for name, grad in one.items():
         torch.testing.assert_close(four[name], grad, **FP64, msg=name)
+
+
+def test_orpo_stays_finite_for_a_likely_chosen_response():
+    # Averaged log-prob -1e-12: 1 - e^a rounds to 1e-12 with 4 digits lost in log1p(-exp(a)).
+    t = lambda *v: torch.tensor(v, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    n = torch.ones(1, dtype=torch.float64)
+    policy = PairLogps(t(-1e-12), t(-2.0), n, n)
+    out = pair_loss("orpo", policy, None, beta=0.1)
+    c, r = -1e-12, -2.0
+    odds = (c - r) - (math.log(-math.expm1(c)) - math.log1p(-math.exp(r)))
+    assert out.losses.item() == pytest.approx(-0.1 * _logsig(odds), rel=1e-14)
+    loss_share(out, policy, 1, 1).backward()
+    assert torch.isfinite(policy.chosen.grad).all()

@@ -35,6 +35,7 @@ reference DPO gives loss ln 2, margins 0 and accuracy 0 (a tie is not a win, as 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -116,9 +117,14 @@ def simpo(policy: PairLogps, beta: float, gamma: float, nll_weight: float = 0.0)
 def orpo(policy: PairLogps, beta: float) -> PairLoss:
     """ORPO's odds-ratio term; `loss_share` adds the chosen NLL (weight 1)."""
     c, r = (upcast(t) for t in policy.averaged())
-    # log(1 - p) from log p: log1p(-exp(a)); a < 0 for any response of at least one token.
-    log_odds = (c - r) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(r)))
+    log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
     return _result(-beta * F.logsigmoid(log_odds), c, r, 0.0, 0.0, beta, 1.0)
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^a) for a < 0: TRL's log1p(-exp(a)), but through expm1 near 0 (a likely
+    response), where 1 - e^a rounds away; the same value elsewhere (Maechler's split at -ln 2)."""
+    return torch.where(a > -math.log(2), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
 
 
 def pair_loss(
