@@ -9,6 +9,12 @@ tokens, e.g. with --response-only) too heavily, which is the known accumulation 
 `fused_linear_cross_entropy` computes `hidden @ weight.T` chunk by chunk, turns each chunk of
 logits straight into its loss and its gradients, and frees it: the full (tokens x vocab) fp32
 logits (8 GiB for 16k tokens of Llama 3's 128k vocabulary) never exist.
+
+`fused_linear_token_logprobs` is its per-token form for the preference objectives
+(train/objectives.py): log p(label) of every row, 0 where the label is -100. A pair's loss is
+not linear in its tokens' log-probs, so the gradient of a row is known only in backward; the
+forward keeps each row's log-sum-exp (N floats) and backward recomputes the logits chunk by
+chunk: one GEMM more than the cross-entropy, and still never all the logits at once.
 """
 
 from __future__ import annotations
@@ -146,3 +152,81 @@ def fused_linear_cross_entropy(
         return total * upcast(scale)
     chunk_fn = compiled_ce_chunk() if compiled else ce_chunk
     return _FusedLinearCE.apply(hidden, weight, labels, upcast(scale), chunk_size, chunk_fn)
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """log_softmax(h_i @ W^T)[y_i] per row, chunk by chunk; backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, compiled):  # type: ignore[override]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logps = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        lse = torch.empty_like(logps)
+        chunk_fn = compiled_logprob_chunks()[0] if compiled else logprob_chunk
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logps[rows], lse[rows] = chunk_fn(hidden[rows] @ weight.t(), labels[rows])
+        ctx.chunk_size, ctx.compiled = chunk_size, compiled
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        # A frozen head (LoRA) needs no weight gradient: one GEMM per chunk saved.
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_fn = compiled_logprob_chunks()[1] if ctx.compiled else logprob_chunk_grad
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h = hidden[rows]
+            grad = grad_fn(h @ weight.t(), labels[rows], lse[rows], grad_out[rows])
+            if need_h:
+                torch.mm(grad, weight, out=grad_h[rows])
+            if need_w:
+                _accumulate_wgrad(grad_w, grad, h)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def logprob_chunk(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label) per row, 0 where ignored; log-sum-exp per row), in at least fp32."""
+    x = upcast(logits)
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return (picked - lse) * (labels != IGNORE_INDEX), lse
+
+
+def logprob_chunk_grad(
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor
+) -> torch.Tensor:
+    """d(sum_i grad_out_i * logp_i) / d logits = (one_hot - softmax) * grad_out on scored rows,
+    in the logits' dtype; softmax from the forward's log-sum-exp."""
+    x = upcast(logits)
+    one_hot = torch.arange(x.shape[1], device=x.device).unsqueeze(0) == labels.unsqueeze(1)
+    g = (grad_out * (labels != IGNORE_INDEX)).to(x.dtype).unsqueeze(1)
+    return ((one_hot.to(x.dtype) - torch.exp(x - lse.unsqueeze(1))) * g).to(logits.dtype)
+
+
+@functools.cache
+def compiled_logprob_chunks():
+    """`logprob_chunk` and `logprob_chunk_grad` under torch.compile (dynamic sizes)."""
+    return (
+        torch.compile(logprob_chunk, dynamic=True),
+        torch.compile(logprob_chunk_grad, dynamic=True),
+    )
+
+
+def fused_linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """Per-row `log_softmax(hidden @ weight.T)[labels]` (N,), 0 where labels is -100, in at
+    least fp32, without materialising all logits (see the module docstring). `compiled` runs
+    each chunk's log-softmax and gradient as compiled kernels (GPU)."""
+    return _FusedLinearLogprobs.apply(hidden, weight, labels, chunk_size, compiled)
