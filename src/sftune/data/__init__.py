@@ -8,6 +8,9 @@ The modules, in the order a file goes through them:
 
     formats.py    read and validate records; `peek` checks a file's first record   stdlib only
     chat.py       a chat record as OpenAI messages: roles, tool calls, turn flags   stdlib only
+    chat_templates.py  the shipped --chat-template ones (chatml, llama3); read FILE  stdlib only
+    limits.py     time and size limits on rendering a chat template                stdlib only
+    preference.py preference pairs (3 forms; jsonl, gz, Parquet) -> token ids        stdlib only
     templates.py  render a record and find its trained characters (`--train-on`)   stdlib only
     tokenize.py   encode rendered documents into one file-order token stream        numpy
     cache.py      keep that stream on disk, keyed by file, tokenizer and settings   numpy
