@@ -216,3 +216,26 @@ def test_pairs_refuse_the_test_split_and_bad_rows(pairs, tmp_path, capsys):
     good = _samples(tmp_path / "good.jsonl", [row])
     assert pairs.main([str(good), str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_text() == "mine\n"
+
+
+def test_each_prompt_is_rendered_as_trained_and_gets_its_own_answers(
+    model, gsm8k, tmp_path, monkeypatch
+):
+    """The model sees each prompt in the Alpaca template (as `sftune train` rendered it), and
+    each row gets the answers to its own prompt although the rows are generated longest first."""
+    from sftune.data.templates import render_alpaca
+    from sftune.train import generate as gen_mod
+
+    batches: list[int] = []
+
+    def echo(module, tokenizer, prompts, **kw):  # answers each prompt with its own text
+        batches.append(len(prompts))
+        return [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+
+    monkeypatch.setattr(gen_mod, "generate_batch", echo)
+    out = tmp_path / "samples.jsonl"
+    flags = ["--num-samples", "2", "--temperature", "1", "--batch-size", "3"]
+    assert _generate(model, gsm8k, out, *flags) == 0
+    assert batches == [3, 3, 2]
+    for row, question in zip(_rows(out), QUESTIONS, strict=True):
+        assert row["outputs"] == [render_alpaca(question, "")[0]] * 2
