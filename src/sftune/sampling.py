@@ -26,7 +26,8 @@ lengths, and a batch too large for memory fails at once) and generated `--batch-
 time, left-padded, each row stopping at its own EOS. The random stream is seeded once
 (`--seed`): the same seed, data and settings give the same samples. The file is written once,
 atomically, when every sample is in: an interrupted run leaves no file behind, and `--out`
-never replaces an existing file.
+never replaces an existing file. Importing this module imports no torch: the CLI checks the
+flags and every record first.
 """
 
 from __future__ import annotations

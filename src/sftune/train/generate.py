@@ -7,6 +7,9 @@ answer ends.
     sftune generate --model runs/x/final --prompt "Hi" --system-prompt "Answer in French."
     sftune generate --model runs/x/final --messages chat.json   # its next assistant turn
     sftune generate --model runs/x/final                        # a chat on the terminal
+    answers = generate_batch(module, tokenizer, [ids_a, ids_b], max_new_tokens=128)
+    sftune generate --model runs/x/final --data train.jsonl --num-samples 4 \
+        --temperature 0.7 --out samples.jsonl     # K answers per record: sftune.sampling
 
 A `--messages` file is a conversation as JSON: a list of messages, or an object with
 `messages` and `tools` (OpenAI's shape, validated as training chats are); the model writes the
@@ -177,8 +180,9 @@ def generate_batch(
     with its KV cache). The prompts are left-padded to one width and masked, so each row
     continues from its own last token, its positions counted from its own first token; a row
     stops at its own EOS (or end-of-turn token, or stop string) while the others go on.
-    Greedy, a row's answer is the one it gets alone; sampled, the draws depend on the batch
-    (one random stream feeds all rows), so the same seed and batches give the same samples.
+    Greedy in fp64, a row's answer is the one it gets alone (tests/test_sampling.py); in bf16
+    the batch's shapes may round a near tie the other way. Sampled, the draws depend on the
+    batch (one random stream feeds all rows): the same seed and batches give the same samples.
     """
     was_training = module.training
     module.eval()
