@@ -239,3 +239,20 @@ def test_each_prompt_is_rendered_as_trained_and_gets_its_own_answers(
     assert batches == [3, 3, 2]
     for row, question in zip(_rows(out), QUESTIONS, strict=True):
         assert row["outputs"] == [render_alpaca(question, "")[0]] * 2
+
+
+def test_an_interrupt_leaves_no_file(model, gsm8k, tmp_path, monkeypatch):
+    from sftune.train import generate as gen_mod
+
+    calls: list[int] = []
+
+    def interrupted(module, tokenizer, prompts, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return ["x"] * len(prompts)
+
+    monkeypatch.setattr(gen_mod, "generate_batch", interrupted)
+    out = tmp_path / "samples.jsonl"
+    assert _generate(model, gsm8k, out, "--batch-size", "2") == 130
+    assert calls == [2, 2] and not out.exists() and not list(tmp_path.glob(".samples*"))
