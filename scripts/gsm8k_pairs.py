@@ -61,10 +61,13 @@ def pair_of(row: dict, gold_field: str) -> tuple[dict | None, str]:
         return None, "skipped"
     chosen, kind = (right[0], "sampled") if right else (row[gold_field], "gold")
     rejected = wrong[0]
+    pair = {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected}
     if not isinstance(row["prompt"], str):  # a chat: the conversational pair form
-        chosen = [{"role": "assistant", "content": chosen}]
-        rejected = [{"role": "assistant", "content": rejected}]
-    return {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected}, kind
+        pair["chosen"] = [{"role": "assistant", "content": chosen}]
+        pair["rejected"] = [{"role": "assistant", "content": rejected}]
+        if row.get("tools"):
+            pair["tools"] = row["tools"]  # the chat's tool definitions, as sampled with
+    return pair, kind
 
 
 def _refuse_test(path: str | Path, what: str) -> None:
