@@ -5,6 +5,8 @@
     sftune generate --model DIR --prompt "..."           # a response, stopping where it ends
     sftune generate --model DIR --messages chat.json     # a conversation's next assistant turn
     sftune generate --model DIR                          # an interactive chat (on a terminal)
+    sftune generate --model DIR --data FILE --num-samples K --temperature 0.7 --out S.jsonl
+                                                         # K answers per record (sftune.sampling)
     sftune prepare  DATA --tokenizer TOK --seq-length N  # build and cache a packed dataset
     sftune eval     --model DIR --tasks gsm8k --task-data gsm8k=test.jsonl   # lm-eval accuracy
     sftune export   RUN/checkpoints/step_N --out DIR     # a checkpoint as a model directory
@@ -310,11 +312,28 @@ def add_generate(parser: argparse.ArgumentParser) -> None:
         help="a conversation as JSON (a list of messages, or {messages, tools}): the model "
         "writes its next assistant turn",
     )
+    what.add_argument(
+        "--data",
+        metavar="FILE",
+        help="answer every record's prompt (as sftune's SFT readers read it), writing --out",
+    )
     parser.add_argument(
         "--system-prompt",
         help="a system message to open the chat with (default: the one the model was tuned "
         "with, if any)",
     )
+    batch = parser.add_argument_group("batch sampling (--data)")
+    batch.add_argument("--out", metavar="FILE", help="the samples file to write (JSON Lines, new)")
+    batch.add_argument(
+        "--num-samples", type=int, default=None, help="answers per prompt (default: 1)"
+    )
+    batch.add_argument(
+        "--batch-size", type=int, default=None, help="rows generated together (default: 32)"
+    )
+    batch.add_argument(
+        "--limit", type=int, default=None, help="only the first N records (default: all)"
+    )
+    batch.add_argument("--fields", help="field mapping, e.g. question=prompt,answer=response")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling"
@@ -341,6 +360,15 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SftuneError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.max_new_tokens < 1:
         raise SftuneError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.data is not None:
+        return _run_sampling(args)
+    given = [
+        f
+        for f in ("out", "num_samples", "batch_size", "limit", "fields")
+        if getattr(args, f) is not None
+    ]
+    if given:
+        raise SftuneError(f"generate: --{given[0].replace('_', '-')} needs --data FILE")
     interactive = args.prompt is None and args.messages is None
     if interactive and not sys.stdin.isatty():
         raise SftuneError(
@@ -373,6 +401,58 @@ def run_generate(args: argparse.Namespace) -> int:
         print(gen.reply(messages, tools))
     else:
         print(gen.answer(args.prompt))
+    return 0
+
+
+def _run_sampling(args: argparse.Namespace) -> int:
+    """`generate --data FILE --out samples.jsonl`: see sftune.sampling."""
+
+    def given(value: int | None, default: int) -> int:
+        return default if value is None else value
+
+    k, batch, limit = given(args.num_samples, 1), given(args.batch_size, 32), given(args.limit, 0)
+    if args.out is None:
+        raise SftuneError("generate --data: give --out FILE, the samples file to write")
+    for flag, value, low in (
+        ("--num-samples", k, 1),
+        ("--batch-size", batch, 1),
+        ("--limit", limit, 0),
+    ):
+        if value < low:
+            raise SftuneError(f"{flag} must be >= {low}, got {value}")
+    if k > 1 and args.temperature == 0:
+        raise SftuneError(
+            f"--num-samples {k} with greedy decoding gives {k} copies of one answer: "
+            "give --temperature > 0"
+        )
+    from sftune import sampling
+    from sftune.data.formats import parse_fields
+
+    out = sampling.check_out(args.out)
+    # Checked before the model loads: a bad record costs a moment, not a model load.
+    prompts = sampling.read_prompts(args.data, parse_fields(args.fields), limit)
+    check_environment(args.model)
+    from sftune.train.generate import load_generator
+
+    gen = load_generator(
+        args.model,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        fmt=args.format,
+        system_prompt=args.system_prompt,
+        chat=any(p.is_chat for p in prompts),
+        dtype=args.dtype,
+        device=args.device,
+    )
+    outputs = sampling.sample(gen, prompts, k, batch, sampling.print_progress)
+    sampling.write_samples(out, args.data, prompts, outputs)
+    print(
+        f"sftune: generate: {len(prompts):,} prompts x {k} samples ({gen.fmt} prompts) "
+        f"written to {out}",
+        file=sys.stderr,
+    )
     return 0
 
 

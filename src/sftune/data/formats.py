@@ -107,16 +107,30 @@ def iter_records(
     message. Raises `DataError` for a missing or empty file and for any bad line (the records
     before it have been yielded already).
     """
+    for record, _ in iter_sourced_records(path, fields, system_prompt):
+        yield record
+
+
+def iter_sourced_records(
+    path: str | Path,
+    fields: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    *,
+    need_response: bool = True,
+) -> Iterator[tuple[Record, dict[str, Any]]]:
+    """`iter_records`, each record with the JSON object it was read from (`sftune generate
+    --data` keeps the source's other fields, e.g. GSM8K's `answer`). Without `need_response`,
+    a record may lack its response (`output`): a file of prompts to answer."""
     path = data_file(path)
     parse = shape = None
     count = 0
     for line_no, obj in _iter_objects(path):
         if parse is None:
-            parse, shape = _parser_for(path, line_no, obj, fields, system_prompt)
+            parse, shape = _parser_for(path, line_no, obj, fields, system_prompt, need_response)
             first_line = line_no
         elif not fields:
             _check_same_shape(path, line_no, obj, shape, first_line)
-        yield parse(obj, line_no)
+        yield parse(obj, line_no), obj
         count += 1
     if count == 0:
         raise _no_records(path)
@@ -347,6 +361,7 @@ def _parser_for(
     first: Any,
     fields: Mapping[str, str] | None,
     system_prompt: str | None,
+    need_response: bool = True,
 ) -> tuple[Callable[[Any, int], Record], str]:
     """(a function (obj, line) -> Record, the shape's name) for the shape of the first record."""
     fields = _check_fields(path, fields)
@@ -365,11 +380,14 @@ def _parser_for(
         key = fields.get("messages", _CHAT_KEYS[shape])
         return (lambda obj, line: _chat_record(path, obj, line, key, system_prompt)), shape
     if shape == ALPACA:
-        return (lambda obj, line: _alpaca_record(path, obj, line)), shape
+        return (lambda obj, line: _alpaca_record(path, obj, line, need_response)), shape
     p_key, r_key = fields.get("prompt", "prompt"), fields.get("response", "response")
     return (
         lambda obj, line: Record(
-            _string(path, obj, line, p_key), _string(path, obj, line, r_key), None, line
+            _string(path, obj, line, p_key),
+            _string(path, obj, line, r_key, need_response),
+            None,
+            line,
         )
     ), shape
 
@@ -403,11 +421,11 @@ def _string(path: Path, obj: Any, line: int, key: str, required: bool = True) ->
     return value
 
 
-def _alpaca_record(path: Path, obj: Any, line: int) -> Record:
+def _alpaca_record(path: Path, obj: Any, line: int, need_output: bool = True) -> Record:
     instruction = _string(path, obj, line, "instruction")
     extra = _string(path, obj, line, "input", required=False)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return Record(prompt, _string(path, obj, line, "output"), None, line)
+    return Record(prompt, _string(path, obj, line, "output", need_output), None, line)
 
 
 def _chat_record(path: Path, obj: Any, line: int, key: str, system_prompt: str | None) -> Record:

@@ -7,6 +7,9 @@ answer ends.
     sftune generate --model runs/x/final --prompt "Hi" --system-prompt "Answer in French."
     sftune generate --model runs/x/final --messages chat.json   # its next assistant turn
     sftune generate --model runs/x/final                        # a chat on the terminal
+    answers = generate_batch(module, tokenizer, [ids_a, ids_b], max_new_tokens=128)
+    sftune generate --model runs/x/final --data train.jsonl --num-samples 4 \
+        --temperature 0.7 --out samples.jsonl     # K answers per record: sftune.sampling
 
 A `--messages` file is a conversation as JSON: a list of messages, or an object with
 `messages` and `tools` (OpenAI's shape, validated as training chats are); the model writes the
@@ -144,36 +147,77 @@ def generate(
     same full forward per token (`module.last_logits`), so parameters are gathered in step;
     with sampling, every rank must draw the same numbers (the trainer seeds them alike).
     """
+    if not sharded:
+        return generate_batch(
+            module,
+            tokenizer,
+            [ids],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+        )[0]
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    stops = stop_token_ids(tokenizer)
+    new = _generate_sharded(module, prompt, stops, max_new_tokens, temperature, top_p)
+    module.train(was_training)
+    return _cut_at_stop_strings(tokenizer.decode(new, skip_special_tokens=True))
+
+
+@torch.no_grad()
+def generate_batch(
+    module: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> list[str]:
+    """The decoded continuation of each prompt, generated together (Hugging Face `generate`
+    with its KV cache). The prompts are left-padded to one width and masked, so each row
+    continues from its own last token, its positions counted from its own first token; a row
+    stops at its own EOS (or end-of-turn token, or stop string) while the others go on.
+    Greedy in fp64, a row's answer is the one it gets alone (tests/test_sampling.py); in bf16
+    the batch's shapes may round a near tie the other way. Sampled, the draws depend on the
+    batch (one random stream feeds all rows): the same seed and batches give the same samples.
+    """
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
     stops = stop_token_ids(tokenizer)
-    prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    if sharded:
-        new = _generate_sharded(module, prompt, stops, max_new_tokens, temperature, top_p)
-    else:
-        # Compiled decoder layers would recompile for every KV-cache length: decode eagerly.
-        eager = getattr(torch.compiler, "set_stance", None)
-        stance = eager("force_eager") if eager else contextlib.nullcontext()
-        sampling = (
-            dict(do_sample=True, temperature=temperature, top_p=top_p)
-            if temperature > 0
-            else dict(do_sample=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    width = max(len(ids) for ids in prompts)
+    batch = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in prompts], device=device)
+    mask = torch.tensor(
+        [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device
+    )
+    # Compiled decoder layers would recompile for every KV-cache length: decode eagerly.
+    eager = getattr(torch.compiler, "set_stance", None)
+    stance = eager("force_eager") if eager else contextlib.nullcontext()
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p)
+        if temperature > 0
+        else dict(do_sample=False)
+    )
+    with stance, module.autocast(device.type):
+        out = module.lm.generate(
+            batch,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=pad,
+            stop_strings=list(STOP_STRINGS),
+            tokenizer=tokenizer,
+            **sampling,
         )
-        with stance, module.autocast(device.type):
-            out = module.lm.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id or stops[0],
-                stop_strings=list(STOP_STRINGS),
-                tokenizer=tokenizer,
-                **sampling,
-            )
-        new = out[0, len(ids) :].tolist()
     module.train(was_training)
-    return _cut_at_stop_strings(tokenizer.decode(new, skip_special_tokens=True))
+    return [
+        _cut_at_stop_strings(tokenizer.decode(row, skip_special_tokens=True))
+        for row in out[:, width:].tolist()
+    ]
 
 
 def _generate_sharded(module, ids, stops, max_new_tokens, temperature, top_p) -> list[int]:
@@ -245,15 +289,34 @@ class Generator:
             top_p=self.top_p,
         )
 
-    def answer(self, prompt: str) -> str:
-        return self._run(prompt_ids(self.tokenizer, prompt, self.fmt, self.system_prompt))
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A user prompt's ids, rendered as the model expects (`fmt`, the system prompt)."""
+        return prompt_ids(self.tokenizer, prompt, self.fmt, self.system_prompt)
 
-    def reply(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        """The next assistant turn of a conversation (opened with the system prompt when it
-        has no system message)."""
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """A conversation's ids, ready for the next assistant turn (opened with the system
+        prompt when it has no system message)."""
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self._run(chat_ids(self.tokenizer, messages, tools))
+        return chat_ids(self.tokenizer, messages, tools)
+
+    def answer(self, prompt: str) -> str:
+        return self._run(self.prompt_ids(prompt))
+
+    def reply(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The next assistant turn of a conversation."""
+        return self._run(self.chat_ids(messages, tools))
+
+    def continue_all(self, prompts: list[list[int]]) -> list[str]:
+        """The answers to several prompts' ids, generated in one batch."""
+        return generate_batch(
+            self.module,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+        )
 
 
 def load_generator(
