@@ -74,6 +74,10 @@ def train_args(workdir: Path, out: Path, *extra: str) -> list[str]:
         "0",
         "--output-dir",
         str(out),
+        # These runs are compared exactly, as CPU runs are: on a GPU machine too (a flag given
+        # again in `extra` wins).
+        "--device",
+        "cpu",
         *extra,
     ]
 
@@ -95,5 +99,6 @@ def tiny_config(workdir: Path, out: Path, **over):
         num_samples=0,
         seed=1,
         dtype="fp64",  # runs compared to fp64 rounding noise: see the module doc
+        device="cpu",  # exact comparisons, also where a GPU is present
     )
     return config_mod.from_flat({**values, **over})
