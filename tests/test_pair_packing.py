@@ -159,8 +159,7 @@ def _separate_logps(model, prompts, chosen, rejected):
         sums = []
         for resp in responses:
             seq = torch.from_numpy(np.concatenate([p, resp]))[None]
-            with torch.no_grad():
-                logp = model(input_ids=seq).logits[0].log_softmax(-1)
+            logp = model(input_ids=seq).logits[0].log_softmax(-1)
             at = torch.arange(len(p) - 1, len(seq[0]) - 1)
             sums.append(logp[at, seq[0, at + 1]].sum())
         out.append(torch.stack(sums))
@@ -170,12 +169,11 @@ def _separate_logps(model, prompts, chosen, rejected):
 def _packed_logps(model, packed, attention_mask):
     rows = np.arange(packed.input_ids.shape[0])
     b = packed.batch(rows)
-    with torch.no_grad():
-        logits = model(
-            input_ids=torch.from_numpy(b["input_ids"]),
-            position_ids=torch.from_numpy(b["position_ids"]),
-            attention_mask=attention_mask,
-        ).logits
+    logits = model(
+        input_ids=torch.from_numpy(b["input_ids"]),
+        position_ids=torch.from_numpy(b["position_ids"]),
+        attention_mask=attention_mask,
+    ).logits
     t = {k: torch.from_numpy(v) for k, v in packed.targets(rows).items()}
     logp = logits.log_softmax(-1).flatten(0, 1)[t["source"], t["target"]]
     return sum_by_pair(logp, t["pair"], t["side"], len(t["pairs"]))
@@ -190,7 +188,8 @@ def fp64_case():
     assert packed.stats["rows"] >= 2 and packed.stats["padding"] > 0  # several rows, padded
     assert (np.bincount(packed.pair[packed.pair >= 0]) > 0).all()
     model = build_tiny_model(vocab, dtype=torch.float64, seed=3).eval()
-    return model, pairs, packed, _separate_logps(model, *pairs)
+    with torch.no_grad():
+        return model, pairs, packed, _separate_logps(model, *pairs)
 
 
 def test_packed_logps_equal_two_separate_sequences_fp64(fp64_case):
@@ -198,12 +197,45 @@ def test_packed_logps_equal_two_separate_sequences_fp64(fp64_case):
     assert model.config._attn_implementation == "sdpa"
     mask = attention_mask_4d(packed.segment)  # bool, True = attend: sdpa's attn_mask
     assert mask.dtype == torch.bool and mask.shape == (packed.stats["rows"], 1, 24, 24)
-    got = _packed_logps(model, packed, mask)
+    with torch.no_grad():
+        got = _packed_logps(model, packed, mask)
+        wrong = _packed_logps(model, packed, None)
     assert got.shape == (9, 2)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     # Without the rule (plain causal attention over the row), the log-probs are different:
-    wrong = _packed_logps(model, packed, None)
     assert (wrong - expected).abs().max() > 1e-3
+
+
+def _rms_norm_in_input_dtype(self, hidden_states):
+    """LlamaRMSNorm without its round trip through fp32 (the same math in the input's dtype)."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def test_packed_gradients_equal_two_separate_sequences_fp64(fp64_case, monkeypatch):
+    """The gradient that trains the policy, of a weighted sum of every pair's log-probs.
+
+    transformers' LlamaRMSNorm computes in fp32 even in an fp64 model. The forward is per token,
+    so packed and separate round alike; but the gradient of a shared prompt token is the sum of
+    its chosen and rejected branches, rounded through the fp32 norm once, where the separate
+    sequences round each branch and add them in fp64 (1e-7 apart, measured). The test runs the
+    norm in the model's dtype; the packed layout is unchanged."""
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
+    model, pairs, packed, _ = fp64_case
+    weights = torch.from_numpy(np.random.default_rng(1).normal(size=(9, 2)))
+
+    def grads(logps_fn):
+        model.zero_grad()
+        (logps_fn() * weights).sum().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    expected = grads(lambda: _separate_logps(model, *pairs))
+    got = grads(lambda: _packed_logps(model, packed, attention_mask_4d(packed.segment)))
+    model.zero_grad()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -223,7 +255,8 @@ def test_packed_logps_through_flex_attention_fp64(fp64_case, monkeypatch):
     model.set_attn_implementation("flex_attention")
     try:
         block_mask = flex_block_mask(torch.from_numpy(packed.segment.astype(np.int64)))
-        got = _packed_logps(model, packed, block_mask)
+        with torch.no_grad():
+            got = _packed_logps(model, packed, block_mask)
     finally:
         model.set_attn_implementation("sdpa")
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

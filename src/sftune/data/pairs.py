@@ -109,6 +109,7 @@ from sftune.errors import ConfigError, DataError
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # segment % 3; a padding token's segment is PAD
 PAD = -1
 TRUNCATION = ("refuse", "keep-start", "keep-end")
+_BLOCK = 8192  # pairs written per numpy step, to bound the index memory
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,10 @@ def pack_pairs(
         source=np.full(shape, -1, np.int32),
         stats={},
     )
-    for i, (parts, start) in enumerate(zip(kept, starts.tolist(), strict=True)):
-        _write(out, i, parts, *divmod(start, seq_length))
+    sizes = np.array([[len(x) for x in parts] for parts in kept], dtype=np.int64).reshape(-1, 3)
+    for lo in range(0, len(kept), _BLOCK):
+        hi = min(lo + _BLOCK, len(kept))
+        _write(out, lo, kept[lo:hi], sizes[lo:hi], starts[lo:hi])
     real = int(lengths.sum())
     stats.update(
         pairs=len(kept),
@@ -294,17 +297,24 @@ def _place(lengths: np.ndarray, m: int) -> tuple[np.ndarray, int]:
     return starts, row + (fill > 0)
 
 
-def _write(out: PackedPairs, i: int, parts: list[np.ndarray], row: int, at: int) -> None:
-    """Pair i's tokens, positions, segments and sources into `row` from column `at`."""
-    p, c, r = (len(x) for x in parts)
-    end = at + p + c + r
-    last_prompt = at + p - 1  # its output predicts both c1 and r1
-    out.input_ids[row, at:end] = np.concatenate(parts)
-    out.position_ids[row, at:end] = np.concatenate([np.arange(p + c), p + np.arange(r)])
-    out.segment[row, at:end] = np.repeat(3 * i + np.array([PROMPT, CHOSEN, REJECTED]), [p, c, r])
-    chosen_src = last_prompt + np.arange(c)
-    rejected_src = np.concatenate([[last_prompt], at + p + c + np.arange(r - 1)])
-    out.source[row, at + p : end] = np.concatenate([chosen_src, rejected_src])
+def _write(out: PackedPairs, first: int, kept: list, sizes: np.ndarray, starts: np.ndarray) -> None:
+    """Pairs first, first + 1, ... (their parts `kept`, lengths `sizes` (n, 3), flat `starts`)
+    into the rows: tokens, positions, segments and sources, in one numpy step per array."""
+    p, c = sizes[:, 0], sizes[:, 1]
+    n = sizes.sum(axis=1)
+    w = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # offset within the pair
+    p, c = np.repeat(p, n), np.repeat(c, n)
+    part = (w >= p).astype(np.int64) + (w >= p + c)
+    flat = np.repeat(starts, n) + w
+    tokens = np.concatenate([x for parts in kept for x in parts])
+    out.input_ids.reshape(-1)[flat] = tokens
+    out.position_ids.reshape(-1)[flat] = w - c * (part == REJECTED)  # r continues from p's end
+    out.segment.reshape(-1)[flat] = 3 * np.repeat(np.arange(first, first + len(n)), n) + part
+    # The output before a response token predicts it; the first rejected token's "before" is
+    # the prompt's last token, c + 1 back.
+    back = np.where(w == p + c, c + 1, 1)
+    column = flat % out.input_ids.shape[1]
+    out.source.reshape(-1)[flat] = np.where(part == PROMPT, -1, column - back)
 
 
 def dense_mask(segment: np.ndarray) -> np.ndarray:
