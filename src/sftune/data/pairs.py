@@ -92,6 +92,25 @@ a two-sequence layout would have fed again (`prompt_tokens_saved`); `summary(sta
     >>> packed.source[0].tolist()
     [-1, -1, 1, 2, 1, 4, 5, -1]
 
+How a trainer uses it, per micro-batch of rows (row order is the sampler's; shuffle the pairs
+before packing, as SFT shuffles documents):
+
+    b, t = packed.batch(rows), packed.targets(rows)                 # numpy int64
+    hidden = model.model(input_ids=..., position_ids=b["position_ids"],
+                         attention_mask=flex_block_mask(segment_on_device)).last_hidden_state
+    h = hidden.flatten(0, 1)[t["source"]]                           # only the scored outputs
+    token_logps = <chunked head: log_softmax(h @ W.T)[range, t["target"]]>
+    logps = sum_by_pair(token_logps, t["pair"], t["side"], len(t["pairs"]))   # (n, 2)
+    ref = cached_reference_logps[t["pairs"]]                        # same (n, 2) layout
+
+Token counts per pair and side (IPO, SimPO average per token) are
+sum_by_pair(ones, t["pair"], t["side"], n). One numerical note for fp64 tests of the whole
+step: transformers' LlamaRMSNorm rounds through fp32 even in fp64 models, so gradients of
+packed pairs (a prompt token's chosen and rejected branches summed before that rounding) and
+of separate sequences (summed after it) differ by ~1e-7 relative; the forward is per token and
+agrees to 1e-15. Compare packed with packed (accumulation, world size), or run the norm in the
+model's dtype as tests/test_pair_packing.py does.
+
 This module imports numpy only; the torch helpers import torch when called.
 """
 
