@@ -128,12 +128,12 @@ def test_overlong_pair_is_refused_with_its_line():
     chosen.insert(0, np.array([2]))
     rejected.insert(0, np.array([3]))
     with pytest.raises(DataError) as err:
-        pack_pairs(prompts, chosen, rejected, 12, pad_id=0, source="pairs.jsonl", lines=[1, 7])
+        pack_pairs(prompts, chosen, rejected, 12, pad_id=0, path="pairs.jsonl", lines=[1, 7])
     assert str(err.value).startswith("pairs.jsonl:7: a pair of 16 tokens (prompt 3, chosen 4")
     assert "--truncation keep-start or keep-end" in str(err.value)
     with pytest.raises(DataError, match=r"pairs.jsonl:7: .*no room for the responses.*keep-end"):
         pack_pairs(
-            *_pair(11, 2, 2), 12, pad_id=0, truncation="keep-start", source="pairs.jsonl", lines=[7]
+            *_pair(11, 2, 2), 12, pad_id=0, truncation="keep-start", path="pairs.jsonl", lines=[7]
         )
     with pytest.raises(ConfigError, match="truncation: 'cut' is not one of refuse, keep-start"):
         pack_pairs(*_pair(3, 4, 9), 12, pad_id=0, truncation="cut")

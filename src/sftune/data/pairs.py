@@ -71,7 +71,7 @@ attention (`cu_seqlens`) cannot express "r skips c" and is not used for pairs.
 
 Truncation (`truncation=`). A pair longer than seq_length is:
 
-* `"refuse"`: one line naming the pair's file and line (`source`, `lines`), the default;
+* `"refuse"`: one line naming the pair's file and line (`path`, `lines`), the default;
 * `"keep-start"`: the prompt is kept whole and the responses' tails are cut, the longer one
   first, until the pair fits (each keeps at least one token; a cut response loses its EOS). A
   prompt that leaves fewer than two tokens of room is refused: use keep-end;
@@ -192,12 +192,12 @@ def pack_pairs(
     *,
     pad_id: int,
     truncation: str = "refuse",
-    source: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
     lines: Sequence[int] | None = None,
 ) -> PackedPairs:
     """Pairs i = (prompts[i], chosen[i], rejected[i]) placed whole, in order, into rows.
 
-    A pair that does not fit in the rest of a row starts the next one. `source` and `lines`
+    A pair that does not fit in the rest of a row starts the next one. `path` and `lines`
     (the file and each pair's line in it) only serve the error messages.
     """
     if truncation not in TRUNCATION:
@@ -211,7 +211,7 @@ def pack_pairs(
     kept, stats = [], dict.fromkeys(("truncated", "prompt_cut", "responses_cut"), 0)
     for i, parts in enumerate(zip(prompts, chosen, rejected, strict=True)):
         parts = [np.asarray(x).reshape(-1) for x in parts]
-        where = (str(source or "<pairs>"), None if lines is None else lines[i])
+        where = (str(path or "<pairs>"), None if lines is None else lines[i])
         fitted = _fit(parts, seq_length, truncation, where)
         cut_p = len(fitted[0]) < len(parts[0])
         cut_r = len(fitted[1]) + len(fitted[2]) < len(parts[1]) + len(parts[2])
