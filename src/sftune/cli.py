@@ -375,7 +375,7 @@ def run_generate(args: argparse.Namespace) -> int:
             "generate: give --prompt or --messages FILE (the interactive chat needs a terminal)"
         )
     check_environment(args.model)
-    from sftune.train.generate import chat_loop, load_generator, read_messages
+    from sftune.train.generate import chat_loop, read_messages
 
     # Checked before the model loads: a bad file costs a moment, not a model load.
     messages, tools = read_messages(args.messages) if args.messages else (None, None)
@@ -383,18 +383,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SftuneError(
             f"--system-prompt and {args.messages}'s own system message: give one of them"
         )
-    gen = load_generator(
-        args.model,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        fmt=args.format,
-        system_prompt=args.system_prompt,
-        chat=messages is not None,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    gen = _generator(args, chat=messages is not None)
     if interactive:
         chat_loop(gen)
     elif messages is not None:
@@ -402,6 +391,25 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         print(gen.answer(args.prompt))
     return 0
+
+
+def _generator(args: argparse.Namespace, chat: bool):
+    """The model of `sftune generate`, loaded with the command's sampling and prompt flags
+    (`chat`: the prompts are conversations, rendered with the chat template)."""
+    from sftune.train.generate import load_generator
+
+    return load_generator(
+        args.model,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        fmt=args.format,
+        system_prompt=args.system_prompt,
+        chat=chat,
+        dtype=args.dtype,
+        device=args.device,
+    )
 
 
 def _run_sampling(args: argparse.Namespace) -> int:
@@ -432,20 +440,7 @@ def _run_sampling(args: argparse.Namespace) -> int:
     # Checked before the model loads: a bad record costs a moment, not a model load.
     prompts = sampling.read_prompts(args.data, parse_fields(args.fields), limit)
     check_environment(args.model)
-    from sftune.train.generate import load_generator
-
-    gen = load_generator(
-        args.model,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        fmt=args.format,
-        system_prompt=args.system_prompt,
-        chat=any(p.is_chat for p in prompts),
-        dtype=args.dtype,
-        device=args.device,
-    )
+    gen = _generator(args, chat=any(p.is_chat for p in prompts))
     outputs = sampling.sample(gen, prompts, k, batch, sampling.print_progress)
     sampling.write_samples(out, args.data, prompts, outputs)
     print(
