@@ -117,7 +117,8 @@ def run_train(args: argparse.Namespace) -> int:
     if given.get("resume"):  # the saved run's settings; the given ones may change only some
         from sftune.train.rundir import plan_resume
 
-        cfg = plan_resume(given).cfg
+        # Sizes only: the build verifies every file's hash once, on rank 0.
+        cfg = plan_resume(given, verify_contents=False).cfg
     else:
         cfg = config_mod.from_flat(given)
     check_environment(cfg.model.model, cfg.model.fp8, cfg.optim.optimizer)

@@ -106,14 +106,16 @@ def remove_stale_temps(output_dir: Path, world: World) -> None:
 # ----------------------------------------------------------------------------- verify, resolve
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path:
+def resolve_resume(resume: str, output_dir: Path, contents: bool = True) -> Path:
     """The checkpoint to resume, verified: the path named, or for "latest" the newest in
     `output_dir` that verifies (a line names the newer ones skipped, and why). Rank 0 reads
-    the files; every rank gets its answer, or its one-line error."""
+    the files; every rank gets its answer, or its one-line error. `contents=False` checks the
+    manifest's sizes only, not the SHA-256 of every file (the CLI's early look, which every
+    torchrun rank makes before there is a process group; the build verifies contents)."""
     answer = None
     if distributed.is_main_process():
         try:
-            answer = (str(_find_resume(resume, output_dir)), None)
+            answer = (str(_find_resume(resume, output_dir, contents)), None)
         except SftuneError as e:
             answer = (None, str(e))
     path, error = distributed.broadcast_object(answer)
@@ -122,7 +124,7 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
     return Path(path)
 
 
-def _find_resume(resume: str, output_dir: Path) -> Path:
+def _find_resume(resume: str, output_dir: Path, contents: bool) -> Path:
     if resume != "latest":
         path = Path(resume)
         if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
@@ -130,7 +132,7 @@ def _find_resume(resume: str, output_dir: Path) -> Path:
                 f"{path}: a run directory, not a checkpoint: pass --resume latest --output-dir "
                 f"{path}, or one of its checkpoints/step_*"
             )
-        verify(path)
+        verify(path, contents)
         return path
     found = list_checkpoints(output_dir)
     if not found:
@@ -140,11 +142,11 @@ def _find_resume(resume: str, output_dir: Path) -> Path:
     skipped = []
     for path in reversed(found):
         try:
-            verify(path)
+            verify(path, contents)
         except SftuneError as e:
             skipped.append(f"{path.name} ({e})")
             continue
-        if skipped:
+        if skipped and contents:  # the sizes-only look is provisional: the build's is said
             print(
                 f"sftune: --resume latest: skipped {'; '.join(skipped)}; resuming from {path}",
                 file=sys.stderr,

@@ -98,10 +98,11 @@ class Resume:
     notes: tuple[str, ...]  # what was changed, or that the run starts over
 
 
-def plan_resume(given: dict[str, Any]) -> Resume:
+def plan_resume(given: dict[str, Any], verify_contents: bool = True) -> Resume:
     """The run that `--resume` continues, from the settings given (a CLI's flags and config
     file keys, or every field of a config built in code): refuses, in one line, a change that
-    would train something else (config.resume_settings)."""
+    would train something else (config.resume_settings). `verify_contents=False`: the
+    checkpoint's files are checked by size only (checkpoint.resolve_resume)."""
     resume, out = given["resume"], given.get("output_dir")
     if resume == "latest" and out is None:
         raise SftuneError(
@@ -115,7 +116,11 @@ def plan_resume(given: dict[str, Any]) -> Resume:
             f"only final/ (train further from it with --model {run / 'final'} into a new "
             "--output-dir)"
         )
-    path = None if latest and restartable(run) else checkpoint.resolve_resume(resume, run)
+    path = (
+        None
+        if latest and restartable(run)
+        else checkpoint.resolve_resume(resume, run, verify_contents)
+    )
     saved = config_mod.load((path or run) / "config.yaml")
     trainer: dict = {}
     if path is not None:
