@@ -100,7 +100,7 @@ def train_run(args, recipe: str, dataset, val_dataset, vocab: int, device) -> di
         batches = step.micro_batches(
             dataset, sampler.next_indices(), args.micro_batch, device, varlen=False
         )
-        loss, norm, _ = step.train_step(
+        loss, norm, _, _ = step.train_step(
             built.module, optimizer, scheduler, batches, grad_clip=cfg.optim.grad_clip
         )
         losses.append(loss.detach().float())

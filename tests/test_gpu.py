@@ -101,7 +101,7 @@ def _losses(
         mbs = [
             {k: v[i : i + micro].to(device) for k, v in b.items()} for i in range(0, BATCH, micro)
         ]
-        loss, _, _ = train_step(module, opt, sched, mbs, grad_clip=cfg.optim.grad_clip)
+        loss, _, _, _ = train_step(module, opt, sched, mbs, grad_clip=cfg.optim.grad_clip)
         out.append(float(loss))
     return out
 

@@ -154,7 +154,7 @@ def _poisoned_train_step(monkeypatch, at_step: int, what: str):
     calls = []
 
     def step(module, *args, **kw):
-        loss, norm, count = real(module, *args, **kw)
+        loss, norm, counts, sums = real(module, *args, **kw)
         calls.append(1)
         if len(calls) == at_step:
             if what == "weights":
@@ -164,7 +164,7 @@ def _poisoned_train_step(monkeypatch, at_step: int, what: str):
                 loss = torch.full_like(loss, math.nan)
             else:
                 norm = torch.full_like(norm, math.inf)
-        return loss, norm, count
+        return loss, norm, counts, sums
 
     monkeypatch.setattr(loop, "train_step", step)
 

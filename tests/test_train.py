@@ -241,6 +241,7 @@ def test_finished_run_keeps_what_users_load(workdir, tmp_path):
         "seq_length": 32,
         "data_format": "prompt/response",
         "train_on": "all",
+        "objective": "sft",
     }
 
 

@@ -85,11 +85,20 @@ def check_environment(model: str, fp8: str = "off", optimizer: str = "adamw") ->
         raise SftuneError(f"preset {model!r} is converted from GGUF, which needs: pip install gguf")
 
 
-def check_data(fields: str | None, *paths: str | None) -> None:
-    """The first record of each data file reads as a known format (one line naming the file,
-    line and field otherwise)."""
+def check_data(fields: str | None, *paths: str | None, objective: str = "sft") -> None:
+    """The first record of each data file reads as a known format of the objective's data:
+    SFT records, or preference pairs for dpo/ipo/simpo/orpo (one line naming the file, line
+    and field otherwise, and the objective the file is for)."""
+    from sftune.data import preference
+
+    if objective != "sft":
+        mapping = preference.parse_pair_fields(fields)
+        for path in filter(None, paths):
+            preference.require_pairs(path, mapping, objective)
+        return
     mapping = parse_fields(fields)
     for path in filter(None, paths):
+        preference.check_not_pairs(path)
         peek(path, mapping)
 
 
@@ -123,7 +132,9 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = config_mod.from_flat(given)
     check_environment(cfg.model.model, cfg.model.fp8, cfg.optim.optimizer)
     presets.check_seq_length(cfg.data.seq_length, cfg.model.model)
-    check_data(cfg.data.fields, cfg.data.train_data, cfg.data.val_data)
+    check_data(
+        cfg.data.fields, cfg.data.train_data, cfg.data.val_data, objective=cfg.loss.objective
+    )
     if cfg.tasks.names:
         check_tasks(cfg.tasks.names, cfg.tasks.task_data, cfg.tasks.task_dir)
     from sftune.train.loop import train

@@ -184,6 +184,18 @@ class DataConfig:
         ("refuse", "truncate"),
     )
 
+    truncation: str = _f(
+        "refuse",
+        "preference pairs longer than --seq-length: refuse (stop, naming the pair's file and "
+        "line), keep-start (keep the prompt, cut the responses' tails), keep-end (cut the "
+        "prompt's head first)",
+        ("refuse", "keep-start", "keep-end"),
+    )
+    single_turn: bool = _f(
+        False,
+        "Anthropic HH pairs: keep only those with one Human turn (as the course does)",
+    )
+
 
 # The 8-bit --optimizer choices and the package each needs (its pip extra is the choice's name).
 EIGHT_BIT_OPTIMIZERS = {"adamw8bit": "torchao", "adamw8bit-bnb": "bitsandbytes"}
@@ -224,6 +236,39 @@ class OptimConfig:
         "so it pays off only in runs of thousands of steps; off: torch's fused AdamW on CUDA",
     )
     seed: int = _f(0, "seed for data order, held-out split and initialisation", ge=0, le=2**63 - 1)
+
+
+@dataclass
+class LossConfig:
+    objective: str = _f(
+        "sft",
+        "what is trained: sft (token-weighted cross-entropy on prompt/response or chat "
+        "records); on preference pairs (prompt, chosen, rejected): dpo (sigmoid loss on summed "
+        "log-probs against a reference), ipo (squared loss on per-token log-probs), simpo "
+        "(reference-free, length-normalized, margin --simpo-gamma), orpo (reference-free odds "
+        "ratio plus the chosen response's NLL)",
+        ("sft", "dpo", "ipo", "simpo", "orpo"),
+    )
+    beta: float = _f(
+        0.1,
+        "preference objectives: the temperature beta (dpo, ipo, simpo), ORPO's lambda",
+        gt=0,
+        le=1000,
+    )
+    simpo_gamma: float = _f(0.5, "simpo: the target reward margin gamma", ge=0, le=1000)
+    nll_weight: float = _f(
+        0.0,
+        "dpo, ipo, simpo: add this times the chosen responses' token-weighted NLL (RPO; "
+        "TRL's rpo_alpha); 0: off",
+        ge=0,
+        le=1000,
+    )
+    ref_model: str | None = _f(
+        None,
+        "dpo, ipo: the reference model (a local directory or a preset with the same "
+        "tokenizer); default: the starting --model (with --lora: it without the adapters). Its "
+        "log-probs are computed once before training and cached with the packed pairs",
+    )
 
 
 @dataclass
@@ -353,6 +398,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     adapter: LoraConfig = field(default_factory=LoraConfig)
@@ -702,9 +748,31 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.dist.dist in ("ddp", "none") and (cfg.dist.cpu_offload or cfg.dist.reduce_fp32):
         flag = "--cpu-offload" if cfg.dist.cpu_offload else "--reduce-fp32"
         raise ConfigError(f"{flag} is an FSDP setting: use --dist fsdp (or auto) with it")
+    _validate_objective(cfg)
     for name in cfg.log.backends:
         if name not in REPORT_TO:
             raise ConfigError(f"--report-to: unknown backend {name!r} ({', '.join(REPORT_TO)})")
+
+
+def _validate_objective(cfg: RunConfig) -> None:
+    """The preference settings that only some objectives read."""
+    objective = cfg.loss.objective
+    if cfg.loss.ref_model and objective not in ("dpo", "ipo"):
+        raise ConfigError(
+            f"--ref-model: --objective {objective} "
+            + ("trains on cross-entropy alone" if objective == "sft" else "is reference-free")
+        )
+    if cfg.loss.nll_weight and objective in ("sft", "orpo"):
+        raise ConfigError(
+            f"--nll-weight: --objective {objective} "
+            + ("is the NLL already" if objective == "sft" else "carries the chosen NLL (weight 1)")
+        )
+    if objective != "sft" and (cfg.data.packing != "split" or cfg.data.response_only):
+        flag = "--response-only" if cfg.data.response_only else f"--packing {cfg.data.packing}"
+        raise ConfigError(
+            f"{flag}: an SFT setting; --objective {objective} packs whole pairs and scores the "
+            "responses"
+        )
 
 
 # ----------------------------------------------------------------------------- resume policy

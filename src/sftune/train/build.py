@@ -29,6 +29,8 @@ from sftune.config import RunConfig
 from sftune.data import PackedSFTDataset
 from sftune.data.chat_templates import read_chat_template, set_chat_template
 from sftune.data.formats import CHAT_FORMATS, parse_fields, peek
+from sftune.data.pair_dataset import PackedPairDataset, require_pairs
+from sftune.data.preference import CONVERSATIONAL, check_not_pairs, parse_pair_fields, render_pair
 from sftune.data.sampler import StepSampler
 from sftune.errors import ConfigError, SftuneError
 from sftune.models import (
@@ -38,7 +40,7 @@ from sftune.models import (
     quiet_libraries,
 )
 from sftune.paths import cache_root
-from sftune.train import checkpoint, distributed, fp8, harness, lora, rundir
+from sftune.train import checkpoint, distributed, fp8, harness, lora, reference, rundir
 from sftune.train.distributed import World
 from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
@@ -48,6 +50,7 @@ from sftune.train.module import (
     plan_memory,
     resolve_micro_batch,
 )
+from sftune.train.objectives import build_objective
 from sftune.train.optim import build_optimizer
 
 # Dense bf16 peak of the GPUs people train on (MFU's denominator).
@@ -75,8 +78,9 @@ class Run:
     module: torch.nn.Module
     dist: str  # "none", "ddp" or "fsdp"
     varlen: bool  # flash-attn's variable-length path: batches are flattened to (1, B*T)
-    train_data: PackedSFTDataset
-    val_data: PackedSFTDataset
+    objective: Any  # train/objectives.py: what a step's loss is (SFT's CE, DPO, ...)
+    train_data: PackedSFTDataset | PackedPairDataset  # the objective's data kind
+    val_data: PackedSFTDataset | PackedPairDataset
     sampler: StepSampler
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -138,8 +142,12 @@ def attention_request(cfg: RunConfig, device: torch.device) -> str:
     """--attn, except that document masks on a GPU without flash-attn get FlexAttention.
 
     SDPA with a block-diagonal mask falls back from the flash kernel; FlexAttention skips the
-    masked blocks (measured 25% faster at 4,096 tokens, docs/BENCHMARKS.md).
+    masked blocks (measured 25% faster at 4,096 tokens, docs/BENCHMARKS.md). Preference pairs
+    always carry their mask (the rejected response skips the chosen one), which flash-attn's
+    varlen path cannot express: FlexAttention on a GPU, SDPA with the mask on a CPU.
     """
+    if cfg.loss.objective != "sft" and cfg.model.attn == "auto":
+        return "flex_attention" if device.type == "cuda" else "sdpa"
     if (
         cfg.model.attn == "auto"
         and cfg.data.doc_mask == "on"
@@ -148,6 +156,27 @@ def attention_request(cfg: RunConfig, device: torch.device) -> str:
     ):
         return "flex_attention"
     return cfg.model.attn
+
+
+def objective_note(cfg: RunConfig) -> str | None:
+    """The build's line on a preference objective (None for SFT)."""
+    c = cfg.loss
+    if c.objective == "sft":
+        return None
+    settings = [f"beta {c.beta:g}"]
+    if c.objective == "simpo":
+        settings.append(f"gamma {c.simpo_gamma:g}")
+    if c.nll_weight:
+        settings.append(f"+ {c.nll_weight:g} x chosen NLL (RPO)")
+    reference_note = (
+        "reference-free"
+        if c.objective in ("simpo", "orpo")
+        else f"reference {c.ref_model or 'the starting model'} (log-probs precomputed)"
+    )
+    return (
+        f"objective {c.objective} ({', '.join(settings)}; {reference_note}); pairs packed "
+        "prompt | chosen | rejected, the prompt once, with their attention mask"
+    )
 
 
 def doc_mask_on(cfg: RunConfig, attn: str) -> bool:
@@ -231,15 +260,44 @@ def data_paths(cfg: RunConfig, world: World) -> tuple[str, str | None]:
     return train, cfg.data.val_data or val
 
 
+def data_kind(cfg: RunConfig, train_path: str, val_path: str | None) -> tuple[str, str]:
+    """(the format of the training file, the prompt format "alpaca" or "chat") for the
+    objective: preference pairs for dpo/ipo/simpo/orpo, SFT records for sft (each refused in
+    the other's place, with the flag that reads it)."""
+    paths = [p for p in (train_path, val_path) if p]
+    if cfg.loss.objective == "sft":
+        for path in paths:
+            check_not_pairs(path)
+        fmt = peek(train_path, parse_fields(cfg.data.fields))
+        return fmt, "chat" if fmt in CHAT_FORMATS else "alpaca"
+    fields = parse_pair_fields(cfg.data.fields)
+    fmt, *_ = [require_pairs(path, fields) for path in paths]
+    return fmt, "chat" if fmt == CONVERSATIONAL else "alpaca"
+
+
 def build_datasets(
     cfg: RunConfig, tokenizer, world: World, doc_mask: bool, train_path: str, val_path: str | None
 ) -> Datasets:
-    """Train and validation sets; rank 0 builds the token cache first, the others read it."""
+    """Train and validation sets of the objective's data kind (packed SFT documents, or packed
+    preference pairs); rank 0 builds the token cache first, the others read it."""
     if not val_path and cfg.data.val_fraction <= 0:
         raise ConfigError("no --val-data and --val-fraction 0: nothing to validate on")
     split = {} if val_path else dict(holdout_fraction=cfg.data.val_fraction)
 
     def make(path, shuffle, **kw):
+        if cfg.loss.objective != "sft":
+            return PackedPairDataset(
+                tokenizer,
+                path,
+                cfg.data.seq_length,
+                shuffle,
+                seed=cfg.optim.seed,
+                fields=parse_pair_fields(cfg.data.fields),
+                truncation=cfg.data.truncation,
+                single_turn=cfg.data.single_turn,
+                verbose=world.is_main,
+                **kw,
+            )
         return PackedSFTDataset(
             tokenizer,
             path,
@@ -282,6 +340,8 @@ def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[SampleProm
     """`n` validation documents, spread over the set, ready to generate from."""
     from sftune.data import render_record
 
+    if isinstance(val, PackedPairDataset):
+        return pair_sample_prompts(n, val, tokenizer)
     out = []
     for r in val.sample_records(n):
         prompt_part, _ = render_record(r, tokenizer)
@@ -294,6 +354,21 @@ def sample_prompts(n: int, val: PackedSFTDataset, tokenizer) -> tuple[SampleProm
         if r.tools:
             record["tools"] = list(r.tools)
         out.append(SamplePrompt(chat_summary(r.messages[:last], r.tools), prompt_part, record))
+    return tuple(out)
+
+
+def pair_sample_prompts(n: int, val: PackedPairDataset, tokenizer) -> tuple[SamplePrompt, ...]:
+    """`n` held-out pairs' prompts; samples.jsonl keeps the chosen and rejected responses."""
+    out = []
+    for pair in val.sample_records(n):
+        prompt_part, _, _ = render_pair(pair, tokenizer)
+        record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+        if pair.form == CONVERSATIONAL:
+            record = {k: list(v) for k, v in record.items()}
+            shown = chat_summary(record["prompt"], pair.tools)
+        else:
+            shown = repr(pair.prompt[-60:] if pair.form == "hh" else pair.prompt[:60])
+        out.append(SamplePrompt(shown, prompt_part, record))
     return tuple(out)
 
 
@@ -408,8 +483,7 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
     if resume_from is not None:  # before the model loads
         paths = {"train_data": train_path, "val_data": val_path}
         rundir.check_data(digests, resumed.trainer.get("data"), paths)
-    fields = parse_fields(cfg.data.fields)
-    prompt_format = "chat" if peek(train_path, fields) in CHAT_FORMATS else "alpaca"
+    _, prompt_format = data_kind(cfg, train_path, val_path)
 
     lora.check_available(cfg, device, world.world_size)
     task_specs = build_task_specs(cfg)
@@ -432,8 +506,9 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
         notes.append("--max-memory-gib ignored: it caps GPU memory and this run is on the CPU")
     if lock is not None and lock.note:
         notes.append(lock.note)
-    doc_mask = doc_mask_on(cfg, info.attn_implementation)
-    notes.append(f"document-aware packing {_on_off(doc_mask)}")
+    objective = build_objective(cfg, info.attn_implementation)
+    doc_mask = doc_mask_on(cfg, info.attn_implementation) or cfg.loss.objective != "sft"
+    notes.append(objective_note(cfg) or f"document-aware packing {_on_off(doc_mask)}")
     task_format = task_prompt_format(cfg, prompt_format, tokenizer)
     if task_specs:
         notes.append(_task_note(cfg, task_format))
@@ -465,6 +540,10 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
     notes.append(
         checkpoint.check_disk_space(output_dir, built.module, optimizer, cfg, adapter is not None)
     )
+    if objective.needs_reference:  # before a resume loads other weights: the starting model
+        notes += reference.attach_reference(
+            cfg, built.module, adapter, info, tokenizer, device, world, data, objective, micro
+        )
 
     resolved = config_mod.with_values(
         cfg,
@@ -484,7 +563,7 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
         eval_max_sequences=_eval_max_sequences(cfg, device),
         task_batch_size=cfg.tasks.task_batch_size or harness.default_batch_size(device),
         task_prompt_format=task_format,
-        train_on=data.train.train_on,
+        train_on=data.train.train_on if cfg.loss.objective == "sft" else "assistant",
         response_only=False,  # an alias, resolved into train_on
     )
     create_output_dir(output_dir, resolved, world)
@@ -516,6 +595,7 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
         module=built.module,
         dist=built.dist,
         varlen=doc_mask and info.attn_implementation == "flash_attention_2",
+        objective=objective,
         train_data=data.train,
         val_data=data.val,
         sampler=sampler,

@@ -21,10 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-from sftune.data import IGNORE_INDEX
 from sftune.errors import DataError
 from sftune.train import distributed
 from sftune.train.distributed import World
+from sftune.train.objectives import TokenCrossEntropy
 from sftune.train.step import load_batch
 
 
@@ -38,10 +38,11 @@ def eval_items(num_items: int, max_sequences: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_pass(
     module: torch.nn.Module,
     dataset,
     *,
+    objective,
     micro_batch_size: int,
     device: torch.device,
     world: World = World(),
@@ -49,33 +50,37 @@ def evaluate(
     varlen: bool = False,
     on_batch: Callable[[], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
-) -> tuple[float, int]:
-    """(token-weighted mean loss, trained tokens) over the first `eval_items(...)` items of
-    `dataset`, all ranks together. `on_batch` is called after each micro-batch (a progress
-    bar); `stop_requested` is asked before each one and raises EvalInterrupted when it says so
-    (under torchrun it must agree across ranks)."""
+) -> tuple[dict[str, float], int]:
+    """The validation row of `objective` (train/objectives.py: {"val_loss": ...} and, for pairs,
+    the rewards' accuracy and margin) and its count (trained tokens, or pairs) over the first
+    `eval_items(...)` items of `dataset`, all ranks together. `on_batch` is called after each
+    micro-batch (a progress bar); `stop_requested` is asked before each one and raises
+    EvalInterrupted when it says so (under torchrun it must agree across ranks)."""
     was_training = module.training
     module.eval()
     n = eval_items(len(dataset), max_sequences)
     mine = list(range(world.rank, n, world.world_size))
     forwards = torch.tensor([math.ceil(len(mine) / micro_batch_size)], device=device)
     forwards = int(distributed.all_reduce_max(forwards).item())
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, trained tokens
+    # The objective's sums (float64): loss, count, ...
+    totals = torch.zeros(len(objective.EVAL), dtype=torch.float64, device=device)
     for i in range(forwards):
         if stop_requested is not None and stop_requested():
             raise EvalInterrupted
         chunk = mine[i * micro_batch_size : (i + 1) * micro_batch_size]
         b = load_batch(dataset, chunk or [0], device, varlen)
-        loss = module(
-            input_ids=b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids")
-        )
-        count = (b["labels"] != IGNORE_INDEX).sum()
-        totals += torch.stack([loss.double(), count.double()]) * (1.0 if chunk else 0.0)
+        totals += objective.eval_sums(module, b) * (1.0 if chunk else 0.0)
         if on_batch is not None:
             on_batch()
     totals = distributed.all_reduce_sum(totals)
     module.train(was_training)
-    return float(totals[0] / totals[1].clamp(min=1.0)), int(totals[1])
+    return objective.eval_row(totals)
+
+
+def evaluate(module: torch.nn.Module, dataset, **kw) -> tuple[float, int]:
+    """(token-weighted mean loss, trained tokens): `evaluate_pass` of SFT's cross-entropy."""
+    row, tokens = evaluate_pass(module, dataset, objective=TokenCrossEntropy(), **kw)
+    return row["val_loss"], tokens
 
 
 def evaluate_file(

@@ -50,6 +50,7 @@ def tuned_meta(cfg, prompt_format: str, data_format: str | None) -> dict[str, An
     if data_format:  # checkpoints written before sftune recorded it have none
         meta["data_format"] = data_format
     meta["train_on"] = cfg.data.train_on
+    meta["objective"] = cfg.loss.objective  # sft, or the preference objective (dpo, ...)
     if prompt_format == "chat" and cfg.data.system_prompt:
         meta["system_prompt"] = cfg.data.system_prompt  # what it was tuned with
     return meta

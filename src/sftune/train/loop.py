@@ -29,7 +29,7 @@ from sftune.files import atomic_write_text, raise_if_disk_full
 from sftune.train import checkpoint, distributed, harness, lora
 from sftune.train.build import Run, build
 from sftune.train.divergence import Diverged, LossSpikes, check_weights
-from sftune.train.evaluate import EvalInterrupted, eval_items, evaluate
+from sftune.train.evaluate import EvalInterrupted, eval_items, evaluate_pass
 from sftune.train.generate import FORMAT_FILE, generate, tuned_meta
 from sftune.train.metrics import read_metrics, task_curves, task_label
 from sftune.train.progress import ConsoleProgress
@@ -41,6 +41,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # input tokens seen, all ranks
     trained_tokens: int = 0  # label tokens trained on (not -100), all ranks
+    pairs: int = 0  # preference pairs trained on, all ranks (0 for SFT)
     elapsed: float = 0.0  # seconds spent in training steps (not evals or saves), all processes
     eval_pending: bool = False  # this step's validation was interrupted: a resume runs it first
 
@@ -100,9 +101,10 @@ def validate(r: Run, state: TrainState, bar: ConsoleProgress, stop: StopFlag) ->
     n = eval_items(len(r.val_data), r.cfg.log.eval_max_sequences)
     batches = math.ceil(math.ceil(n / r.world.world_size) / mb)
     with bar.eval_bar(batches) as eval_bar:
-        val, tokens = evaluate(
+        row, count = evaluate_pass(
             r.module,
             r.val_data,
+            objective=r.objective,
             micro_batch_size=mb,
             device=r.device,
             world=r.world,
@@ -111,21 +113,32 @@ def validate(r: Run, state: TrainState, bar: ConsoleProgress, stop: StopFlag) ->
             on_batch=eval_bar.update,
             stop_requested=stop.agreed,
         )
+    val = row["val_loss"]
     if not math.isfinite(val):  # weights that are finite but useless: nothing saves them
         raise Diverged(f"non-finite validation loss at step {state.step}", state.step)
-    if tokens == 0:  # the same sequences every pass: this happens at step 0, before training
+    if count == 0:  # the same sequences every pass: this happens at step 0, before training
         raise SftuneError(
-            f"{r.val_data.path}: no trained tokens in the first {n} validation sequence(s) "
+            f"{r.val_data.path}: nothing scored in the first {n} validation sequence(s) "
             f"(--train-on {r.cfg.data.train_on}): raise --eval-max-sequences or check the data"
         )
     r.logger.log(
         state.step,
-        {"val_loss": val, "tokens": state.tokens, "eval_seconds": time.perf_counter() - start},
+        {**row, "tokens": state.tokens, "eval_seconds": time.perf_counter() - start},
     )
-    bar.write(f"step {state.step:>6} | val_loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}")
+    bar.write(f"step {state.step:>6} | {val_line(row)}")
     write_samples(r, state.step, bar)
     r.logger.plot()
     return val
+
+
+def val_line(row: dict[str, float]) -> str:
+    """`val_loss 1.2345 | ppl 3.44`; a preference run's: `val_loss 0.6931 | accuracies 0.0000 |
+    margins 0.0000` (the rewards' accuracy and margin on the held-out pairs)."""
+    val = row["val_loss"]
+    extra = {k.removeprefix("val_rewards/"): v for k, v in row.items() if k != "val_loss"}
+    if not extra:
+        return f"val_loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}"
+    return " | ".join([f"val_loss {val:.4f}", *(f"{k} {v:.4f}" for k, v in extra.items())])
 
 
 def write_samples(r: Run, step: int, bar: ConsoleProgress) -> None:
@@ -198,8 +211,9 @@ def task_model(r: Run) -> torch.nn.Module | None:
 
 
 class Window:
-    """The steps since the last log line: one (loss share, grad norm, trained tokens) tensor each;
-    and the recent losses that a step's loss is compared with to flag a spike."""
+    """The steps since the last log line: one tensor each of (loss share, grad norm, the step's
+    counts, this rank's metric sums), as `train_step` returns them; and the recent losses that a
+    step's loss is compared with to flag a spike."""
 
     def __init__(self, state: TrainState) -> None:
         self.spikes = LossSpikes()
@@ -210,8 +224,10 @@ class Window:
         self.start = time.perf_counter()
         self.start_tokens = state.tokens
 
-    def add(self, loss: torch.Tensor, norm: torch.Tensor, trained: torch.Tensor) -> None:
-        self.steps.append(torch.stack([loss.float(), norm.float(), trained.float()]))
+    def add(self, loss, norm, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        parts = (loss.reshape(1), norm.reshape(1), counts, sums)
+        self.steps.append(torch.cat([t.double() for t in parts]))
+        self.widths = (len(counts), len(sums))
 
 
 def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> None:
@@ -222,12 +238,24 @@ def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> No
     seconds = time.perf_counter() - window.start
     state.elapsed += seconds
     stacked = torch.stack(window.steps)
-    # Each rank holds its share of every step's loss; norm and token counts are already global.
-    stacked[:, 0] = distributed.all_reduce_sum(stacked[:, 0].contiguous())
-    values = stacked.tolist()
-    first = state.step - len(values) + 1
+    # Each rank holds its share of every step's loss and its metric sums; norm and counts are
+    # already global.
+    width = window.widths[0]
+    local = [0, *range(2 + width, stacked.shape[1])]
+    stacked[:, local] = distributed.all_reduce_sum(stacked[:, local].contiguous())
+    first = state.step - len(stacked) + 1
     # Every step of the window goes to metrics.jsonl so curves have full resolution.
-    rows = [{"train_loss": loss, "grad_norm": norm} for loss, norm, _ in values]
+    rows, counted = [], []
+    for step in stacked:
+        counts, sums = step[2 : 2 + width], step[2 + width :]
+        rows.append(
+            {
+                "train_loss": float(step[0]),
+                "grad_norm": float(step[1]),
+                **r.objective.train_row(sums, counts),
+            }
+        )
+        counted.append(r.objective.counters(counts))
     for k, row in enumerate(rows):
         if not all(math.isfinite(v) for v in row.values()):
             for j in range(k):  # the curve up to the divergence
@@ -245,9 +273,11 @@ def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> No
                 f"step {first + k:>6} | warning: loss spike: {row['train_loss']:.4g}, the recent "
                 f"median is {median:.4g} (a lower --lr or a longer --warmup-ratio may help)"
             )
-    state.trained_tokens += int(sum(v[2] for v in values))
+    pairs = sum(p for _, p in counted)
+    state.trained_tokens += sum(t for t, _ in counted)
+    state.pairs += pairs
     tok_s = (state.tokens - window.start_tokens) / max(seconds, 1e-9)
-    loss, norm, _ = values[-1]
+    loss = rows[-1]["train_loss"]
     lr = float(r.scheduler.get_last_lr()[0])
     rows[-1] |= {
         "lr": lr,
@@ -257,13 +287,15 @@ def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> No
         "train_seconds": state.elapsed,  # training steps only, summed across resumes
         "epoch": state.tokens / max(r.tokens_per_epoch, 1),
     }
+    if state.pairs:
+        rows[-1] |= {"pairs": state.pairs, "pairs_per_s": pairs / max(seconds, 1e-9)}
     if r.flops_per_token and r.peak_flops:
         rows[-1]["mfu"] = tok_s * r.flops_per_token / (r.peak_flops * r.world.world_size)
     if r.device.type == "cuda":
         rows[-1]["peak_mem_gib"] = torch.cuda.max_memory_allocated(r.device) / 2**30
     for k, row in enumerate(rows):
         r.logger.log(first + k, row)
-    bar.update(len(values), loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+    bar.update(len(rows), loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
     window.reset(state)
 
 
@@ -403,6 +435,7 @@ def run(r: Run) -> TrainResult:
                         r.optimizer,
                         r.scheduler,
                         batches,
+                        objective=r.objective,
                         world_size=r.world.world_size,
                         grad_clip=cfg.optim.grad_clip,
                     )

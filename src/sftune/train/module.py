@@ -27,7 +27,12 @@ from sftune.config import RunConfig
 from sftune.errors import ConfigError, SftuneError
 from sftune.train import distributed, fp8
 from sftune.train.distributed import World
-from sftune.train.loss import cross_entropy_sum, fused_linear_cross_entropy
+from sftune.train.loss import (
+    cross_entropy_sum,
+    fused_linear_cross_entropy,
+    fused_linear_token_logprobs,
+    upcast,
+)
 
 
 def supports_fused_loss(model: nn.Module) -> bool:
@@ -72,8 +77,22 @@ class CausalLMWithLoss(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
 
-    def forward(self, input_ids, labels, position_ids=None, scale=1.0):
+    def forward(
+        self,
+        input_ids,
+        labels=None,
+        position_ids=None,
+        scale=1.0,
+        attention_mask=None,
+        source=None,
+        target=None,
+    ):
+        """With `labels`: the scaled token-weighted CE. With `source` and `target` (the pair
+        objectives, train/objectives.py): log p(target[k]) at output `source[k]` of the flattened
+        batch (N,), at least fp32; the other outputs never reach the head."""
         with self.autocast(input_ids.device.type):
+            if source is not None:
+                return self._token_logprobs(input_ids, position_ids, attention_mask, source, target)
             if self.fused:
                 return self._fused_loss(input_ids, labels, position_ids, scale)
             logits = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
@@ -86,6 +105,30 @@ class CausalLMWithLoss(nn.Module):
         with self.autocast(input_ids.device.type):
             out = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         return out.logits[:, -1, :].float()
+
+    def _token_logprobs(self, input_ids, position_ids, attention_mask, source, target):
+        if not self.fused:  # a head that is not a plain linear (soft-capping): whole logits
+            out = self.lm(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+            )
+            logits = upcast(out.logits.flatten(0, 1)[source])
+            return logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
+        base = getattr(self.lm, self.lm.base_model_prefix)
+        hidden = base(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+        )[0]
+        weight = self.lm.get_output_embeddings().weight
+        if self.autocast_dtype is not None:
+            hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
+        return fused_linear_token_logprobs(
+            hidden.flatten(0, 1)[source], weight, target, self.chunk_size, self.compiled_loss
+        )
 
     def _fused_loss(self, input_ids, labels, position_ids, scale):
         base = getattr(self.lm, self.lm.base_model_prefix)

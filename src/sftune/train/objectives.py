@@ -202,3 +202,185 @@ def pair_logps(
         sums.append(zeros.index_add(0, index, values * keep))
         counts.append(zeros.index_add(0, index, keep))
     return PairLogps(sums[0], sums[1], counts[0], counts[1])
+
+
+# ----------------------------------------------------------------------------- the seam
+#
+# What the trainer's step and evaluation loop call, whatever the objective (train/step.py,
+# train/evaluate.py, train/loop.py never ask which one runs). A micro-batch is the dict of
+# tensors its dataset's `get_batch` returns. Per micro-batch:
+#
+#     counts = objective.counts(batch)            # (K,) float64: what the step normalises by
+#     share, sums = objective.loss(module, batch, step_counts, world_size)   # backward(share)
+#     objective.train_row(step_sums, step_counts) # the metrics of a step (all ranks summed)
+#     objective.eval_sums(module, batch)          # (E,) float64, summed over a validation pass
+#     objective.eval_row(totals)                  # {"val_loss": ..., ...}, and its count
+
+
+class TokenCrossEntropy:
+    """SFT: the token-weighted cross-entropy of the labels (train/loss.py); a step's count is
+    its trained tokens."""
+
+    name = "sft"
+    needs_reference = False
+    EVAL = ("loss", "tokens")  # what eval_sums returns
+
+    def counts(self, batch) -> torch.Tensor:
+        from sftune.data import IGNORE_INDEX
+
+        return (batch["labels"] != IGNORE_INDEX).sum().reshape(1).double()
+
+    def counters(self, counts: torch.Tensor) -> tuple[int, int]:
+        """(trained tokens, pairs) of a step, from its counts."""
+        return int(counts[0]), 0
+
+    def loss(self, module, batch, step_counts, world_size: int):
+        # DDP and FSDP average each gradient over the ranks, hence the world size.
+        scale = world_size / step_counts[0].clamp(min=1.0)
+        loss = module(
+            input_ids=batch["input_ids"],
+            labels=batch["labels"],
+            position_ids=batch.get("position_ids"),
+            scale=scale.float(),
+        )
+        return loss, loss.new_zeros(0)
+
+    def train_row(self, sums, counts) -> dict[str, float]:
+        return {}
+
+    def eval_sums(self, module, batch) -> torch.Tensor:
+        loss = module(
+            input_ids=batch["input_ids"],
+            labels=batch["labels"],
+            position_ids=batch.get("position_ids"),
+        )
+        return torch.stack([loss.double(), self.counts(batch)[0]])
+
+    def eval_row(self, totals: torch.Tensor) -> tuple[dict[str, float], int]:
+        return {"val_loss": float(totals[0] / totals[1].clamp(min=1.0))}, int(totals[1])
+
+
+class PairPreference:
+    """DPO, IPO, SimPO, ORPO on packed pairs (data/pairs.py): a step's counts are its pairs and
+    its chosen response tokens; the loss of a step is the mean over its pairs (all micro-batches,
+    all ranks) plus the NLL term over its chosen tokens (`loss_share`).
+
+    `mask` builds the pair attention mask (`prompt | chosen | rejected`, the rejected tokens
+    never seeing the chosen ones) in the form the model's attention implementation takes."""
+
+    EVAL = ("loss", "pairs", "accuracies", "margins", "nll", "chosen_tokens")
+
+    def __init__(
+        self, name: str, attn: str, *, beta: float, gamma: float = 0.5, nll_weight: float = 0.0
+    ):
+        if attn == "flash_attention_2":
+            raise ValueError(
+                "--attn flash_attention_2 cannot hold the pair mask (the rejected response "
+                "skips the chosen one): use sdpa or flex_attention"
+            )
+        self.name, self.attn = name, attn
+        self.beta, self.gamma, self.nll_weight = beta, gamma, nll_weight
+        self.needs_reference = name not in REFERENCE_FREE
+
+    def mask(self, segment: torch.Tensor, dtype: torch.dtype):
+        from sftune.data.pairs import attention_mask_4d, flex_block_mask
+
+        if self.attn == "flex_attention":
+            return flex_block_mask(segment)
+        # sdpa takes the bool form (True: attend); eager adds the mask to its scores.
+        return attention_mask_4d(segment, dtype if self.attn == "eager" else None)
+
+    def counts(self, batch) -> torch.Tensor:
+        side = batch["side"]
+        counts = [batch["pair_ids"].numel(), (side == 0).sum(), side.numel()]
+        return torch.stack([torch.as_tensor(c, device=side.device) for c in counts]).double()
+
+    def counters(self, counts: torch.Tensor) -> tuple[int, int]:
+        """(trained tokens: the scored response tokens, pairs) of a step, from its counts."""
+        return int(counts[2]), int(counts[0])
+
+    def policy_logps(self, module, batch) -> PairLogps:
+        """The module's summed response log-probs of each pair of the batch (and the counts)."""
+        dtype = next(module.parameters()).dtype
+        token_logps = module(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=self.mask(batch["segment"], dtype),
+            source=batch["source"],
+            target=batch["target"],
+        )
+        return _pair_logps(token_logps, batch["pair"], batch["side"], batch["pair_ids"].numel())
+
+    def _pair_loss(self, module, batch) -> tuple[PairLoss, PairLogps]:
+        policy = self.policy_logps(module, batch)
+        ref = None
+        if self.needs_reference:
+            ref_logps = batch["ref_logps"].to(policy.chosen.dtype)
+            ref = PairLogps(ref_logps[:, 0], ref_logps[:, 1], *policy[2:])
+        out = pair_loss(
+            self.name, policy, ref, beta=self.beta, gamma=self.gamma, nll_weight=self.nll_weight
+        )
+        return out, policy
+
+    def loss(self, module, batch, step_counts, world_size: int):
+        out, policy = self._pair_loss(module, batch)
+        # DDP and FSDP average each gradient over the ranks, hence the world size.
+        share = loss_share(out, policy, step_counts[0], step_counts[1].clamp(min=1.0))
+        sums = torch.stack([v.double() for v in metric_sums(out).values()])
+        return share * world_size, sums
+
+    def train_row(self, sums, counts) -> dict[str, float]:
+        pairs = max(float(counts[0]), 1.0)
+        return {name: float(v) / pairs for name, v in zip(METRICS, sums.tolist(), strict=True)}
+
+    def eval_sums(self, module, batch) -> torch.Tensor:
+        out, policy = self._pair_loss(module, batch)
+        m = metric_sums(out)
+        counts = self.counts(batch)
+        return torch.stack(
+            [
+                out.losses.sum().double(),
+                counts[0],
+                m["rewards/accuracies"].double(),
+                m["rewards/margins"].double(),
+                -upcast(policy.chosen).sum().double(),
+                counts[1],
+            ]
+        )
+
+    def eval_row(self, totals: torch.Tensor) -> tuple[dict[str, float], int]:
+        t = dict(zip(self.EVAL, totals.tolist(), strict=True))
+        pairs = max(t["pairs"], 1.0)
+        loss = t["loss"] / pairs
+        weight = 1.0 if self.name == "orpo" else self.nll_weight
+        if weight:
+            loss += weight * t["nll"] / max(t["chosen_tokens"], 1.0)
+        row = {
+            "val_loss": loss,
+            "val_rewards/accuracies": t["accuracies"] / pairs,
+            "val_rewards/margins": t["margins"] / pairs,
+        }
+        return row, int(t["pairs"])
+
+
+def _pair_logps(token_logps, pair, side, num_pairs: int) -> PairLogps:
+    """Per-token log-probs summed per pair and side, and the token counts (data/pairs.py)."""
+    from sftune.data.pairs import sum_by_pair
+
+    sums = sum_by_pair(upcast(token_logps), pair, side, num_pairs)
+    ones = torch.ones(token_logps.shape, dtype=sums.dtype, device=sums.device)
+    counts = sum_by_pair(ones, pair, side, num_pairs)
+    return PairLogps(sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1])
+
+
+def build_objective(cfg, attn: str):
+    """--objective as the object the trainer's step calls (see "the seam" above)."""
+    if cfg.loss.objective == "sft":
+        return TokenCrossEntropy()
+    return PairPreference(
+        cfg.loss.objective,
+        attn,
+        beta=cfg.loss.beta,
+        gamma=cfg.loss.simpo_gamma,
+        nll_weight=cfg.loss.nll_weight,
+    )

@@ -2,11 +2,12 @@
 
 Every rank counts the trained tokens of its micro-batches, one all-reduce gives the step's
 global count N, and each micro-batch contributes sum(CE) / N to the loss, so accumulation and
-the number of ranks never change the gradient. Nothing here synchronises the host (no
+the number of ranks never change the gradient. A preference objective counts pairs (and chosen
+tokens) the same way: the step's loss is the mean over all its pairs. Nothing here synchronises the host (no
 `.item()`): the loop reads the returned tensors when it logs.
 
-    loss_share, grad_norm, n_tokens = train_step(
-        module, optimizer, scheduler, batches, world_size=1, grad_clip=1.0)
+    loss_share, grad_norm, counts, metric_sums = train_step(
+        module, optimizer, scheduler, batches, objective=objective, world_size=1, grad_clip=1.0)
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from sftune.data import IGNORE_INDEX
 from sftune.train import distributed
+from sftune.train.objectives import TokenCrossEntropy
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -52,30 +53,30 @@ def train_step(
     scheduler,
     batches: Sequence[dict[str, torch.Tensor]],
     *,
+    objective=None,
     world_size: int = 1,
     grad_clip: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step. Returns (this rank's share of the step loss, grad norm, global trained
-    tokens) as tensors; the shares of all ranks sum to the step's token-weighted mean loss.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step. Returns (this rank's share of the step loss, grad norm, the step's
+    global counts, this rank's metric sums) as tensors; the shares of all ranks sum to the
+    step's loss. `objective` (train/objectives.py; default: SFT's token-weighted CE) says what
+    the counts are (trained tokens; for pairs: pairs and chosen tokens) and computes each
+    micro-batch's share of the loss from them.
 
     `optimizer` is sftune's AdamW (`clip_and_step`); grad_clip 0 turns clipping off.
     """
-    count = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).float()
-    global_count = distributed.all_reduce_sum(count.clone())
-    # DDP and FSDP average each gradient over the ranks, hence the world size.
-    scale = world_size / global_count.clamp(min=1.0)
-    losses = []
+    objective = objective or TokenCrossEntropy()
+    counts = torch.stack([objective.counts(b) for b in batches]).sum(0)
+    global_counts = distributed.all_reduce_sum(counts)
+    losses, sums = [], []
     for i, b in enumerate(batches):
         distributed.set_grad_sync(module, i == len(batches) - 1)
-        loss = module(
-            input_ids=b["input_ids"],
-            labels=b["labels"],
-            position_ids=b.get("position_ids"),
-            scale=scale,
-        )
+        loss, metric_sums = objective.loss(module, b, global_counts, world_size)
         loss.backward()
         losses.append(loss.detach())
+        sums.append(metric_sums)
     grad_norm = optimizer.clip_and_step(grad_clip if grad_clip > 0 else float("inf"))
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).sum() / world_size, grad_norm, global_count  # the loss's dtype
+    share = torch.stack(losses).sum() / world_size  # the loss's dtype
+    return share, grad_norm, global_counts, torch.stack(sums).sum(0)
