@@ -51,7 +51,7 @@ Standard library only at import (like `formats.py`), so the CLI can check a file
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -173,6 +173,55 @@ def peek_pairs(path: str | Path, fields: Mapping[str, str] | None = None) -> str
         _PARSERS[form](path, obj, line, keys)
         return form
     raise DataError(path, "no records (the file is empty or has only blank lines)")
+
+
+def require_pairs(
+    path: str | Path, fields: Mapping[str, str] | None = None, objective: str = "dpo"
+) -> str:
+    """The pair form of `path` (as `peek_pairs`), for a preference objective: a file of SFT
+    records is refused in one line that says which objective needs what, and where to look.
+
+    The message leads with the objective, not the file, because the file is fine for SFT;
+    the `DataError` still carries `path` and `line` for callers that read them.
+    """
+    path = Path(path)
+    keys = _keys(fields)
+    for line, obj in _iter_rows(path):
+        pair_keys = (
+            keys["chosen"] in obj or keys["rejected"] in obj if isinstance(obj, dict) else True
+        )
+        if not pair_keys and _SFT_KEYS & set(obj):
+            kind = FORMAT_NAMES[detect_format(obj)]
+            error = DataError(path, f"looks like SFT data ({kind} records)", line=line)
+            error.args = (
+                f"`--objective {objective}` needs preference pairs (prompt/chosen/rejected): "
+                f"{path}:{line} looks like SFT data ({kind} records); use --objective sft, "
+                "or a file of pairs",
+            )
+            raise error
+        break
+    return peek_pairs(path, fields)
+
+
+def pairs_at_lines(
+    path: str | Path,
+    lines: Iterable[int],
+    fields: Mapping[str, str] | None = None,
+) -> list[Pair]:
+    """The pairs on `lines` of `path` (JSON Lines lines, Parquet rows), in file order: a few
+    records re-read for display without parsing the rest of the file (it stops after the last)."""
+    path = Path(path)
+    keys = _keys(fields)
+    wanted = set(lines)
+    out: list[Pair] = []
+    form = None
+    for line, obj in _iter_rows(path):
+        form = form or pair_format(path, line, obj, keys)
+        if line in wanted:
+            out.append(_PARSERS[form](path, obj, line, keys))
+            if len(out) == len(wanted):
+                break
+    return out
 
 
 def check_not_pairs(path: str | Path) -> None:
@@ -423,11 +472,18 @@ def render_pair(pair: Pair, tokenizer: Any = None) -> tuple[str, str, str]:
     if pair.form == STRINGS:
         prompt_part, _ = render_alpaca(pair.prompt, "")
         return prompt_part, pair.chosen, pair.rejected
+    # The prompt with the generation prompt, rendered from the prompt alone (an empty stand-in
+    # answer): render_chat's own prompt part of a conversation ends before its LAST assistant
+    # turn, which inside a multi-turn response is not where the response starts.
+    stand_in = {"role": ASSISTANT, "content": ""}
+    prompt_part, _ = render_chat([*pair.prompt, stand_in], tokenizer, pair.tools)
     texts = []
     for response in (pair.chosen, pair.rejected):
-        prompt_part, full = render_chat([*pair.prompt, *response], tokenizer, pair.tools)
-        texts.append((prompt_part, full[len(prompt_part) :]))
-    return texts[0][0], texts[0][1], texts[1][1]
+        _, full = render_chat([*pair.prompt, *response], tokenizer, pair.tools)
+        if not full.startswith(prompt_part):
+            raise ValueError("the chat template renders the prompt differently inside the pair")
+        texts.append(full[len(prompt_part) :])
+    return prompt_part, texts[0], texts[1]
 
 
 class PairTokens(NamedTuple):
