@@ -18,7 +18,7 @@ import torch
 from sftune.data.chat_templates import set_chat_template
 from sftune.data.pair_dataset import PackedPairDataset, require_pairs
 from sftune.data.pairs import pack_pairs
-from sftune.data.preference import PairEncoder, check_not_pairs, read_pairs
+from sftune.data.preference import HH, Pair, PairEncoder, check_not_pairs, read_pairs
 from sftune.data.tokenize import build_stream
 from sftune.errors import DataError, SftuneError
 from tiny import byte_tokenizer
@@ -383,3 +383,23 @@ def test_sample_records_are_spread_over_the_set(tok, tmp_path):
     assert [p.line for p in picked] == [1, 4, 7]  # file order, whatever the shuffle
     assert [p.chosen for p in picked] == [records[i]["chosen"] for i in (0, 3, 6)]
     assert len(ds.sample_records(50)) == 10 and ds.sample_records(0) == []
+
+
+def test_a_batch_encodes_each_pair_as_alone(llama3_copy):
+    """One tokenizer call for many pairs gives each pair's own ids, the fallback included (a
+    response starting with "\\n\\n" merges with the prompt's last token in Llama 3)."""
+    pairs = [
+        Pair("Add 2 and 2.", "4", "5"),
+        Pair("Say hi.", "\n\nHi!", "Bye."),  # the chosen side is tokenized alone
+        Pair("\n\nHuman: 2+2?\n\nAssistant:", " 4", " 5", form=HH),
+    ]
+    encoder = PairEncoder(llama3_copy)
+    batched = encoder.encode_batch(pairs)
+
+    def plain(t):
+        return [x.tolist() if isinstance(x, np.ndarray) else x for x in t]
+
+    assert [plain(t) for t in batched] == [plain(encoder.encode(p)) for p in pairs]
+    assert batched[1].chosen == llama3_copy("\n\nHi!", add_special_tokens=False)["input_ids"] + [
+        llama3_copy.eos_token_id
+    ]

@@ -54,7 +54,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,9 @@ from sftune.data.pairs import TRUNCATION, pack_pairs, summary
 from sftune.data.preference import (
     PAIR_FORMAT_NAMES,
     Pair,
+    PairEncodeError,
     PairEncoder,
+    PairTokens,
     _skipped,
     pairs_at_lines,
     parse_pair_fields,
@@ -82,6 +84,7 @@ from sftune.paths import cache_root
 __all__ = ["CACHE_VERSION", "PackedPairDataset", "TokenizedPairs", "require_pairs"]
 
 CACHE_VERSION = 1  # bump whenever the encoding of a pair changes
+ENCODE_BATCH = 512  # pairs rendered and tokenized per tokenizer call
 
 
 class TokenizedPairs:
@@ -146,7 +149,8 @@ def load_or_encode(
 
 def _load_entry(entry: Path) -> TokenizedPairs:
     def load(name: str, mmap: bool = True) -> np.ndarray:
-        return np.load(entry / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+        array = np.load(entry / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+        return array.view(np.ndarray)  # still the mapped pages; slices skip np.memmap's overhead
 
     meta = json.loads((entry / "meta.json").read_text())
     return TokenizedPairs(
@@ -157,14 +161,9 @@ def _load_entry(entry: Path) -> TokenizedPairs:
 def _encode(tokenizer, path: Path, fields, single_turn: bool) -> tuple[dict, dict]:
     """Read and encode every usable pair of `path` (the cache entry's arrays and meta)."""
     pair_file = read_pairs(path, fields, single_turn)
-    encoder = PairEncoder(tokenizer)
     tokens, scored, sizes, lines = [], [], [], []
     identical = pair_file.identical
-    for pair in pair_file.pairs:
-        try:
-            t = encoder.encode(pair)
-        except ValueError as e:
-            raise DataError(path, str(e), line=pair.line) from None
+    for pair, t in zip(pair_file.pairs, _encode_all(tokenizer, path, pair_file.pairs), strict=True):
         # Texts that differ can render to the same ids (HH's responses are stripped, a chat
         # message's flags are not rendered): nothing to learn from, skipped like equal texts.
         if t.chosen == t.rejected and np.array_equal(t.chosen_mask, t.rejected_mask):
@@ -194,6 +193,17 @@ def _encode(tokenizer, path: Path, fields, single_turn: bool) -> tuple[dict, dic
         "pairs": len(lines),
     }
     return arrays, meta
+
+
+def _encode_all(tokenizer, path: Path, pairs: list[Pair]) -> Iterator[PairTokens]:
+    """`PairEncoder.encode_batch` over `pairs`, `ENCODE_BATCH` at a time; an error names its line."""
+    encoder = PairEncoder(tokenizer)
+    for lo in range(0, len(pairs), ENCODE_BATCH):
+        batch = pairs[lo : lo + ENCODE_BATCH]
+        try:
+            yield from encoder.encode_batch(batch)
+        except PairEncodeError as e:
+            raise DataError(path, str(e), line=batch[e.index].line) from None
 
 
 class PackedPairDataset(torch.utils.data.Dataset):

@@ -502,19 +502,30 @@ class PairTokens(NamedTuple):
     rejected_mask: Any
 
 
+class PairEncodeError(ValueError):
+    """A pair that cannot be encoded; `index` is its place in the batch (the caller names the
+    file and line)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
 class PairEncoder:
     """Encode pairs of any form with SFT's renderer and encoder (`templates`, `tokenize`).
 
         >>> enc = PairEncoder(tok)  # doctest: +SKIP
         >>> t = enc.encode(pair)  # doctest: +SKIP
         >>> t.prompt + t.chosen == sft_document_tokens  # doctest: +SKIP
+        >>> enc.encode_batch(pairs)  # doctest: +SKIP  (the same, one tokenizer call per batch)
 
     The prompt is tokenized alone and must be the start of each whole document, so that one
     copy serves both responses. Where a string response's first characters merge with the
-    prompt's last token (Llama 3 writes "\\n\\n" as one token, so a response starting with a
+    prompt's last token (Llama 3 writes "\n\n" as one token, so a response starting with a
     newline), the response is tokenized on its own after the prompt's tokens instead (what TRL
     always does). For a chat the boundary is the template's assistant header; there `encode`
-    raises ValueError (one line; the caller names the file and line) rather than guess.
+    raises ValueError (`PairEncodeError`, one line; the caller names the file and line) rather
+    than guess.
     """
 
     def __init__(self, tokenizer: Any):
@@ -526,43 +537,65 @@ class PairEncoder:
         self.encoder = DocumentEncoder(tokenizer, masked=True)
 
     def encode(self, pair: Pair) -> PairTokens:
+        return self.encode_batch([pair])[0]
+
+    def encode_batch(self, pairs: list[Pair]) -> list[PairTokens]:
+        """`encode` of each pair, with one tokenizer call for the prompts and one for the
+        documents (short texts cost the Rust tokenizer mostly its per-call overhead)."""
+        import numpy as np
+
+        prompts, texts, spans, ends, eos_trained = [], [], [], [], []
+        for i, pair in enumerate(pairs):
+            try:
+                prompt_part, *responses = render_pair(pair, self.tokenizer)
+                docs = self._documents(pair, prompt_part, responses)
+            except ValueError as e:
+                raise PairEncodeError(i, str(e)) from None
+            prompts.append(prompt_part)
+            for doc in docs:
+                for out, value in zip((texts, spans, ends, eos_trained), doc, strict=True):
+                    out.append(value)
+        prompt_ids = self.tokenizer(prompts)["input_ids"] if prompts else []
+        tokens, lengths, mask = self.encoder.encode(texts, spans, ends, eos_trained)
+        if mask is None:
+            mask = np.ones(len(tokens), bool)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        out = []
+        for i, pair in enumerate(pairs):
+            ids = list(prompt_ids[i])
+            parts: list[Any] = []
+            for side in (0, 1):
+                j = 2 * i + side
+                doc = slice(offsets[j], offsets[j + 1])
+                split = _after_prompt(tokens[doc], mask[doc], ids)
+                if split is None and pair.form == CONVERSATIONAL:
+                    raise PairEncodeError(
+                        i,
+                        "the chat template's prompt does not tokenize as the start of the "
+                        "conversation (its last token merges with the response's first)",
+                    )
+                parts += split or self._alone(render_pair(pair, self.tokenizer)[1 + side])
+            out.append(PairTokens(ids, *parts))
+        return out
+
+    def _documents(self, pair: Pair, prompt_part: str, responses: list[str]) -> list[tuple]:
+        """(text, spans, ends_with_eos, eos_trained) of SFT's document of each response."""
         from sftune.data.formats import Record
 
-        prompt_part, chosen, rejected = render_pair(pair, self.tokenizer)
-        prompt_ids = list(self.tokenizer(prompt_part)["input_ids"])
-        out: list[Any] = []
-        if pair.form == CONVERSATIONAL:
-            for response in (pair.chosen, pair.rejected):
-                # The prompt's turns are never trained; the responses' as --train-on assistant.
-                train = (False,) * len(pair.prompt) + (None,) * len(response)
-                messages = (*pair.prompt, *response)
-                doc = self.renderer.render(Record("", "", messages, pair.line, pair.tools, train))
-                split = self._split(
-                    doc.text, doc.spans, doc.ends_with_eos, doc.eos_trained, prompt_ids
-                )
-                if split is None:
-                    raise ValueError(
-                        "the chat template's prompt does not tokenize as the start of the "
-                        "conversation (its last token merges with the response's first)"
-                    )
-                out += split
-            return PairTokens(prompt_ids, *out)
-        for response in (chosen, rejected):
-            text = (
-                prompt_part + response
-            )  # DocumentRenderer's Alpaca document, --train-on assistant
-            split = self._split(text, ((len(prompt_part), len(text)),), False, True, prompt_ids)
-            out += split or self._alone(response)
-        return PairTokens(prompt_ids, *out)
-
-    def _split(self, text, spans, ends_with_eos, eos_trained, prompt_ids) -> list | None:
-        """[response ids, mask] of SFT's document `text` after `prompt_ids`, or None when the
-        document does not start with them."""
-        tokens, _, mask = self.encoder.encode([text], [spans], [ends_with_eos], [eos_trained])
-        n = len(prompt_ids)
-        if tokens[:n].tolist() != prompt_ids or mask[:n].any():
-            return None
-        return [tokens[n:].tolist(), mask[n:]]
+        if pair.form != CONVERSATIONAL:
+            # DocumentRenderer's Alpaca document, --train-on assistant
+            return [
+                (prompt_part + r, ((len(prompt_part), len(prompt_part + r)),), False, True)
+                for r in responses
+            ]
+        docs = []
+        for response in (pair.chosen, pair.rejected):
+            # The prompt's turns are never trained; the responses' as --train-on assistant.
+            train = (False,) * len(pair.prompt) + (None,) * len(response)
+            messages = (*pair.prompt, *response)
+            doc = self.renderer.render(Record("", "", messages, pair.line, pair.tools, train))
+            docs.append((doc.text, doc.spans, doc.ends_with_eos, doc.eos_trained))
+        return docs
 
     def _alone(self, response: str) -> list:
         import numpy as np
@@ -570,3 +603,12 @@ class PairEncoder:
         ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
         ids.append(int(self.tokenizer.eos_token_id))
         return [ids, np.ones(len(ids), bool)]
+
+
+def _after_prompt(tokens: Any, mask: Any, prompt_ids: list[int]) -> list | None:
+    """[response ids, mask] of a document after `prompt_ids`, or None when the document does
+    not start with them (or trains one of them)."""
+    n = len(prompt_ids)
+    if tokens[:n].tolist() != prompt_ids or mask[:n].any():
+        return None
+    return [tokens[n:].tolist(), mask[n:].copy()]  # a copy: not a view pinning the batch's mask
