@@ -7,6 +7,7 @@ tests/test_pair_packing.py's; the readers' cases are tests/test_preference_data.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from pathlib import Path
@@ -403,3 +404,24 @@ def test_a_batch_encodes_each_pair_as_alone(llama3_copy):
     assert batched[1].chosen == llama3_copy("\n\nHi!", add_special_tokens=False)["input_ids"] + [
         llama3_copy.eos_token_id
     ]
+
+
+def test_a_damaged_cache_entry_is_one_line_naming_it(tok, tmp_path):
+    path = jsonl(tmp_path, string_pairs(3))
+    dataset(tok, path)
+    (entry,) = (Path(os.environ["SFTUNE_CACHE_DIR"]) / "pairs").iterdir()
+    np.save(entry / "sizes.npy", np.load(entry / "sizes.npy")[:2])
+    with pytest.raises(SftuneError, match=r"entry .* is damaged \(its arrays disagree") as e:
+        dataset(tok, path)
+    assert str(entry) in str(e.value) and "\n" not in str(e.value)
+    (entry / "tokens.npy").write_bytes(b"not numpy")
+    with pytest.raises(SftuneError, match=r"is damaged \(ValueError: .*\): delete it and rerun$"):
+        dataset(tok, path)
+
+
+def test_gzip_pairs(tok, tmp_path):
+    records = string_pairs(3)
+    gz = tmp_path / "pairs.jsonl.gz"
+    gz.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    a, b = all_rows(dataset(tok, gz)), all_rows(dataset(tok, jsonl(tmp_path, records)))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -148,14 +148,30 @@ def load_or_encode(
 
 
 def _load_entry(entry: Path) -> TokenizedPairs:
+    """The entry's arrays, checked against each other: a damaged entry (a disk error, a hand
+    edit) is one line naming it, never pairs silently cut or shifted."""
+
     def load(name: str, mmap: bool = True) -> np.ndarray:
         array = np.load(entry / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
         return array.view(np.ndarray)  # still the mapped pages; slices skip np.memmap's overhead
 
-    meta = json.loads((entry / "meta.json").read_text())
-    return TokenizedPairs(
-        load("tokens"), load("scored"), load("sizes", False), load("lines", False), meta
-    )
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        tokens, scored = load("tokens"), load("scored")
+        sizes, lines = load("sizes", False), load("lines", False)
+    except (OSError, ValueError) as e:
+        raise _damaged(entry, f"{type(e).__name__}: {e}") from None
+    n = meta.get("pairs") if isinstance(meta, dict) else None
+    if sizes.shape != (n, 3) or lines.shape != (n,) or tokens.shape != scored.shape:
+        raise _damaged(entry, "its arrays disagree in length")
+    if tokens.shape != (int(sizes.sum()),) or tokens.dtype != np.int32 or scored.dtype != bool:
+        raise _damaged(entry, "its token arrays do not match the pair sizes")
+    return TokenizedPairs(tokens, scored, sizes, lines, meta)
+
+
+def _damaged(entry: Path, why: str) -> SftuneError:
+    first = why.strip().splitlines()[0] if why.strip() else why
+    return SftuneError(f"the pair cache entry {entry} is damaged ({first}): delete it and rerun")
 
 
 def _encode(tokenizer, path: Path, fields, single_turn: bool) -> tuple[dict, dict]:
