@@ -183,6 +183,12 @@ class DataConfig:
         "start, drop the rest)",
         ("refuse", "truncate"),
     )
+    # Preference pairs (sftune.data.pair_dataset), beside --objective's section.
+    single_turn: bool = _f(
+        False,
+        "preference pairs in Anthropic HH's raw form: keep only single-turn conversations (one "
+        "Human turn), as the course does; the others are counted, skipped and reported",
+    )
 
 
 # The 8-bit --optimizer choices and the package each needs (its pip extra is the choice's name).
