@@ -425,3 +425,46 @@ def test_gzip_pairs(tok, tmp_path):
     gz.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
     a, b = all_rows(dataset(tok, gz)), all_rows(dataset(tok, jsonl(tmp_path, records)))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batch_logps_are_each_sides_sft_document_logps_fp64(tmp_path):
+    """The dataset's batch, fed as the trainer will (sdpa bool mask from `segment`, the
+    positions), gives per pair and side the summed log-probs of SFT's own document of that
+    conversation over SFT's trained labels, a multi-turn response's user turn unscored."""
+    from sftune.data.pairs import attention_mask_4d, sum_by_pair
+    from tiny import build_tiny_model
+
+    chat_tok = set_chat_template(byte_tokenizer(), "chatml")
+    turns = [
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "Yes"},
+    ]
+    records = [
+        {**CHAT, "chosen": turns},
+        {**CHAT, "prompt": [{"role": "user", "content": "3+3?"}]},
+        {**CHAT, "rejected": [{"role": "assistant", "content": "Five, or so."}]},
+    ]
+    ds = dataset(chat_tok, jsonl(tmp_path, records), seq_length=256, shuffle=True, seed=2)
+    assert len(ds) >= 2  # pairs share rows, and span more than one
+    model = build_tiny_model(len(chat_tok), dtype=torch.float64, seed=1).eval()
+    b = all_rows(ds)
+    with torch.no_grad():
+        logits = model(
+            input_ids=b["input_ids"],
+            position_ids=b["position_ids"],
+            attention_mask=attention_mask_4d(b["segment"]),
+        ).logits
+        token_logps = logits.log_softmax(-1).flatten(0, 1)[b["source"], b["target"]]
+        got = sum_by_pair(token_logps, b["pair"], b["side"], len(b["pair_ids"]))
+        for local, i in enumerate(b["pair_ids"].tolist()):
+            record = records[int(ds.pair_indices[i])]
+            for side, key in enumerate(("chosen", "rejected")):
+                prompt = [{**m, "train": False} for m in record["prompt"]]
+                sft = jsonl(tmp_path, [{"messages": prompt + record[key]}], "sft.jsonl")
+                tokens, _, mask = build_stream(chat_tok, sft, train_on="assistant")
+                seq = torch.from_numpy(tokens[0].astype(np.int64))
+                logp = model(input_ids=seq[None]).logits[0].log_softmax(-1)
+                at = torch.from_numpy(np.flatnonzero(mask[0][1:]))  # label k + 1 from output k
+                expected = logp[at, seq[at + 1]].sum()
+                torch.testing.assert_close(got[local, side], expected, rtol=1e-12, atol=1e-12)
