@@ -226,7 +226,10 @@ class PackedPairDataset(torch.utils.data.Dataset):
     """Packed rows of preference pairs, and their flat targets, for DPO and its family.
 
     See the module doc for what is done in which order. `len(ds)` counts rows; a batch is
-    `get_batch(rows)`; `ds[i]` is `get_batch([i])`.
+    `get_batch(rows)`; `ds[i]` is `get_batch([i])`. `fields` maps our names (prompt, chosen,
+    rejected) to the file's keys, or is `--fields`' text (`parse_pair_fields`). Besides the
+    interface: `pair_indices` (each pair's index among the file's usable pairs, in packing
+    order), `pair_lines` (its line), `seq_length`, `truncation`, `single_turn`, `fields`.
     """
 
     def __init__(
