@@ -468,3 +468,12 @@ def test_batch_logps_are_each_sides_sft_document_logps_fp64(tmp_path):
                 at = torch.from_numpy(np.flatnonzero(mask[0][1:]))  # label k + 1 from output k
                 expected = logp[at, seq[at + 1]].sum()
                 torch.testing.assert_close(got[local, side], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["pair_dataset", "pairs", "preference"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"sftune.data.{name}")
+    assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0

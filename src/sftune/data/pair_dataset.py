@@ -26,7 +26,7 @@ pair in that packing order; `pair_indices[i]` is its index among the file's usab
     >>> b = ds.get_batch([0, 1])  # doctest: +SKIP
     >>> b["input_ids"].shape, b["pair_ids"]  # doctest: +SKIP
     (torch.Size([2, 512]), tensor([  0,   1,   2,   3,   4]))
-    >>> ds.set_reference(ref_logps)  # (ds.num_pairs, 2) float64, e.g. from the reference pass
+    >>> ds.set_reference(ref_logps)  # (num_pairs, 2) float64: the reference pass  # doctest: +SKIP
     >>> ds.get_batch([0, 1])["ref_logps"].shape  # doctest: +SKIP
     torch.Size([5, 2])
 

@@ -517,7 +517,7 @@ class PairEncoder:
         >>> enc = PairEncoder(tok)  # doctest: +SKIP
         >>> t = enc.encode(pair)  # doctest: +SKIP
         >>> t.prompt + t.chosen == sft_document_tokens  # doctest: +SKIP
-        >>> enc.encode_batch(pairs)  # doctest: +SKIP  (the same, one tokenizer call per batch)
+        >>> enc.encode_batch(pairs)  # the same, one tokenizer call per batch  # doctest: +SKIP
 
     The prompt is tokenized alone and must be the start of each whole document, so that one
     copy serves both responses. Where a string response's first characters merge with the
