@@ -35,7 +35,9 @@ cannot hold this layout, because the prompt's last output (B, index 1) predicts 
 in p c and r1 in p r. So the targets are stored at the scored token instead: a response token t
 at index i is scored as log_softmax(logits[source[i]])[input_ids[i]], where source[i] is i - 1,
 except for the first rejected token, whose source is the prompt's last token. Prompt and
-padding tokens are not scored (source -1). `PackedPairs.targets(rows)` flattens this into
+padding tokens are not scored (source -1), nor, given `chosen_mask` / `rejected_mask`, the
+untrained tokens of a response (a user or tool turn inside a chat response: context, as SFT's
+--train-on assistant leaves it). `PackedPairs.targets(rows)` flattens this into
 gather indices for a head that only sees the scored outputs (the chunked linear + log-softmax:
 prompt outputs never reach the head), and `sum_by_pair` adds the per-token log-probs up per
 pair and side.
