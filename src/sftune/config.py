@@ -183,6 +183,12 @@ class DataConfig:
         "start, drop the rest)",
         ("refuse", "truncate"),
     )
+    # Preference pairs (sftune.data.pair_dataset), beside --objective's section.
+    single_turn: bool = _f(
+        False,
+        "preference pairs in Anthropic HH's raw form: keep only single-turn conversations (one "
+        "Human turn), as the course does; the others are counted, skipped and reported",
+    )
 
     truncation: str = _f(
         "refuse",

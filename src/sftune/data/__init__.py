@@ -15,6 +15,8 @@ The modules, in the order a file goes through them:
     tokenize.py   encode rendered documents into one file-order token stream        numpy
     cache.py      keep that stream on disk, keyed by file, tokenizer and settings   numpy
     packing.py    PackedSFTDataset: select, shuffle and window the stream           numpy, torch
+    pairs.py      pack token-id pairs as prompt | chosen | rejected, the masks      numpy
+    pair_dataset.py  PackedPairDataset: pairs cached, split, shuffled and packed    numpy, torch
     batches.py    `iterate_batches`: one epoch for your own loop (the course's API) numpy, torch
     sampler.py    `StepSampler`: the trainer's resumable, rank-sharded step order  numpy
     show.py       `sftune prepare --show`: documents with trained tokens marked     numpy
@@ -57,6 +59,8 @@ _EXPORTS = {
     "load_or_build": "cache",
     "PackStats": "packing",
     "PackedSFTDataset": "packing",
+    "PackedPairDataset": "pair_dataset",
+    "require_pairs": "preference",
     "select_documents": "packing",
     "EpochBatches": "batches",
     "collate": "batches",
@@ -74,6 +78,7 @@ __all__ = [  # the keys of _EXPORTS (a test checks they agree)
     "EpochBatches",
     "IGNORE_INDEX",
     "PackStats",
+    "PackedPairDataset",
     "PackedSFTDataset",
     "PackedStream",
     "Record",
@@ -93,6 +98,7 @@ __all__ = [  # the keys of _EXPORTS (a test checks they agree)
     "render_alpaca",
     "render_chat",
     "render_record",
+    "require_pairs",
     "select_documents",
     "show_documents",
     "write_demo_dataset",
@@ -126,6 +132,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
         read_records,
     )
     from sftune.data.packing import PackedSFTDataset, PackStats, select_documents
+    from sftune.data.pair_dataset import PackedPairDataset
+    from sftune.data.preference import require_pairs
     from sftune.data.sampler import StepSampler
     from sftune.data.show import show_documents
     from sftune.data.templates import (

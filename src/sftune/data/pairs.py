@@ -35,7 +35,9 @@ cannot hold this layout, because the prompt's last output (B, index 1) predicts 
 in p c and r1 in p r. So the targets are stored at the scored token instead: a response token t
 at index i is scored as log_softmax(logits[source[i]])[input_ids[i]], where source[i] is i - 1,
 except for the first rejected token, whose source is the prompt's last token. Prompt and
-padding tokens are not scored (source -1). `PackedPairs.targets(rows)` flattens this into
+padding tokens are not scored (source -1), nor, given `chosen_mask` / `rejected_mask`, the
+untrained tokens of a response (a user or tool turn inside a chat response: context, as SFT's
+--train-on assistant leaves it). `PackedPairs.targets(rows)` flattens this into
 gather indices for a head that only sees the scored outputs (the chunked linear + log-softmax:
 prompt outputs never reach the head), and `sum_by_pair` adds the per-token log-probs up per
 pair and side.
@@ -194,11 +196,17 @@ def pack_pairs(
     truncation: str = "refuse",
     path: str | os.PathLike | None = None,
     lines: Sequence[int] | None = None,
+    chosen_mask: Sequence[np.ndarray] | None = None,
+    rejected_mask: Sequence[np.ndarray] | None = None,
 ) -> PackedPairs:
     """Pairs i = (prompts[i], chosen[i], rejected[i]) placed whole, in order, into rows.
 
     A pair that does not fit in the rest of a row starts the next one. `path` and `lines`
-    (the file and each pair's line in it) only serve the error messages.
+    (the file and each pair's line in it) only serve the error messages. `chosen_mask` and
+    `rejected_mask` (bool, one per response token; `PairEncoder`'s masks) leave the untrained
+    tokens of a response in the row but unscored (source -1): a chat template's newline after
+    its end-of-turn token, a tool message inside a response. Without them every response token
+    is scored. A pair cut to fit must keep a scored token on each side.
     """
     if truncation not in TRUNCATION:
         raise ConfigError(f"truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
@@ -208,11 +216,15 @@ def pack_pairs(
         raise ConfigError(f"seq_length must be an integer >= 3 for pairs, got {seq_length}")
     if not len(prompts) == len(chosen) == len(rejected):
         raise ValueError("prompts, chosen and rejected must have one entry per pair")
-    kept, stats = [], dict.fromkeys(("truncated", "prompt_cut", "responses_cut"), 0)
+    masks = _response_masks(chosen, rejected, chosen_mask, rejected_mask)
+    kept, scored = [], []
+    stats = dict.fromkeys(("truncated", "prompt_cut", "responses_cut"), 0)
     for i, parts in enumerate(zip(prompts, chosen, rejected, strict=True)):
         parts = [np.asarray(x).reshape(-1) for x in parts]
         where = (str(path or "<pairs>"), None if lines is None else lines[i])
         fitted = _fit(parts, seq_length, truncation, where)
+        if masks is not None:
+            scored.append(_scored(fitted, masks[0][i], masks[1][i], seq_length, where))
         cut_p = len(fitted[0]) < len(parts[0])
         cut_r = len(fitted[1]) + len(fitted[2]) < len(parts[1]) + len(parts[2])
         stats["truncated"] += cut_p or cut_r
@@ -232,7 +244,8 @@ def pack_pairs(
     sizes = np.array([[len(x) for x in parts] for parts in kept], dtype=np.int64).reshape(-1, 3)
     for lo in range(0, len(kept), _BLOCK):
         hi = min(lo + _BLOCK, len(kept))
-        _write(out, lo, kept[lo:hi], sizes[lo:hi], starts[lo:hi])
+        flags = None if masks is None else np.concatenate(scored[lo:hi])
+        _write(out, lo, kept[lo:hi], sizes[lo:hi], starts[lo:hi], flags)
     real = int(lengths.sum())
     stats.update(
         pairs=len(kept),
@@ -283,6 +296,36 @@ def _fit(
     return [p, c[:n_c], r[:n_r]]
 
 
+def _response_masks(chosen, rejected, chosen_mask, rejected_mask) -> tuple | None:
+    if chosen_mask is None and rejected_mask is None:
+        return None
+    if chosen_mask is None or rejected_mask is None:
+        raise ValueError("chosen_mask and rejected_mask go together")
+    for tokens, mask in ((chosen, chosen_mask), (rejected, rejected_mask)):
+        if len(mask) != len(tokens) or any(
+            np.size(m) != np.size(t) for t, m in zip(tokens, mask, strict=True)
+        ):
+            raise ValueError("a response mask must have one flag per response token")
+    return chosen_mask, rejected_mask
+
+
+def _scored(fitted: list, c_mask, r_mask, m: int, where: tuple[str, int | None]) -> np.ndarray:
+    """The pair's flat scored flags (the prompt never is), its responses' masks cut as its
+    tokens were (always their tails)."""
+    p, c, r = (len(x) for x in fitted)
+    c_mask = np.asarray(c_mask, bool).reshape(-1)[:c]
+    r_mask = np.asarray(r_mask, bool).reshape(-1)[:r]
+    for name, mask in (("chosen", c_mask), ("rejected", r_mask)):
+        if not mask.any():
+            raise DataError(
+                where[0],
+                f"the {name} response has no trained token left after cutting the pair to "
+                f"--seq-length {m}: use a longer --seq-length",
+                line=where[1],
+            )
+    return np.concatenate([np.zeros(p, bool), c_mask, r_mask])
+
+
 def _cut_responses(c: int, r: int, budget: int) -> tuple[int, int]:
     """Lengths of the two responses within `budget` tokens (>= 2): the longer is cut first; if
     both must go, they get half each, the odd token to the longer (the chosen on a tie).
@@ -316,9 +359,17 @@ def _place(lengths: np.ndarray, m: int) -> tuple[np.ndarray, int]:
     return starts, row + (fill > 0)
 
 
-def _write(out: PackedPairs, first: int, kept: list, sizes: np.ndarray, starts: np.ndarray) -> None:
+def _write(
+    out: PackedPairs,
+    first: int,
+    kept: list,
+    sizes: np.ndarray,
+    starts: np.ndarray,
+    scored: np.ndarray | None = None,
+) -> None:
     """Pairs first, first + 1, ... (their parts `kept`, lengths `sizes` (n, 3), flat `starts`)
-    into the rows: tokens, positions, segments and sources, in one numpy step per array."""
+    into the rows: tokens, positions, segments and sources, in one numpy step per array.
+    `scored` (flat over the pairs' tokens): which response tokens are scored (None: all)."""
     p, c = sizes[:, 0], sizes[:, 1]
     n = sizes.sum(axis=1)
     w = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # offset within the pair
@@ -333,7 +384,8 @@ def _write(out: PackedPairs, first: int, kept: list, sizes: np.ndarray, starts: 
     # the prompt's last token, c + 1 back.
     back = np.where(w == p + c, c + 1, 1)
     column = flat % out.input_ids.shape[1]
-    out.source.reshape(-1)[flat] = np.where(part == PROMPT, -1, column - back)
+    unscored = part == PROMPT if scored is None else ~scored
+    out.source.reshape(-1)[flat] = np.where(unscored, -1, column - back)
 
 
 def dense_mask(segment: np.ndarray) -> np.ndarray:

@@ -51,7 +51,7 @@ Standard library only at import (like `formats.py`), so the CLI can check a file
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -173,6 +173,55 @@ def peek_pairs(path: str | Path, fields: Mapping[str, str] | None = None) -> str
         _PARSERS[form](path, obj, line, keys)
         return form
     raise DataError(path, "no records (the file is empty or has only blank lines)")
+
+
+def require_pairs(
+    path: str | Path, fields: Mapping[str, str] | None = None, objective: str = "dpo"
+) -> str:
+    """The pair form of `path` (as `peek_pairs`), for a preference objective: a file of SFT
+    records is refused in one line that says which objective needs what, and where to look.
+
+    The message leads with the objective, not the file, because the file is fine for SFT;
+    the `DataError` still carries `path` and `line` for callers that read them.
+    """
+    path = Path(path)
+    keys = _keys(fields)
+    for line, obj in _iter_rows(path):
+        pair_keys = (
+            keys["chosen"] in obj or keys["rejected"] in obj if isinstance(obj, dict) else True
+        )
+        if not pair_keys and _SFT_KEYS & set(obj):
+            kind = FORMAT_NAMES[detect_format(obj)]
+            error = DataError(path, f"looks like SFT data ({kind} records)", line=line)
+            error.args = (
+                f"`--objective {objective}` needs preference pairs (prompt/chosen/rejected): "
+                f"{path}:{line} looks like SFT data ({kind} records); use --objective sft, "
+                "or a file of pairs",
+            )
+            raise error
+        break
+    return peek_pairs(path, fields)
+
+
+def pairs_at_lines(
+    path: str | Path,
+    lines: Iterable[int],
+    fields: Mapping[str, str] | None = None,
+) -> list[Pair]:
+    """The pairs on `lines` of `path` (JSON Lines lines, Parquet rows), in file order: a few
+    records re-read for display without parsing the rest of the file (it stops after the last)."""
+    path = Path(path)
+    keys = _keys(fields)
+    wanted = set(lines)
+    out: list[Pair] = []
+    form = None
+    for line, obj in _iter_rows(path):
+        form = form or pair_format(path, line, obj, keys)
+        if line in wanted:
+            out.append(_PARSERS[form](path, obj, line, keys))
+            if len(out) == len(wanted):
+                break
+    return out
 
 
 def check_not_pairs(path: str | Path) -> None:
@@ -423,11 +472,18 @@ def render_pair(pair: Pair, tokenizer: Any = None) -> tuple[str, str, str]:
     if pair.form == STRINGS:
         prompt_part, _ = render_alpaca(pair.prompt, "")
         return prompt_part, pair.chosen, pair.rejected
+    # The prompt with the generation prompt, rendered from the prompt alone (an empty stand-in
+    # answer): render_chat's own prompt part of a conversation ends before its LAST assistant
+    # turn, which inside a multi-turn response is not where the response starts.
+    stand_in = {"role": ASSISTANT, "content": ""}
+    prompt_part, _ = render_chat([*pair.prompt, stand_in], tokenizer, pair.tools)
     texts = []
     for response in (pair.chosen, pair.rejected):
-        prompt_part, full = render_chat([*pair.prompt, *response], tokenizer, pair.tools)
-        texts.append((prompt_part, full[len(prompt_part) :]))
-    return texts[0][0], texts[0][1], texts[1][1]
+        _, full = render_chat([*pair.prompt, *response], tokenizer, pair.tools)
+        if not full.startswith(prompt_part):
+            raise ValueError("the chat template renders the prompt differently inside the pair")
+        texts.append(full[len(prompt_part) :])
+    return prompt_part, texts[0], texts[1]
 
 
 class PairTokens(NamedTuple):
@@ -446,19 +502,30 @@ class PairTokens(NamedTuple):
     rejected_mask: Any
 
 
+class PairEncodeError(ValueError):
+    """A pair that cannot be encoded; `index` is its place in the batch (the caller names the
+    file and line)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
 class PairEncoder:
     """Encode pairs of any form with SFT's renderer and encoder (`templates`, `tokenize`).
 
         >>> enc = PairEncoder(tok)  # doctest: +SKIP
         >>> t = enc.encode(pair)  # doctest: +SKIP
         >>> t.prompt + t.chosen == sft_document_tokens  # doctest: +SKIP
+        >>> enc.encode_batch(pairs)  # the same, one tokenizer call per batch  # doctest: +SKIP
 
     The prompt is tokenized alone and must be the start of each whole document, so that one
     copy serves both responses. Where a string response's first characters merge with the
-    prompt's last token (Llama 3 writes "\\n\\n" as one token, so a response starting with a
+    prompt's last token (Llama 3 writes "\n\n" as one token, so a response starting with a
     newline), the response is tokenized on its own after the prompt's tokens instead (what TRL
     always does). For a chat the boundary is the template's assistant header; there `encode`
-    raises ValueError (one line; the caller names the file and line) rather than guess.
+    raises ValueError (`PairEncodeError`, one line; the caller names the file and line) rather
+    than guess.
     """
 
     def __init__(self, tokenizer: Any):
@@ -470,43 +537,65 @@ class PairEncoder:
         self.encoder = DocumentEncoder(tokenizer, masked=True)
 
     def encode(self, pair: Pair) -> PairTokens:
+        return self.encode_batch([pair])[0]
+
+    def encode_batch(self, pairs: list[Pair]) -> list[PairTokens]:
+        """`encode` of each pair, with one tokenizer call for the prompts and one for the
+        documents (short texts cost the Rust tokenizer mostly its per-call overhead)."""
+        import numpy as np
+
+        prompts, texts, spans, ends, eos_trained = [], [], [], [], []
+        for i, pair in enumerate(pairs):
+            try:
+                prompt_part, *responses = render_pair(pair, self.tokenizer)
+                docs = self._documents(pair, prompt_part, responses)
+            except ValueError as e:
+                raise PairEncodeError(i, str(e)) from None
+            prompts.append(prompt_part)
+            for doc in docs:
+                for out, value in zip((texts, spans, ends, eos_trained), doc, strict=True):
+                    out.append(value)
+        prompt_ids = self.tokenizer(prompts)["input_ids"] if prompts else []
+        tokens, lengths, mask = self.encoder.encode(texts, spans, ends, eos_trained)
+        if mask is None:
+            mask = np.ones(len(tokens), bool)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        out = []
+        for i, pair in enumerate(pairs):
+            ids = list(prompt_ids[i])
+            parts: list[Any] = []
+            for side in (0, 1):
+                j = 2 * i + side
+                doc = slice(offsets[j], offsets[j + 1])
+                split = _after_prompt(tokens[doc], mask[doc], ids)
+                if split is None and pair.form == CONVERSATIONAL:
+                    raise PairEncodeError(
+                        i,
+                        "the chat template's prompt does not tokenize as the start of the "
+                        "conversation (its last token merges with the response's first)",
+                    )
+                parts += split or self._alone(render_pair(pair, self.tokenizer)[1 + side])
+            out.append(PairTokens(ids, *parts))
+        return out
+
+    def _documents(self, pair: Pair, prompt_part: str, responses: list[str]) -> list[tuple]:
+        """(text, spans, ends_with_eos, eos_trained) of SFT's document of each response."""
         from sftune.data.formats import Record
 
-        prompt_part, chosen, rejected = render_pair(pair, self.tokenizer)
-        prompt_ids = list(self.tokenizer(prompt_part)["input_ids"])
-        out: list[Any] = []
-        if pair.form == CONVERSATIONAL:
-            for response in (pair.chosen, pair.rejected):
-                # The prompt's turns are never trained; the responses' as --train-on assistant.
-                train = (False,) * len(pair.prompt) + (None,) * len(response)
-                messages = (*pair.prompt, *response)
-                doc = self.renderer.render(Record("", "", messages, pair.line, pair.tools, train))
-                split = self._split(
-                    doc.text, doc.spans, doc.ends_with_eos, doc.eos_trained, prompt_ids
-                )
-                if split is None:
-                    raise ValueError(
-                        "the chat template's prompt does not tokenize as the start of the "
-                        "conversation (its last token merges with the response's first)"
-                    )
-                out += split
-            return PairTokens(prompt_ids, *out)
-        for response in (chosen, rejected):
-            text = (
-                prompt_part + response
-            )  # DocumentRenderer's Alpaca document, --train-on assistant
-            split = self._split(text, ((len(prompt_part), len(text)),), False, True, prompt_ids)
-            out += split or self._alone(response)
-        return PairTokens(prompt_ids, *out)
-
-    def _split(self, text, spans, ends_with_eos, eos_trained, prompt_ids) -> list | None:
-        """[response ids, mask] of SFT's document `text` after `prompt_ids`, or None when the
-        document does not start with them."""
-        tokens, _, mask = self.encoder.encode([text], [spans], [ends_with_eos], [eos_trained])
-        n = len(prompt_ids)
-        if tokens[:n].tolist() != prompt_ids or mask[:n].any():
-            return None
-        return [tokens[n:].tolist(), mask[n:]]
+        if pair.form != CONVERSATIONAL:
+            # DocumentRenderer's Alpaca document, --train-on assistant
+            return [
+                (prompt_part + r, ((len(prompt_part), len(prompt_part + r)),), False, True)
+                for r in responses
+            ]
+        docs = []
+        for response in (pair.chosen, pair.rejected):
+            # The prompt's turns are never trained; the responses' as --train-on assistant.
+            train = (False,) * len(pair.prompt) + (None,) * len(response)
+            messages = (*pair.prompt, *response)
+            doc = self.renderer.render(Record("", "", messages, pair.line, pair.tools, train))
+            docs.append((doc.text, doc.spans, doc.ends_with_eos, doc.eos_trained))
+        return docs
 
     def _alone(self, response: str) -> list:
         import numpy as np
@@ -514,3 +603,12 @@ class PairEncoder:
         ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
         ids.append(int(self.tokenizer.eos_token_id))
         return [ids, np.ones(len(ids), bool)]
+
+
+def _after_prompt(tokens: Any, mask: Any, prompt_ids: list[int]) -> list | None:
+    """[response ids, mask] of a document after `prompt_ids`, or None when the document does
+    not start with them (or trains one of them)."""
+    n = len(prompt_ids)
+    if tokens[:n].tolist() != prompt_ids or mask[:n].any():
+        return None
+    return [tokens[n:].tolist(), mask[n:].copy()]  # a copy: not a view pinning the batch's mask
