@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sftune.errors import ConfigError, SftuneError
-from sftune.train.metrics import MetricsLogger, read_metrics
+from sftune.train.metrics import MetricsLogger, format_step_metrics, read_metrics
 
 
 def _train_rows(logger, steps, tokens_per_step=None):
@@ -214,3 +214,66 @@ def test_truncated_metrics_follow_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "metrics.jsonl").stat().st_mode) == 0o644
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+DPO_TRAIN_ROW = {
+    "train_loss": 0.6931,
+    "rewards/chosen": 0.25,
+    "rewards/rejected": -0.125,
+    "rewards/accuracies": 0.625,
+    "rewards/margins": 0.375,
+    "logps/chosen": -41.5,
+    "logps/rejected": -47.25,
+    "grad_norm": 1.5,
+    "lr": 1e-6,
+}
+DPO_VAL_ROW = {"val_loss": 0.65, "val_rewards/accuracies": 0.5, "val_rewards/margins": 0.125}
+
+
+def test_preference_keys_reach_jsonl_tensorboard_and_wandb_unchanged(tmp_path, monkeypatch):
+    """A "/" in a key is TensorBoard's and wandb's own grouping (a "rewards" section): the
+    logger passes the keys through as they are, on train and validation rows alike."""
+    _FakeWriter.instances = []
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+    tensorboard.SummaryWriter = _FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    logged = []
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kw: types.SimpleNamespace(log=lambda d, step: logged.append((d, step)))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+
+    logger = MetricsLogger(tmp_path, report_to=["tensorboard", "wandb"])
+    logger.log(4, DPO_TRAIN_ROW)
+    logger.log(4, DPO_VAL_ROW)
+    rows = read_metrics(tmp_path)
+    assert [{k: v for k, v in r.items() if k not in ("step", "time")} for r in rows] == [
+        DPO_TRAIN_ROW,
+        DPO_VAL_ROW,
+    ]
+    (writer,) = _FakeWriter.instances
+    scalars = [c[1:] for c in writer.calls if c[0] == "scalar"]
+    expected = [(k, v, 4) for row in (DPO_TRAIN_ROW, DPO_VAL_ROW) for k, v in row.items()]
+    assert scalars == expected
+    assert logged == [(DPO_TRAIN_ROW, 4), (DPO_VAL_ROW, 4)]
+
+
+def test_resume_redoes_a_preference_validation_row(tmp_path):
+    # A DPO validation row carries val_loss, so a resumed run's redone evaluation replaces it.
+    logger = MetricsLogger(tmp_path)
+    logger.log(4, DPO_TRAIN_ROW)
+    logger.log(4, DPO_VAL_ROW)
+    logger.truncate_after(4, redo_evaluation=True)
+    assert [set(r) - {"step", "time"} for r in read_metrics(tmp_path)] == [set(DPO_TRAIN_ROW)]
+
+
+def test_format_step_metrics_for_console_lines():
+    assert format_step_metrics(DPO_TRAIN_ROW) == "acc 0.62 | margin 0.38"
+    assert format_step_metrics(DPO_VAL_ROW) == "val_acc 0.50 | val_margin 0.12"
+    assert format_step_metrics({"rewards/accuracies": 1, "rewards/margins": -2.5}) == (
+        "acc 1.00 | margin -2.50"
+    )
+    # An SFT row has none; a null (non-finite) value is left out rather than printed.
+    assert format_step_metrics({"train_loss": 1.5, "grad_norm": 1.0}) == ""
+    assert format_step_metrics({"rewards/accuracies": None, "rewards/margins": 0.5}) == (
+        "margin 0.50"
+    )

@@ -12,15 +12,20 @@ process (rank 0) and costs nothing when disabled:
 Files in the run directory:
 
     metrics.jsonl        {"step": 10, "train_loss": 1.93, "lr": 2e-05, ..., "time": 1718000000.0};
-                         task accuracy as {"task/gsm8k/exact_match/strict-match": 0.04, ...}
+                         task accuracy as {"task/gsm8k/exact_match/strict-match": 0.04, ...};
+                         a preference run's rewards/* and logps/* as they are (the keys are
+                         listed in sftune.train.metric_rows)
     samples.jsonl        {"step": 10, "name": "samples", "prompt": "...", "output": "..."}
-    learning_curve.png   train/val loss against optimizer steps and against tokens
+    learning_curve.png   train/val loss against optimizer steps and against tokens (and reward
+                         accuracy and margin for a preference run, task accuracy with tasks)
     tensorboard/         only with report_to=["tensorboard"]  (pip install 'sftune[tensorboard]')
     wandb/, wandb_id.txt only with report_to=["wandb"]        (pip install 'sftune[wandb]')
 
 Non-finite numbers are written as null so every line stays valid JSON. On resume the trainer
 calls `truncate_after(step)` so that steps logged after the last checkpoint, and about to be
-re-run, are not duplicated. The console bar lives in sftune.train.progress.
+re-run, are not duplicated. Keys go to TensorBoard and wandb unchanged: both group a key such
+as "rewards/margins" under its part before the "/". The console bar lives in
+sftune.train.progress; `format_step_metrics(row)` is a row's reward metrics for a console line.
 """
 
 from __future__ import annotations
@@ -38,11 +43,22 @@ from sftune.config import REPORT_TO
 from sftune.errors import ConfigError, SftuneError
 from sftune.files import atomic_write_lines
 
-METRICS_FILE = "metrics.jsonl"
+# The readers of metrics.jsonl live in sftune.train.metric_rows, which the curve imports too;
+# they are re-exported here for the loop and the harness, which import them from this module.
+from sftune.train.metric_rows import (  # noqa: F401
+    METRICS_FILE,
+    TASK_PREFIX,
+    format_step_metrics,
+    read_jsonl,
+    read_metrics,
+    task_curves,
+    task_label,
+    task_stderr_key,
+)
+
 SAMPLES_FILE = "samples.jsonl"
 CURVE_FILE = "learning_curve.png"
 WANDB_ID_FILE = "wandb_id.txt"
-TASK_PREFIX = "task/"  # lm-eval task metrics: task/<task>/<metric>[/<filter>], and <metric>_stderr
 
 
 def is_main_process() -> bool:
@@ -58,53 +74,6 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file; a torn last line (a crash mid-write) is skipped."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
-                break
-            raise SftuneError(f"{path}:{i + 1}: not valid JSON ({err})") from None
-    return rows
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All rows of `<run_dir>/metrics.jsonl` in order ([] when there is none); null stays None."""
-    return _read_jsonl(Path(run_dir) / METRICS_FILE)
-
-
-def task_curves(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """Each task metric logged in `rows` (not its stderr) as (step, value) points, by its key."""
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if key.startswith(TASK_PREFIX) and "_stderr" not in key and _is_number(value):
-                curves.setdefault(key, []).append((int(row["step"]), float(value)))
-    return curves
-
-
-def task_label(key: str) -> str:
-    """ "task/gsm8k/exact_match/strict-match" -> "gsm8k exact_match (strict-match)"."""
-    task, metric, *filt = key[len(TASK_PREFIX) :].split("/")
-    return f"{task} {metric}" + (f" ({filt[0]})" if filt else "")
-
-
-def task_stderr_key(key: str) -> str:
-    """The key of a task metric's standard error."""
-    task, metric, *rest = key[len(TASK_PREFIX) :].split("/")
-    return "/".join([TASK_PREFIX + task, metric + "_stderr", *rest])
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _import_tensorboard():
@@ -269,7 +238,7 @@ class MetricsLogger:
 
         for path, samples in ((self.metrics_path, False), (self.samples_path, True)):
             if path.exists():
-                kept = [r for r in _read_jsonl(path) if keep(r, samples)]
+                kept = [r for r in read_jsonl(path) if keep(r, samples)]
                 atomic_write_lines(path, (json.dumps(r, allow_nan=False) for r in kept))
         if self._tb is not None:
             # TensorBoard hides events at or after purge_step that an earlier attempt wrote.
@@ -280,7 +249,8 @@ class MetricsLogger:
         """Write `<run_dir>/learning_curve.png` from metrics.jsonl; None when there is no loss yet."""
         if not self.enabled:
             return None
-        # Imported here: matplotlib loads only in runs that draw a curve.
+        # Imported here: matplotlib loads only in runs that draw a curve. The curve reads rows
+        # through metric_rows and never imports this module, so the dependency runs one way.
         from sftune.train.plot import plot_learning_curve
 
         return plot_learning_curve(
