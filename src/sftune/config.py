@@ -189,17 +189,12 @@ class DataConfig:
         "preference pairs in Anthropic HH's raw form: keep only single-turn conversations (one "
         "Human turn), as the course does; the others are counted, skipped and reported",
     )
-
     truncation: str = _f(
         "refuse",
         "preference pairs longer than --seq-length: refuse (stop, naming the pair's file and "
         "line), keep-start (keep the prompt, cut the responses' tails), keep-end (cut the "
         "prompt's head first)",
         ("refuse", "keep-start", "keep-end"),
-    )
-    single_turn: bool = _f(
-        False,
-        "Anthropic HH pairs: keep only those with one Human turn (as the course does)",
     )
 
 
