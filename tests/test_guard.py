@@ -241,7 +241,7 @@ def test_an_interrupted_validation_is_run_on_resume(workdir, tmp_path, monkeypat
     """The validation at step 2 is interrupted: the run saves step 2 and stops; the resumed run
     validates step 2 first, so the curve has the point, once, equal to an uninterrupted run's."""
     ref = loop.train(tiny_config(workdir, tmp_path / "ref", eval_every=2, eval_max_sequences=16))
-    real, calls = loop.evaluate, []
+    real, calls = loop.evaluate_pass, []
 
     def evaluate(*args, **kw):
         calls.append(1)
@@ -249,7 +249,7 @@ def test_an_interrupted_validation_is_run_on_resume(workdir, tmp_path, monkeypat
             kw["stop_requested"] = lambda: True
         return real(*args, **kw)
 
-    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "evaluate_pass", evaluate)
     cut = tmp_path / "cut"
     first = loop.train(tiny_config(workdir, cut, eval_every=2, eval_max_sequences=16))
     assert first.interrupted and first.steps == 2 and _checkpoints(cut) == ["step_00000002"]

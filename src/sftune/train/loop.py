@@ -31,7 +31,7 @@ from sftune.train.build import Run, build
 from sftune.train.divergence import Diverged, LossSpikes, check_weights
 from sftune.train.evaluate import EvalInterrupted, eval_items, evaluate_pass
 from sftune.train.generate import FORMAT_FILE, generate, tuned_meta
-from sftune.train.metrics import read_metrics, task_curves, task_label
+from sftune.train.metrics import format_step_metrics, read_metrics, task_curves, task_label
 from sftune.train.progress import ConsoleProgress
 from sftune.train.step import micro_batches, train_step
 
@@ -132,13 +132,11 @@ def validate(r: Run, state: TrainState, bar: ConsoleProgress, stop: StopFlag) ->
 
 
 def val_line(row: dict[str, float]) -> str:
-    """`val_loss 1.2345 | ppl 3.44`; a preference run's: `val_loss 0.6931 | accuracies 0.0000 |
-    margins 0.0000` (the rewards' accuracy and margin on the held-out pairs)."""
+    """`val_loss 1.2345 | ppl 3.44`; a preference run's: `val_loss 0.6931 | val_acc 0.00 |
+    val_margin 0.00` (the rewards' accuracy and margin on the held-out pairs)."""
     val = row["val_loss"]
-    extra = {k.removeprefix("val_rewards/"): v for k, v in row.items() if k != "val_loss"}
-    if not extra:
-        return f"val_loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}"
-    return " | ".join([f"val_loss {val:.4f}", *(f"{k} {v:.4f}" for k, v in extra.items())])
+    rewards = format_step_metrics(row)
+    return f"val_loss {val:.4f} | " + (rewards or f"ppl {math.exp(min(val, 50)):.2f}")
 
 
 def write_samples(r: Run, step: int, bar: ConsoleProgress) -> None:
