@@ -405,11 +405,21 @@ def attention_mask_4d(segment: Any, dtype: Any = None) -> Any:
     dtype's minimum) for eager."""
     import torch
 
-    seg = segment.numpy() if isinstance(segment, torch.Tensor) else segment
-    mask = torch.from_numpy(dense_mask(seg))[:, None]
+    if isinstance(segment, torch.Tensor):  # on its device: the rule of dense_mask, in torch
+        q, k = segment[..., :, None], segment[..., None, :]
+        n = segment.shape[-1]
+        pos = torch.arange(n, device=segment.device)
+        causal = pos[None, :] <= pos[:, None]
+        same_pair = (q >= 0) & (q // 3 == k // 3)
+        visible = (k % 3 == PROMPT) | (k % 3 == q % 3)
+        eye = torch.eye(n, dtype=torch.bool, device=segment.device)
+        mask = ((same_pair & visible & causal) | eye)[:, None]
+    else:
+        mask = torch.from_numpy(dense_mask(segment))[:, None]
     if dtype is None:
         return mask
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return zeros.masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def flex_mask_mod(segment: Any):
