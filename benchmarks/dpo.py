@@ -87,9 +87,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # docs/BENCHMARKS.md, "Against TRL").
 TRL_NEEDS = ["trl==1.16.0", "datasets==4.8.5"]
 LORA_R, LORA_ALPHA = 16, 32.0
+# TRL's settings (issue 25's anchors, and the reference forward in every step), sftune's targets,
+# and the two runs whose per-step losses are compared. benchmarks/gpu.sh runs them in three
+# invocations (one device call each).
 DEFAULT_RUNS = (
-    "trl,trl-mb8,trl-mb8+padfree,sftune+lora,sftune+lora+cap24,sftune+qlora+cap12,"
-    "sftune+full,trl-mb4+ac+ordered,sftune+lora+ordered"
+    "trl,trl+noprecompute,trl-mb8,trl-mb8+padfree,trl-mb8+liger,"
+    "sftune+lora,sftune+lora+cap24,sftune+qlora+cap12,sftune+full,"
+    "trl-mb4+ac+ordered,sftune+lora+ordered"
 )
 SFTUNE_MODS = {"lora", "qlora", "full", "ac", "eager", "ordered"}
 TRL_MODS = {"lora", "qlora", "full", "ac", "noprecompute", "padfree", "liger", "ordered"}
@@ -550,6 +554,7 @@ def sftune_run(a, plan: dict, run: dict) -> dict:
     if run["cap"]:
         flat["max_memory_gib"] = run["cap"]
     cfg = config_mod.from_flat(flat)
+    ref_s = time_reference_pass()
     t0 = time.perf_counter()
     train(cfg)
     wall_s = time.perf_counter() - t0
@@ -564,16 +569,7 @@ def sftune_run(a, plan: dict, run: dict) -> dict:
         rows_per_step=plan["sftune_rows_per_step"],
         seq_length=a.seq_length,
         peak_gib_logged=max((r.get("peak_mem_gib", 0) for r in rows), default=None),
-        # any timing the build logs for the reference pass (the key is the coordinator's)
-        reference_s=next(
-            (
-                v
-                for r in rows
-                for k, v in r.items()
-                if k.startswith("ref") and k.endswith("seconds")
-            ),
-            None,
-        ),
+        reference_s=ref_s[0] if ref_s else None,
     )
     if timed:
         pairs = timed[-1]["pairs"]
@@ -585,10 +581,36 @@ def sftune_run(a, plan: dict, run: dict) -> dict:
             for a_, b in zip([{"train_seconds": 0.0}, *timed], timed, strict=False)
         ]
         res["train_s"] = timed[-1]["train_seconds"]
-        res["pairs_per_s_with_reference"] = pairs / wall_s  # load, compile, reference pass in
+        # pairs trained / (reference pass + training), as for TRL; and over the whole call
+        # (model load, compile, packing, reference pass and training)
+        if ref_s:
+            res["pairs_per_s_with_reference"] = pairs / (res["train_s"] + ref_s[0])
+        res["pairs_per_s_wall"] = pairs / wall_s
     if cuda:
         torch.cuda.synchronize()
     return res
+
+
+def time_reference_pass() -> list[float] | None:
+    """Time sftune's reference pass (`train.reference.reference_logps`, every call summed into
+    the list returned), as the TRL side times its precompute; None where this sftune has none."""
+    try:
+        from sftune.train import reference
+    except ImportError:
+        return None
+    inner = getattr(reference, "reference_logps", None)
+    if inner is None:
+        return None
+    spent = [0.0]
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        out = inner(*args, **kwargs)  # numpy log-probs: the GPU work is done
+        spent[0] += time.perf_counter() - t
+        return out
+
+    reference.reference_logps = timed
+    return spent
 
 
 # ----------------------------------------------------------------------------- one run
@@ -651,12 +673,12 @@ def launch(a, name: str, plan_path: Path, work: Path) -> dict:
 
 def table(results: dict, plan: dict) -> list[str]:
     lines = [
-        f"{'run':<24} {'pairs/s':>8} {'+ref':>7} {'tok/s fed':>10} {'peak GiB':>9} "
+        f"{'run':<30} {'pairs/s':>8} {'+ref':>7} {'tok/s fed':>10} {'peak GiB':>9} "
         f"{'pairs/step':>10} {'shape':>12}  losses",
     ]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"{name:<24} FAILED: {r['error']}")
+            lines.append(f"{name:<30} FAILED: {r['error']}")
             continue
         fed = plan["tokens"]["trl_fed_per_pair" if r["side"] == "trl" else "sftune_fed_per_pair"]
         pps = r.get("pairs_per_s")
@@ -667,7 +689,7 @@ def table(results: dict, plan: dict) -> list[str]:
         )
         losses = " ".join(f"{x:.4f}" for x in r.get("losses", [])[:5])
         lines.append(
-            f"{name:<24} {_num(pps, '.1f'):>8} {_num(r.get('pairs_per_s_with_reference'), '.1f'):>7} "
+            f"{name:<30} {_num(pps, '.1f'):>8} {_num(r.get('pairs_per_s_with_reference'), '.1f'):>7} "
             f"{_num(pps and pps * fed, ',.0f'):>10} {_num(r.get('peak_gib'), '.1f'):>9} "
             f"{_num(r.get('pairs_per_step_mean'), '.1f'):>10} {shape:>12}  {losses} ..."
         )
@@ -704,7 +726,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--config", default="llama3.1-8b", help="a course_loop.CONFIGS shape")
     ap.add_argument("--runs", default=DEFAULT_RUNS)
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the steady timing")
     ap.add_argument("--pairs-per-step", type=int, default=32, help="TRL's micro x accumulation")
     ap.add_argument("--seq-length", type=int, default=2048, help="sftune's packed row length")
