@@ -281,6 +281,10 @@ def prepare_data(a, tokenizer, work: Path) -> dict:
     if not a.pairs:
         write_pairs(a, tokenizer, path, n)
     texts, ids = encode_pairs(path, tokenizer)
+    # sftune validates at the start and the end of a run: on a few of the pairs (every pair
+    # still trains, as on the TRL side, which is not asked to validate)
+    val = work / "val_pairs.jsonl"
+    val.write_text("".join(path.read_text().splitlines(keepends=True)[: a.val_pairs]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     packed = pack_pairs(
         *[[np.array(x[i]) for x in ids] for i in range(3)], a.seq_length, pad_id=int(pad)
@@ -293,6 +297,7 @@ def prepare_data(a, tokenizer, work: Path) -> dict:
     lengths = np.array([[len(p), len(c), len(r)] for p, c, r in ids])
     return dict(
         pairs_path=str(path),
+        val_path=str(val),
         num_pairs=len(ids),
         texts=texts,
         ids=ids,
@@ -397,7 +402,7 @@ def trl_run(a, plan: dict, run: dict) -> dict:
         gradient_accumulation_steps=accum,
         gradient_checkpointing=checkpointing,
         precompute_ref_log_probs="noprecompute" not in run["mods"],
-        precompute_ref_batch_size=micro,
+        precompute_ref_batch_size=a.trl_ref_batch or micro,
         padding_free="padfree" in run["mods"],
         use_liger_kernel="liger" in run["mods"],
         max_length=None,  # every pair whole, as sftune (--truncation refuse)
@@ -524,7 +529,7 @@ def sftune_run(a, plan: dict, run: dict) -> dict:
     flat = dict(
         model=plan["model_dir"],
         train_data=plan["pairs_path"],
-        val_fraction=0.0,  # every pair trains, as on the TRL side
+        val_data=plan["val_path"],  # every pair trains, as on the TRL side
         objective="dpo",
         beta=a.beta,
         truncation="refuse",
@@ -708,11 +713,20 @@ def loss_parity(results: dict) -> dict | None:
         return None
     n = min(len(trl_["losses"]), len(sft["losses"]))
     diffs = [abs(x - y) for x, y in zip(trl_["losses"][:n], sft["losses"][:n], strict=True)]
+    # The reward margins too: a loss near ln 2 hides little, the margin shows the step's update.
+    theirs = [h["rewards/margins"] for h in trl_.get("log_history", []) if "rewards/margins" in h]
+    ours = [r["rewards/margins"] for r in sft.get("metrics_rows", []) if "rewards/margins" in r]
+    m = min(len(theirs), len(ours), n)
     return dict(
         steps=n,
         trl=trl_["losses"][:n],
         sftune=sft["losses"][:n],
         max_abs_diff=max(diffs) if diffs else None,
+        trl_margins=theirs[:m],
+        sftune_margins=ours[:m],
+        max_abs_margin_diff=max(
+            (abs(x - y) for x, y in zip(theirs[:m], ours[:m], strict=True)), default=None
+        ),
         same_pairs_per_step=trl_.get("pairs_per_step", [])[:n] == sft.get("pairs_per_step", [])[:n],
     )
 
@@ -738,12 +752,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pairs", default=None, help="a {prompt, chosen, rejected} JSONL to use")
     ap.add_argument("--gsm8k", default=None, help="GSM8K train.jsonl: pairs as issue 25 builds")
     ap.add_argument("--num-pairs", type=int, default=0, help="pairs to write; 0: enough")
+    ap.add_argument("--val-pairs", type=int, default=8, help="sftune's --val-data: the first N")
     ap.add_argument("--prompt-words", type=int, default=170, help="synthetic prompts (+-20%%)")
     ap.add_argument(
         "--response-words",
         default="150,300",
         type=lambda s: tuple(int(x) for x in s.split(",")),
         help="MIN,MAX words of a synthetic response",
+    )
+    ap.add_argument(
+        "--trl-ref-batch",
+        type=int,
+        default=0,
+        help="TRL's precompute_ref_batch_size; 0: its default, the micro-batch (a larger one "
+        "speeds its reference pass and raises the run's peak memory)",
     )
     ap.add_argument("--tokenizer", default=str(ROOT / "runs/llama3-tokenizer"))
     ap.add_argument("--model-dir", default=None, help="default runs/bench/dpo-model-CONFIG")
