@@ -364,27 +364,15 @@ def prepare_model(a, tokenizer, model_dir: Path) -> None:
 # ----------------------------------------------------------------------------- the TRL side
 
 
-def trl_run(a, plan: dict, run: dict) -> dict:
-    import datasets
-    import peft
+def trl_model(plan: dict, run: dict, cuda: bool):
+    """The saved model as TRL's users load it (QLoRA: 4-bit NF4, double quantization, bf16
+    compute), and the peft LoraConfig of `sftune train --lora` (None for +full)."""
     import torch
     import transformers
-    import trl
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from sftune import config as config_mod
     from sftune.train import lora
 
-    cuda = a.device == "cuda"
-    ordered = "ordered" in run["mods"]
-    micro, accum, checkpointing = trl_shape(run, a.pairs_per_step)
-    groups = plan["step_groups"] if ordered else None
-    if ordered:
-        micro, accum = max(len(g) for g in groups), 1
-    tok = AutoTokenizer.from_pretrained(plan["model_dir"])
-    rows = [dict(zip(("prompt", "chosen", "rejected"), t, strict=True)) for t in plan["texts"]]
-    train = datasets.Dataset.from_list(rows)
     kw = dict(dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
     if run["weights"] == "qlora":
         kw["quantization_config"] = transformers.BitsAndBytesConfig(
@@ -393,15 +381,20 @@ def trl_run(a, plan: dict, run: dict) -> dict:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    t_load = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         plan["model_dir"], device_map={"": 0} if cuda else None, **kw
     )
-    load_s = time.perf_counter() - t_load
-    # The same LoraConfig as `sftune train --lora` (all linears of the decoder blocks).
     sft_cfg = config_mod.from_flat(dict(lora=True, lora_r=LORA_R, lora_alpha=LORA_ALPHA))
-    peft_config = None if run["weights"] == "full" else lora.peft_config(sft_cfg)
-    args = trl.DPOConfig(
+    return model, None if run["weights"] == "full" else lora.peft_config(sft_cfg)
+
+
+def trl_config(a, plan: dict, run: dict, micro: int, accum: int, checkpointing: bool):
+    """DPOConfig for the same recipe as the sftune runs: sigmoid loss, cosine schedule from
+    --lr (warmup --warmup-ratio), fused AdamW without weight decay, clipping at 1, bf16."""
+    import trl
+
+    cuda = a.device == "cuda"
+    return trl.DPOConfig(
         output_dir=str(Path(plan["work"]) / f"trl_{run['name'].replace('+', '_')}"),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum,
@@ -430,6 +423,16 @@ def trl_run(a, plan: dict, run: dict) -> dict:
         use_cpu=not cuda,
     )
 
+
+def trl_instruments(cuda: bool, groups: list[list[int]] | None):
+    """(step timer callback, the trainer class, the reference pass's seconds so far [s]):
+    TRL's DPOTrainer with its precompute timed and, for +ordered, each step one micro-batch of
+    the pairs of sftune's step (`step_groups`)."""
+    import torch
+    import trl
+    from torch.utils.data import DataLoader
+    from transformers import TrainerCallback
+
     class Timer(TrainerCallback):
         def __init__(self):
             self.times: list[float] = []
@@ -442,8 +445,16 @@ def trl_run(a, plan: dict, run: dict) -> dict:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.start)
 
+    ref_s = [0.0]
+
     class Trainer(trl.DPOTrainer):
-        """+ordered: each step one micro-batch of the pairs of sftune's step (`step_groups`)."""
+        def _precompute_ref_logps(self, *args, **kwargs):
+            t = time.perf_counter()
+            out = super()._precompute_ref_logps(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            ref_s[0] += time.perf_counter() - t
+            return out
 
         def get_train_dataloader(self):
             if groups is None:
@@ -452,35 +463,41 @@ def trl_run(a, plan: dict, run: dict) -> dict:
             loader = DataLoader(data, batch_sampler=groups, collate_fn=self.data_collator)
             return self.accelerator.prepare(loader)
 
-    ref_s = [0.0]
-    precompute = trl.DPOTrainer._precompute_ref_logps
+    return Timer(), Trainer, ref_s
 
-    def timed_precompute(self, *args, **kwargs):
-        t = time.perf_counter()
-        out = precompute(self, *args, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
-        ref_s[0] += time.perf_counter() - t
-        return out
 
-    trl.DPOTrainer._precompute_ref_logps = timed_precompute
-    timer = Timer()
+def trl_run(a, plan: dict, run: dict) -> dict:
+    import datasets
+    import peft
+    import trl
+    from transformers import AutoTokenizer
+
+    cuda = a.device == "cuda"
+    micro, accum, checkpointing = trl_shape(run, a.pairs_per_step)
+    groups = plan["step_groups"] if "ordered" in run["mods"] else None
+    if groups:
+        micro, accum = max(len(g) for g in groups), 1
+    tok = AutoTokenizer.from_pretrained(plan["model_dir"])
+    rows = [dict(zip(("prompt", "chosen", "rejected"), t, strict=True)) for t in plan["texts"]]
+    t_load = time.perf_counter()
+    model, peft_config = trl_model(plan, run, cuda)
+    load_s = time.perf_counter() - t_load
+    args = trl_config(a, plan, run, micro, accum, checkpointing)
+    timer, trainer_class, ref_s = trl_instruments(cuda, groups)
     t0 = time.perf_counter()
-    trainer = Trainer(
+    trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=train,
+        train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tok,
         peft_config=peft_config,
         callbacks=[timer],
     )
     init_s = time.perf_counter() - t0
-    fed = token_check(trainer.train_dataset, plan["ids"])
     t1 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t1
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    per_step = [len(g) for g in groups] if ordered else [micro * accum] * len(timer.times)
+    per_step = [len(g) for g in groups] if groups else [micro * accum] * len(timer.times)
     return dict(
         side="trl",
         trl=trl.__version__,
@@ -493,15 +510,14 @@ def trl_run(a, plan: dict, run: dict) -> dict:
         padding_free_after_init=getattr(trainer, "padding_free", None),
         pairs_per_step=per_step,
         step_times_s=timer.times,
-        losses=losses,
+        losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
         load_s=load_s,
         init_s=init_s,  # tokenization, the model hash and the reference pass
         reference_s=ref_s[0] if args.precompute_ref_log_probs else None,
         train_s=train_s,
         # pairs trained / (reference pass + training): the issue's "reference pass included"
         pairs_per_s_with_reference=sum(per_step) / (train_s + ref_s[0]),
-        trl_fed_tokens_per_pair=plan["tokens"]["trl_fed_per_pair"],
-        **fed,
+        **token_check(trainer.train_dataset, plan["ids"]),
         log_history=trainer.state.log_history,
     )
 
@@ -521,16 +537,9 @@ def token_check(dataset, ids) -> dict:
 # ----------------------------------------------------------------------------- the sftune side
 
 
-def sftune_run(a, plan: dict, run: dict) -> dict:
-    import torch
-
-    from sftune import config as config_mod
-    from sftune.train.loop import train
-
-    cuda = a.device == "cuda"
-    out = Path(plan["work"]) / f"sftune_{run['name'].replace('+', '_')}"
-    # A fresh packed-data cache per run: the reference pass is computed, not read back.
-    os.environ["SFTUNE_CACHE_DIR"] = str(out / "cache")
+def sftune_flat(a, plan: dict, run: dict, out: Path) -> dict:
+    """`sftune train --objective dpo ...` as a flat config: the TRL runs' recipe (cosine from
+    --lr, no weight decay, clipping at 1), every pair trained, logged every step, no final/."""
     flat = dict(
         model=plan["model_dir"],
         train_data=plan["pairs_path"],
@@ -553,7 +562,7 @@ def sftune_run(a, plan: dict, run: dict) -> dict:
         num_samples=0,
         save_final=False,
         device=a.device,
-        dtype="bf16" if cuda else "fp32",
+        dtype="bf16" if a.device == "cuda" else "fp32",
     )
     if run["weights"] in ("lora", "qlora"):
         flat.update({run["weights"]: True, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA})
@@ -563,17 +572,26 @@ def sftune_run(a, plan: dict, run: dict) -> dict:
         flat["compile"] = "off"
     if run["cap"]:
         flat["max_memory_gib"] = run["cap"]
-    cfg = config_mod.from_flat(flat)
+    return flat
+
+
+def sftune_run(a, plan: dict, run: dict) -> dict:
+    from sftune import config as config_mod
+    from sftune.train.loop import train
+
+    out = Path(plan["work"]) / f"sftune_{run['name'].replace('+', '_')}"
+    # A fresh packed-data cache per run: the reference pass is computed, not read back.
+    os.environ["SFTUNE_CACHE_DIR"] = str(out / "cache")
+    cfg = config_mod.from_flat(sftune_flat(a, plan, run, out))
     ref_s = time_reference_pass()
     t0 = time.perf_counter()
     train(cfg)
     wall_s = time.perf_counter() - t0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps = [r for r in rows if "train_loss" in r]
-    timed = [r for r in steps if "train_seconds" in r and "pairs" in r]
+    timed = [r for r in rows if "train_loss" in r and "train_seconds" in r and "pairs" in r]
     res = dict(
         side="sftune",
-        losses=[r["train_loss"] for r in steps],
+        losses=[r["train_loss"] for r in rows if "train_loss" in r],
         metrics_rows=rows,
         wall_s=wall_s,
         rows_per_step=plan["sftune_rows_per_step"],
@@ -581,23 +599,20 @@ def sftune_run(a, plan: dict, run: dict) -> dict:
         peak_gib_logged=max((r.get("peak_mem_gib", 0) for r in rows), default=None),
         reference_s=ref_s[0] if ref_s else None,
     )
-    if timed:
-        pairs = timed[-1]["pairs"]
+    if timed:  # each step's pairs and seconds, from the running totals of the log rows
+        before = [{"pairs": 0, "train_seconds": 0.0}, *timed[:-1]]
         res["pairs_per_step"] = [
-            b["pairs"] - a_["pairs"] for a_, b in zip([{"pairs": 0}, *timed], timed, strict=False)
+            b["pairs"] - p["pairs"] for p, b in zip(before, timed, strict=True)
         ]
         res["step_times_s"] = [
-            b["train_seconds"] - a_["train_seconds"]
-            for a_, b in zip([{"train_seconds": 0.0}, *timed], timed, strict=False)
+            b["train_seconds"] - p["train_seconds"] for p, b in zip(before, timed, strict=True)
         ]
         res["train_s"] = timed[-1]["train_seconds"]
         # pairs trained / (reference pass + training), as for TRL; and over the whole call
-        # (model load, compile, packing, reference pass and training)
+        # (model load, compile, packing, reference pass, validation and training)
         if ref_s:
-            res["pairs_per_s_with_reference"] = pairs / (res["train_s"] + ref_s[0])
-        res["pairs_per_s_wall"] = pairs / wall_s
-    if cuda:
-        torch.cuda.synchronize()
+            res["pairs_per_s_with_reference"] = timed[-1]["pairs"] / (res["train_s"] + ref_s[0])
+        res["pairs_per_s_wall"] = timed[-1]["pairs"] / wall_s
     return res
 
 
