@@ -86,6 +86,9 @@ sys.path.insert(0, str(ROOT / "src"))
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The allocator setting that `sftune train` makes for itself (sftune/cli.py), here for both
+# sides, since the sftune runs call train() without the CLI.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # What the TRL side needs besides sftune (datasets 5.x could not fingerprint TRL's datasets:
