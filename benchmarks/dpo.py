@@ -341,15 +341,26 @@ def model_config(a, tokenizer):
     return make_config(d)
 
 
+MARKER = "sftune_dpo_bench.json"  # what a saved model directory holds
+
+
+def model_marker(a, tokenizer) -> dict:
+    return {"config": a.config, "vocab": len(tokenizer), "seed": 0}
+
+
+def saved_model_matches(a, tokenizer, model_dir: Path) -> bool:
+    marker = model_dir / MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == model_marker(a, tokenizer)
+
+
 def prepare_model(a, tokenizer, model_dir: Path) -> None:
     """A random init of --config (seed 0) saved with the tokenizer, unless `model_dir` holds it."""
     import torch
 
     from course_loop import build_model
 
-    marker = model_dir / "sftune_dpo_bench.json"
-    want = {"config": a.config, "vocab": len(tokenizer), "seed": 0}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    marker, want = model_dir / MARKER, model_marker(a, tokenizer)
+    if saved_model_matches(a, tokenizer, model_dir):
         print(f"dpo: reusing the model in {model_dir}", flush=True)
         return
     t0 = time.perf_counter()
@@ -830,6 +841,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     out = Path(a.out)
     work = Path(a.work) if a.work else out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = build_llama3_tokenizer(a.tokenizer)
     model_dir = Path(a.model_dir or ROOT / f"runs/bench/dpo-model-{a.config}")
     plan = prepare_data(a, tokenizer, work)
@@ -846,7 +858,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         flush=True,
     )
     # The model is written by a child too, so this process never holds GPU memory.
-    if not (model_dir / "sftune_dpo_bench.json").is_file():
+    if not saved_model_matches(a, tokenizer, model_dir):
         save = [sys.executable, str(Path(__file__).resolve()), *a._argv, "--_run", "model"]
         if subprocess.run(save + ["--_plan", str(plan_path)]).returncode:
             raise SystemExit("dpo: saving the model failed (see above)")
@@ -866,7 +878,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         lp = results["loss_parity"]
         lines.append(
             f"per-step loss, TRL vs sftune (+ordered): max |diff| {lp['max_abs_diff']:.2e} over "
-            f"{lp['steps']} steps; same pairs per step: {lp['same_pairs_per_step']}"
+            f"{lp['steps']} steps (reward margins: {_num(lp['max_abs_margin_diff'], '.2e')}); "
+            f"same pairs per step: {lp['same_pairs_per_step']}"
         )
     print("\n".join(lines))
     print(f"dpo: wrote {out}")
