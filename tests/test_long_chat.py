@@ -1,0 +1,137 @@
+"""Long chats (issue 26): the turn spans of a many-turn transcript come from one render.
+
+`DocumentRenderer` finds the trained turns of a chat rendered by a shipped template
+(`--chat-template chatml|llama3`) from the prefix lengths noted during the one render of the
+whole conversation, not by rendering each prefix (quadratic in the turns). These tests compare
+both ways on the shipped chat examples and on a generated 50-turn agent transcript with tool
+calls: the same texts, spans, tokens and masks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sftune.data import PackedSFTDataset
+from sftune.data.chat_templates import NAMED_TEMPLATES
+from sftune.data.formats import read_records
+from sftune.data.templates import DocumentRenderer, _ChatTemplate
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "chats.jsonl"
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "read_file",
+            "description": "Read a file",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}},
+        },
+    }
+]
+
+
+def agent_transcript(turns: int, *, system: bool = True, skip: int | None = None) -> dict:
+    """A record of `turns` user turns, every other one answered by a tool call and its result
+    before the answer; message `skip` (if given) opts out of training."""
+    messages = [{"role": "system", "content": "You are a coding agent."}] if system else []
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"Step {i}: look at  the code.\n "})
+        if i % 2:
+            call = {"name": "read_file", "arguments": json.dumps({"path": f"src/f{i}.py"})}
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"type": "function", "function": call}],
+                }
+            )
+            messages.append({"role": "tool", "content": f"def f{i}():\n    return {i}\n"})
+        messages.append({"role": "assistant", "content": f" Done with step {i}. \n"})
+    if skip is not None:
+        messages[skip]["train"] = False
+    return {"messages": messages, "tools": TOOLS}
+
+
+@pytest.fixture(params=sorted(NAMED_TEMPLATES))
+def templated(request, llama3_copy):
+    llama3_copy.chat_template = NAMED_TEMPLATES[request.param]
+    return llama3_copy
+
+
+def prefix_by_prefix(monkeypatch):
+    """Make `DocumentRenderer` render every prefix, as before this change."""
+
+    def plain(self, messages, tools):
+        return self.render([messages], tools, False)[0], None
+
+    monkeypatch.setattr(_ChatTemplate, "render_noting_starts", plain)
+
+
+def write(tmp_path: Path, records: list[dict]) -> Path:
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def records_under_test(tmp_path: Path) -> list:
+    generated = [
+        agent_transcript(50),
+        agent_transcript(7, system=False),
+        agent_transcript(6, skip=4),
+        agent_transcript(5, system=False, skip=0),
+    ]
+    return read_records(EXAMPLES) + read_records(write(tmp_path, generated))
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "last", "all"])
+def test_documents_match_rendering_every_prefix(templated, train_on, tmp_path, monkeypatch):
+    records = records_under_test(tmp_path)
+    renderer = DocumentRenderer(templated, train_on)
+    noted = [renderer.render(r) for r in records]
+    assert renderer._chat.render_noting_starts(list(records[-4].messages), TOOLS)[1]
+    prefix_by_prefix(monkeypatch)
+    renderer = DocumentRenderer(templated, train_on)
+    assert noted == [renderer.render(r) for r in records]
+    if train_on == "assistant":
+        assert any(d.spans and len(d.spans) > 50 for d in noted)  # the 50-turn transcript
+
+
+def test_a_long_transcript_is_rendered_once(templated, tmp_path, monkeypatch):
+    renders = []
+    original = _ChatTemplate.render
+
+    def counted(self, conversations, tools, generation):
+        renders.append(len(conversations))
+        return original(self, conversations, tools, generation)
+
+    monkeypatch.setattr(_ChatTemplate, "render", counted)
+    record = read_records(write(tmp_path, [agent_transcript(50)]))[0]
+    DocumentRenderer(templated, "assistant").render(record)
+    assert renders == []  # the one render is `render_noting_starts`'
+    prefix_by_prefix(monkeypatch)
+    DocumentRenderer(templated, "assistant").render(record)
+    assert sum(renders) > 100  # before: one render per turn head and turn end
+
+
+def test_packed_tokens_and_masks_match(templated, tmp_path, monkeypatch):
+    path = write(tmp_path, [agent_transcript(50), agent_transcript(3, skip=2)])
+
+    def pack():
+        ds = PackedSFTDataset(templated, path, 512, False, use_cache=False, verbose=False)
+        return ds.tokens.copy(), np.stack([ds[i]["labels"].numpy() for i in range(len(ds))])
+
+    tokens, labels = pack()
+    prefix_by_prefix(monkeypatch)
+    old_tokens, old_labels = pack()
+    assert np.array_equal(tokens, old_tokens) and np.array_equal(labels, old_labels)
+    assert (labels != -100).sum() > 500  # the transcript's answers are trained
+
+
+def test_other_templates_still_render_each_prefix(llama3_copy):
+    llama3_copy.chat_template = NAMED_TEMPLATES["chatml"] + " "  # any other text
+    chat = _ChatTemplate(llama3_copy)
+    text, starts = chat.render_noting_starts(agent_transcript(2)["messages"], None)
+    assert starts is None and text.startswith("<|im_start|>system")
