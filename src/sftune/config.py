@@ -122,6 +122,14 @@ class ModelConfig:
         ("all", "auto"),
     )
     device: str = _f("auto", "auto (cuda when available), cpu, cuda", ("auto", "cpu", "cuda"))
+    # issue 26: rope scaling
+    rope_scaling: str | None = _f(
+        None,
+        "extend the model's context: linear:FACTOR, yarn:FACTOR or llama3:FACTOR (FACTOR > 1) "
+        "sets that rope scaling and multiplies max_position_embeddings by FACTOR; saved in "
+        "final/'s config.json. A model scaled already (Llama 3.1: llama3, 8x from 8192) takes "
+        "the same type only, and its factor is multiplied",
+    )
 
 
 @dataclass
@@ -678,9 +686,33 @@ def _check_field(name: str, value: Any, setting: str | None = None) -> None:
         raise ConfigError(f"{setting} must be {_describe_bounds(bounds)}, got {value}")
 
 
+ROPE_SCALING_TYPES = ("linear", "yarn", "llama3")
+
+
+def parse_rope_scaling(value: str) -> tuple[str, float]:
+    """`--rope-scaling TYPE:FACTOR` as (type, factor); one line naming the setting otherwise.
+
+    >>> parse_rope_scaling("yarn:4")
+    ('yarn', 4.0)
+    """
+    kind, _, factor = value.partition(":")
+    try:
+        number = float(factor)
+    except ValueError:
+        number = math.nan
+    if kind not in ROPE_SCALING_TYPES or not (math.isfinite(number) and number > 1):
+        raise ConfigError(
+            f"--rope-scaling {value}: expected TYPE:FACTOR with TYPE one of "
+            f"{', '.join(ROPE_SCALING_TYPES)} and FACTOR > 1 (yarn:4: 4x the model's positions)"
+        )
+    return kind, number
+
+
 def _validate(cfg: RunConfig) -> None:
     for name, (section, _) in FIELDS.items():
         _check_field(name, getattr(getattr(cfg, section), name))
+    if cfg.model.rope_scaling is not None:  # issue 26
+        parse_rope_scaling(cfg.model.rope_scaling)
     # What no single field's bounds can say.
     bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
     if mb and bs % mb:
