@@ -1,10 +1,12 @@
-"""Long chats (issue 26): the turn spans of a many-turn transcript come from one render.
+"""The data path at long lengths (issue 26): one render per chat, batches bounded in characters.
 
 `DocumentRenderer` finds the trained turns of a chat rendered by a shipped template
 (`--chat-template chatml|llama3`) from the prefix lengths noted during the one render of the
 whole conversation, not by rendering each prefix (quadratic in the turns). These tests compare
 both ways on the shipped chat examples and on a generated 50-turn agent transcript with tool
-calls: the same texts, spans, tokens and masks.
+calls: the same texts, spans, tokens and masks. Long documents are tokenized in batches of at
+most `tokenize.BATCH_CHARS` characters, so that a file of long traces never holds thousands of
+them as Python token lists at once; the stream is the same.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sftune.data import PackedSFTDataset
+from sftune.data import PackedSFTDataset, tokenize
 from sftune.data.chat_templates import NAMED_TEMPLATES
 from sftune.data.formats import read_records
 from sftune.data.templates import DocumentRenderer, _ChatTemplate
@@ -135,3 +137,31 @@ def test_other_templates_still_render_each_prefix(llama3_copy):
     chat = _ChatTemplate(llama3_copy)
     text, starts = chat.render_noting_starts(agent_transcript(2)["messages"], None)
     assert starts is None and text.startswith("<|im_start|>system")
+
+
+def test_long_documents_are_encoded_in_batches_of_bounded_characters(
+    templated, tmp_path, monkeypatch
+):
+    path = write(tmp_path, [agent_transcript(n) for n in (30, 2, 25, 3, 3, 40)])
+
+    def pack():
+        ds = PackedSFTDataset(templated, path, 256, False, use_cache=False, verbose=False)
+        return ds.tokens.copy(), np.stack([ds[i]["labels"].numpy() for i in range(len(ds))])
+
+    sizes = []
+    encode = tokenize.DocumentEncoder.encode
+
+    def counted(self, texts, *args):
+        sizes.append(len(texts))
+        return encode(self, texts, *args)
+
+    monkeypatch.setattr(tokenize.DocumentEncoder, "encode", counted)
+    tokens, labels = pack()
+    assert sizes == [6]
+    records = read_records(path)
+    chars = [tokenize.record_chars(r) for r in records]
+    monkeypatch.setattr(tokenize, "BATCH_CHARS", chars[0] + chars[1])
+    sizes.clear()
+    bounded_tokens, bounded_labels = pack()
+    assert sizes == [2, 3, 1]  # 30+2 turns; 25+3+3 (fewer characters than 30+2); 40 alone
+    assert np.array_equal(tokens, bounded_tokens) and np.array_equal(labels, bounded_labels)
