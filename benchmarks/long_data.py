@@ -1,7 +1,7 @@
 """Benchmark the data path at long lengths (issue 26): chat prefix rendering, and packing with
 `--train-on assistant` masking of 32K-200K-token conversations.
 
-    .venv/bin/python benchmarks/long_data.py [--parts chat,packing] [--out FILE]
+    .venv/bin/python benchmarks/long_data.py [--parts chat,packing,mask] [--out FILE]
 
 `chat`: a generated agent transcript of 10, 50 and 200 user turns (a system prompt; each user
 turn answered, every other one first by a tool call and its result; a tools list), rendered
@@ -16,7 +16,16 @@ then the answer; a second user turn and a short answer), packed by `PackedSFTDat
 `seq_length` L with the Llama 3 tokenizer, `--chat-template llama3`, no cache. Each build
 runs in its own subprocess, `--train-on all` and `assistant`, and reports its wall time,
 its peak RSS and the RSS before the build (imports and tokenizer), and the bare
-`tokenizer(texts)` time of the same rendered texts.
+`tokenizer(texts)` time of the same rendered texts. `--batch-chars 1000000000000` builds as
+before the character bound on tokenizer batches (`tokenize.BATCH_CHARS`).
+
+`mask`: the document mask transformers 5 builds for packed rows (position_ids restarting at 0
+at each document, no attention_mask: `masking_utils.create_causal_mask`), three documents per
+row, for `--attn sdpa` (a dense bool (1, 1, T, T) tensor) at `--sdpa-lengths` and for
+`flex_attention` (a BlockMask, `create_block_mask` compiled, so the T x T mask is evaluated by
+blocks and never stored) at `--flex-lengths`; each in its own subprocess: wall time (flex: its
+compile included), the growth of peak RSS during the build, and the bytes of the mask it
+returns.
 
 Prints a table and, with --out, writes the numbers as JSON.
 """
@@ -150,9 +159,12 @@ def long_trace_file(tok, length: int, conversations: int, directory: Path) -> Pa
     return path
 
 
-def child(path: str, seq_length: int, train_on: str) -> None:
+def child(path: str, seq_length: int, train_on: str, batch_chars: int) -> None:
     """One build in this process: prints its numbers as a JSON line."""
-    from sftune.data import PackedSFTDataset
+    from sftune.data import PackedSFTDataset, tokenize
+
+    if batch_chars:  # --batch-chars: tokenize.BATCH_CHARS for this build
+        tokenize.BATCH_CHARS = batch_chars
     from sftune.data.formats import read_records
     from sftune.data.templates import DocumentRenderer
 
@@ -181,14 +193,17 @@ def child(path: str, seq_length: int, train_on: str) -> None:
     print(json.dumps(out))
 
 
-def bench_packing(lengths: list[int], conversations: int) -> list[dict]:
+def bench_packing(
+    lengths: list[int], conversations: int, modes: list[str], batch_chars: int
+) -> list[dict]:
     rows = []
     tok = tokenizer("llama3")
     directory = Path(tempfile.mkdtemp(prefix="long-data-"))
     for length in lengths:
         path = long_trace_file(tok, length, conversations, directory)
-        for train_on in ("all", "assistant"):
+        for train_on in modes:
             command = [sys.executable, __file__, "_child", str(path), str(length), train_on]
+            command.append(str(batch_chars))
             result = subprocess.run(command, capture_output=True, text=True, check=True)
             row = {"seq_length": length, "conversations": conversations, "train_on": train_on}
             row |= json.loads(result.stdout.strip().splitlines()[-1])
@@ -203,15 +218,77 @@ def bench_packing(lengths: list[int], conversations: int) -> list[dict]:
     return rows
 
 
+def mask_child(length: int, attn: str) -> None:
+    """One mask build in this process: prints its numbers as a JSON line."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    config._attn_implementation = attn
+    docs = [length // 4, length // 4, length - length // 2]
+    positions = torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
+    embeds = torch.zeros(1, length, 8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    mask = create_causal_mask(
+        config=config,
+        inputs_embeds=embeds,
+        attention_mask=None,
+        cache=None,
+        position_ids=positions,
+    )
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if isinstance(mask, torch.Tensor):
+        kind, size = f"dense {tuple(mask.shape)} {mask.dtype}", mask.numel() * mask.element_size()
+    else:
+        tensors = [t for t in mask.as_tuple() if isinstance(t, torch.Tensor)]
+        kind, size = "BlockMask", sum(t.numel() * t.element_size() for t in tensors)
+    out = {"seconds": seconds, "peak_rss_growth_mib": peak - before, "mask": kind}
+    print(json.dumps(out | {"mask_mib": size / 2**20}))
+
+
+def bench_mask(sdpa_lengths: list[int], flex_lengths: list[int]) -> list[dict]:
+    rows = []
+    for attn, lengths in (("sdpa", sdpa_lengths), ("flex_attention", flex_lengths)):
+        for length in lengths:
+            command = [sys.executable, __file__, "_mask", str(length), attn]
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            row = {"attn": attn, "seq_length": length}
+            row |= json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(
+                f"mask {attn:14s} {length:7,d}: {row['seconds']:6.1f} s, peak RSS "
+                f"+{row['peak_rss_growth_mib']:7.0f} MiB, returns {row['mask']} "
+                f"({row['mask_mib']:.1f} MiB)",
+                flush=True,
+            )
+    return rows
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_mask":
+        mask_child(int(sys.argv[2]), sys.argv[3])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="chat,packing")
+    parser.add_argument("--parts", default="chat,packing,mask")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lengths", default="32768,65536,131072,204800")
     parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument("--train-on", default="all,assistant")
+    parser.add_argument(
+        "--batch-chars",
+        type=int,
+        default=0,
+        help="characters per tokenizer batch (0: tokenize.BATCH_CHARS; 10**12: no bound, as "
+        "before issue 26)",
+    )
+    parser.add_argument("--sdpa-lengths", default="8192,16384,32768")
+    parser.add_argument("--flex-lengths", default="32768,65536,131072")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -220,7 +297,13 @@ def main() -> None:
         result["chat"] = bench_chat(args.repeats)
     if "packing" in parts:
         lengths = [int(x) for x in args.lengths.split(",")]
-        result["packing"] = bench_packing(lengths, args.conversations)
+        modes = args.train_on.split(",")
+        result["packing"] = bench_packing(lengths, args.conversations, modes, args.batch_chars)
+    if "mask" in parts:
+        result["mask"] = bench_mask(
+            [int(x) for x in args.sdpa_lengths.split(",")],
+            [int(x) for x in args.flex_lengths.split(",")],
+        )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

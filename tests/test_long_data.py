@@ -165,3 +165,39 @@ def test_long_documents_are_encoded_in_batches_of_bounded_characters(
     bounded_tokens, bounded_labels = pack()
     assert sizes == [2, 3, 1]  # 30+2 turns; 25+3+3 (fewer characters than 30+2); 40 alone
     assert np.array_equal(tokens, bounded_tokens) and np.array_equal(labels, bounded_labels)
+
+
+def test_a_dense_document_mask_past_32k_is_refused_in_one_line():
+    from sftune import config as config_mod
+    from sftune.errors import ConfigError
+
+    long = {"doc_mask": "on", "seq_length": 65536}
+    for attn in ("sdpa", "eager"):
+        with pytest.raises(ConfigError, match=r"^--doc-mask on with --attn .*flex_attention"):
+            config_mod.from_flat({**long, "attn": attn})
+    for ok in (
+        {**long, "attn": "flex_attention"},
+        {**long, "attn": "sdpa", "doc_mask": "off"},
+        {**long, "attn": "sdpa", "seq_length": 32768},
+    ):
+        config_mod.from_flat(ok)
+
+
+def test_packed_documents_attend_within_themselves_fp64():
+    """What the doc mask relies on: position_ids restarting at 0, no attention_mask and no
+    cache make transformers mask attention by document (the same logits as one forward per
+    document); with a cache it would not."""
+    import torch
+
+    from tiny import build_tiny_model
+
+    model = build_tiny_model(100, dtype=torch.float64).eval()
+    docs = [5, 9, 3]
+    ids = torch.randint(0, 100, (1, sum(docs)), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
+    with torch.no_grad():
+        separate = torch.cat([model(input_ids=d).logits for d in ids.split(docs, dim=1)], 1)
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        cached = model(input_ids=ids, position_ids=positions, use_cache=True).logits
+    torch.testing.assert_close(packed, separate, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(cached[:, 5:], separate[:, 5:])
