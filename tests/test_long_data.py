@@ -132,6 +132,27 @@ def test_packed_tokens_and_masks_match(templated, tmp_path, monkeypatch):
     assert (labels != -100).sum() > 500  # the transcript's answers are trained
 
 
+def test_smollm2_template_is_recognized_and_gives_the_same_documents(
+    smollm2_tokenizer, tmp_path, monkeypatch
+):
+    from sftune.data.templates import SMOLLM2_INSTRUCT
+
+    assert smollm2_tokenizer.chat_template == SMOLLM2_INSTRUCT  # the preset's, byte for byte
+    plain = [r for r in read_records(EXAMPLES) if not r.tools]  # it renders no tools
+    records = [r for r in plain if not any("tool_calls" in m for m in r.messages)]
+    turns = [
+        ({"role": "user", "content": f"Q {i}?"}, {"role": "assistant", "content": f"A {i}"})
+        for i in range(50)
+    ]
+    long = {"messages": [m for turn in turns for m in turn]}  # 100 messages, no system
+    records += read_records(write(tmp_path, [long]))
+    noted = [DocumentRenderer(smollm2_tokenizer, "assistant").render(r) for r in records]
+    starts = _ChatTemplate(smollm2_tokenizer).render_noting_starts(list(long["messages"]), None)[1]
+    assert len(starts) == 100
+    prefix_by_prefix(monkeypatch)
+    assert noted == [DocumentRenderer(smollm2_tokenizer, "assistant").render(r) for r in records]
+
+
 def test_other_templates_still_render_each_prefix(llama3_copy):
     llama3_copy.chat_template = NAMED_TEMPLATES["chatml"] + " "  # any other text
     chat = _ChatTemplate(llama3_copy)

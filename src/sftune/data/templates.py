@@ -34,7 +34,8 @@ Rendering every prefix is quadratic in the number of turns (a 200-turn agent tra
 reads only that message, then the generation prompt, the prefix lengths are read off a single
 render instead: the message list notes how much had been written when the loop fetched each
 message, which is the length of the conversation before it (`_Tracked`). Same texts and
-spans, one render (a test compares both ways). Any other template renders every prefix.
+spans, one render (a test compares both ways). SmolLM2-Instruct's own template has that shape
+too. Any other template renders every prefix.
 
 `--train-on` (`TRAIN_ON`): `all` trains every token; `assistant` every assistant turn; `last`
 the final assistant turn. A message's `"train": true/false` (or `"weight": 1/0`) overrides the
@@ -70,13 +71,24 @@ TRAIN_ON = ("all", "assistant", "last")
 # The shipped templates render tool calls and tools lists (`chat_templates.py`).
 TOOLS_HINT = "--chat-template chatml (or llama3, or a Jinja FILE that renders them)"
 TRAIN_ON_CHOICES = ("auto", *TRAIN_ON)
+# SmolLM2-Instruct's own template (the smollm2-135m preset's tokenizer, byte for byte): the
+# default model's chats without --chat-template.
+SMOLLM2_INSTRUCT = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Templates whose render of messages[:k] is exactly what their render of the whole conversation
 # has written when its message loop fetches message k (a header that reads only messages[0],
-# the first user turn and the tools; one piece per message, reading that message alone; after
-# the loop only the generation prompt), with the generation prompt each appends.
+# the first user turn and the tools; one piece per message, reading that message alone and
+# messages[0]; after the loop only the generation prompt), with the generation prompt each
+# appends.
 _ONE_PIECE_PER_MESSAGE = {
     CHATML: "<|im_start|>assistant\n",
     LLAMA3: "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    SMOLLM2_INSTRUCT: "<|im_start|>assistant\n",
 }
 
 
