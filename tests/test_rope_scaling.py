@@ -78,6 +78,13 @@ def test_a_scaled_model_multiplies_its_factor_of_the_same_type_only():
         apply_rope_scaling(cfg, "yarn:2")
 
 
+def test_a_model_without_rope_is_refused():
+    from transformers import GPT2Config
+
+    with pytest.raises(ConfigError, match=r"gpt2 model has no rotary position embeddings"):
+        apply_rope_scaling(GPT2Config(), "linear:2")
+
+
 def test_per_layer_type_rope_scales_the_full_attention_layers():
     from transformers import Gemma3TextConfig
 

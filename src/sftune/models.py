@@ -199,7 +199,12 @@ def apply_rope_scaling(config: PretrainedConfig, value: str) -> None:
     """
     kind, factor = parse_rope_scaling(value)
     text = config.get_text_config()
-    params = dict(getattr(text, "rope_parameters", None) or {})
+    if not getattr(text, "rope_parameters", None):
+        raise ConfigError(
+            f"--rope-scaling {value}: this {text.model_type} model has no rotary position "
+            "embeddings to scale; leave --rope-scaling out"
+        )
+    params = dict(text.rope_parameters)
     nested = "full_attention" in params and isinstance(params["full_attention"], dict)
     current = dict(params["full_attention"]) if nested else params
     had = current.get("rope_type", "default")
