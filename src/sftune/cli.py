@@ -131,7 +131,7 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         cfg = config_mod.from_flat(given)
     check_environment(cfg.model.model, cfg.model.fp8, cfg.optim.optimizer)
-    presets.check_seq_length(cfg.data.seq_length, cfg.model.model)
+    presets.check_seq_length(cfg.data.seq_length, cfg.model.model, cfg.model.rope_scaling)
     check_data(
         cfg.data.fields, cfg.data.train_data, cfg.data.val_data, objective=cfg.loss.objective
     )

@@ -122,6 +122,14 @@ class ModelConfig:
         ("all", "auto"),
     )
     device: str = _f("auto", "auto (cuda when available), cpu, cuda", ("auto", "cpu", "cuda"))
+    # issue 26: rope scaling
+    rope_scaling: str | None = _f(
+        None,
+        "extend the model's context: linear:FACTOR, yarn:FACTOR or llama3:FACTOR (FACTOR > 1) "
+        "sets that rope scaling and multiplies max_position_embeddings by FACTOR; saved in "
+        "final/'s config.json. A model scaled already (Llama 3.1: llama3, 8x from 8192) takes "
+        "the same type only, and its factor is multiplied",
+    )
 
 
 @dataclass
@@ -725,9 +733,54 @@ def _check_field(name: str, value: Any, setting: str | None = None) -> None:
         raise ConfigError(f"{setting} must be {_describe_bounds(bounds)}, got {value}")
 
 
+ROPE_SCALING_TYPES = ("linear", "yarn", "llama3")
+
+
+def parse_rope_scaling(value: str) -> tuple[str, float]:
+    """`--rope-scaling TYPE:FACTOR` as (type, factor); one line naming the setting otherwise.
+
+    >>> parse_rope_scaling("yarn:4")
+    ('yarn', 4.0)
+    """
+    kind, _, factor = value.partition(":")
+    try:
+        number = float(factor)
+    except ValueError:
+        number = math.nan
+    if kind not in ROPE_SCALING_TYPES or not (math.isfinite(number) and number > 1):
+        raise ConfigError(
+            f"--rope-scaling {value}: expected TYPE:FACTOR with TYPE one of "
+            f"{', '.join(ROPE_SCALING_TYPES)} and FACTOR > 1 (yarn:4: 4x the model's positions)"
+        )
+    return kind, number
+
+
+# Longest window for which a document mask may be a dense (T, T) tensor. transformers 5 builds
+# one for sdpa and eager from packed position_ids (masking_utils.sdpa_mask): 1 GiB per sequence
+# at 32K, 3 GiB at the peak of its build (benchmarks/long_data.py --parts mask), 256 GiB at
+# 512K. flex_attention's BlockMask is built by blocks and flash_attention_2 takes no mask.
+DENSE_DOC_MASK_MAX = 32768
+
+
+def _check_dense_doc_mask(cfg: RunConfig) -> None:
+    """issue 26: refuse a document mask that would be a dense T x T tensor past 32K tokens."""
+    length, attn = cfg.data.seq_length, cfg.model.attn
+    if cfg.data.doc_mask == "on" and attn in ("sdpa", "eager") and length > DENSE_DOC_MASK_MAX:
+        dense = length * length * (1 if attn == "sdpa" else 4) / 2**30
+        raise ConfigError(
+            f"--doc-mask on with --attn {attn} at --seq-length {length}: transformers builds a "
+            f"dense {length} x {length} document mask per sequence ({dense:,.0f} GiB); use "
+            "--attn flex_attention (a mask by blocks) or flash_attention_2 (none), or --doc-mask "
+            f"off, or --seq-length {DENSE_DOC_MASK_MAX} or less"
+        )
+
+
 def _validate(cfg: RunConfig) -> None:
     for name, (section, _) in FIELDS.items():
         _check_field(name, getattr(getattr(cfg, section), name))
+    if cfg.model.rope_scaling is not None:  # issue 26
+        parse_rope_scaling(cfg.model.rope_scaling)
+    _check_dense_doc_mask(cfg)
     # What no single field's bounds can say.
     bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
     if mb and bs % mb:

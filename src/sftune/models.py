@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
@@ -30,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sftune.config import parse_rope_scaling
 from sftune.errors import ConfigError, SftuneError
 from sftune.files import atomic_dir
 from sftune.presets import (
@@ -167,6 +169,69 @@ def resolve_attention(requested: str, device: torch.device) -> str:
     return requested
 
 
+# ----------------------------------------------------------------------------- rope scaling
+
+# What each scaling type reads besides its factor (transformers' modeling_rope_utils): the
+# pretraining context it scales from, and for llama3 the band of wavelengths it blends over,
+# Llama 3.1's own values.
+_ROPE_EXTRA = {
+    "linear": {},
+    "yarn": {},
+    "llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+}
+
+
+def apply_rope_scaling(config: PretrainedConfig, value: str) -> None:
+    """Set `--rope-scaling TYPE:FACTOR` on a model config, before the model is built from it.
+
+    The context is multiplied from the model's current `max_position_embeddings` M: it becomes
+    M x FACTOR. An unscaled model gets TYPE with FACTOR (yarn and llama3 scaling from M). A
+    model scaled already by the same TYPE keeps its original context and gets its factor
+    multiplied (Llama 3.1, llama3 8x from 8192: llama3:2 is 16x, 262,144 positions); another
+    type would have to stack two scalings, which transformers cannot express, and is refused.
+    A config with rope parameters per layer type (Gemma 3) scales its full-attention layers
+    only: its sliding-window layers never see a distance past their window.
+
+        >>> apply_rope_scaling(config, "yarn:4")  # doctest: +SKIP
+        >>> config.rope_parameters  # doctest: +SKIP
+        {'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 4.0,
+         'original_max_position_embeddings': 2048}
+    """
+    kind, factor = parse_rope_scaling(value)
+    text = config.get_text_config()
+    if not getattr(text, "rope_parameters", None):
+        raise ConfigError(
+            f"--rope-scaling {value}: this {text.model_type} model has no rotary position "
+            "embeddings to scale; leave --rope-scaling out"
+        )
+    params = dict(text.rope_parameters)
+    nested = "full_attention" in params and isinstance(params["full_attention"], dict)
+    current = dict(params["full_attention"]) if nested else params
+    had = current.get("rope_type", "default")
+    context = text.max_position_embeddings
+    if had == "default":
+        scaled = {**current, "rope_type": kind, "factor": factor, **_ROPE_EXTRA[kind]}
+        if kind != "linear":
+            scaled["original_max_position_embeddings"] = context
+    elif had == kind:
+        scaled = {**current, "factor": float(current.get("factor") or 1.0) * factor}
+    else:
+        raise ConfigError(
+            f"--rope-scaling {value}: the model is already {had}-scaled (factor "
+            f"{current.get('factor')}); only --rope-scaling {had}:FACTOR can extend it further"
+        )
+    text.rope_parameters = {**params, "full_attention": scaled} if nested else scaled
+    text.max_position_embeddings = int(context * factor)
+
+
+def load_config(source: Path, rope_scaling: str | None) -> PretrainedConfig:
+    """The model's config, with `--rope-scaling` applied (what from_pretrained builds)."""
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    if rope_scaling:
+        apply_rope_scaling(config, rope_scaling)
+    return config
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -281,11 +346,13 @@ def load_model_and_tokenizer(
     dtype: str = "auto",
     attn_implementation: str = "auto",
     quantization: dict | None = None,
+    rope_scaling: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelInfo]:
     """Load a causal LM and its tokenizer onto `device`, from a preset or a local directory.
 
     `quantization`: extra from_pretrained arguments for a quantized base (QLoRA); such a model
-    is placed on `device` by its loader.
+    is placed on `device` by its loader. `rope_scaling`: `--rope-scaling TYPE:FACTOR`
+    (`apply_rope_scaling`); the model's config carries it into final/.
     """
     torch_dtype = resolve_dtype(dtype, device)
     attention = resolve_attention(attn_implementation, device)
@@ -295,8 +362,10 @@ def load_model_and_tokenizer(
     tokenizer = load_tokenizer(name_or_path if preset else str(source))  # a preset's: as prepare's
     check_safetensors(source)
     placement = {"device_map": {"": device}} if quantization else {}
+    scaled = {"config": load_config(source, rope_scaling)} if rope_scaling else {}
     model = AutoModelForCausalLM.from_pretrained(
         source,
+        **scaled,
         dtype=torch_dtype,
         attn_implementation=attention,
         local_files_only=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,13 +125,26 @@ def context_length(name_or_path: str) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def check_seq_length(seq_length: int, name_or_path: str) -> None:
-    """Refuse windows longer than the model's positions: it would train past its context."""
+def check_seq_length(seq_length: int, name_or_path: str, rope_scaling: str | None = None) -> None:
+    """Refuse windows longer than the model's positions (times the `--rope-scaling` factor):
+    it would train past its context."""
+    from sftune.config import parse_rope_scaling
+
     limit = context_length(name_or_path)
-    if limit is not None and seq_length > limit:
+    if limit is None:
+        return
+    if rope_scaling:
+        scaled = int(limit * parse_rope_scaling(rope_scaling)[1])
+        if seq_length > scaled:
+            raise ConfigError(
+                f"--seq-length {seq_length} is longer than {name_or_path}'s context of {limit} "
+                f"positions scaled by --rope-scaling {rope_scaling} ({scaled}); use a larger "
+                f"factor or --seq-length {scaled} or less"
+            )
+    elif seq_length > limit:
         raise ConfigError(
             f"--seq-length {seq_length} is longer than {name_or_path}'s context of {limit} "
-            "positions (max_position_embeddings); use --seq-length {limit} or less".replace(
-                "{limit}", str(limit)
-            )
+            f"positions (max_position_embeddings); use --seq-length {limit} or less, or extend "
+            f"the context with --rope-scaling yarn:{math.ceil(seq_length / limit)} (or linear:, "
+            "llama3:)"
         )

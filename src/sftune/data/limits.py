@@ -45,17 +45,18 @@ class RenderLimitError(RuntimeError):
 def bounded(template: Any) -> Callable[..., str]:
     """A function of the template's variables returning its text, as `template.render`, that
     raises `RenderLimitError` past `RENDER_SECONDS` or `RENDER_MAX_CHARS` (read at each
-    render). `template`: a `jinja2.Template`."""
+    render). `template`: a `jinja2.Template`. Its `stream` attribute yields the same text piece
+    by piece, as the template writes it (`templates.py` notes where each message starts)."""
     from jinja2.sandbox import safe_range
 
-    def render(**variables: Any) -> str:
+    def stream(**variables: Any) -> Iterator[str]:
         seconds, max_chars = RENDER_SECONDS, RENDER_MAX_CHARS
         deadline = _record_deadline.get() or time.monotonic() + seconds
 
         def bounded_range(*args: int) -> _Range:
             return _Range(safe_range(*args), deadline, seconds)  # the sandbox's size limit too
 
-        parts, size = [], 0
+        size = 0
         for part in template.generate(**variables, range=bounded_range):
             size += len(part)
             if size > max_chars:
@@ -64,9 +65,12 @@ def bounded(template: Any) -> Callable[..., str]:
                     "sftune/data/limits.py): a loop that repeats its output?"
                 )
             _check_clock(deadline, seconds)
-            parts.append(part)
-        return "".join(parts)
+            yield part
 
+    def render(**variables: Any) -> str:
+        return "".join(stream(**variables))
+
+    render.stream = stream
     return render
 
 

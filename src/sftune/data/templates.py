@@ -28,6 +28,15 @@ it ends. Each prefix must be a prefix of the full rendering; a template for whic
 Whitespace after a turn's end-of-turn token (ChatML's `<|im_end|>` then a newline) belongs to
 the template's layout and is not trained; the end-of-turn token is.
 
+Rendering every prefix is quadratic in the number of turns (a 200-turn agent transcript took
+0.4-0.7 s, a 4,000-message one ran past `RENDER_SECONDS`). For the templates sftune ships
+(`--chat-template chatml|llama3`), whose text is one header, then one piece per message that
+reads only that message, then the generation prompt, the prefix lengths are read off a single
+render instead: the message list notes how much had been written when the loop fetched each
+message, which is the length of the conversation before it (`_Tracked`). Same texts and
+spans, one render (a test compares both ways). SmolLM2-Instruct's own template has that shape
+too. Any other template renders every prefix.
+
 `--train-on` (`TRAIN_ON`): `all` trains every token; `assistant` every assistant turn; `last`
 the final assistant turn. A message's `"train": true/false` (or `"weight": 1/0`) overrides the
 mode for that turn. The EOS that ends a document is trained when its last message is.
@@ -44,7 +53,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from sftune.data.chat import ASSISTANT
-from sftune.data.chat_templates import HINT
+from sftune.data.chat_templates import CHATML, HINT, LLAMA3
 from sftune.data.formats import CHAT_FORMATS, Record
 from sftune.data.limits import bounded
 from sftune.errors import ConfigError
@@ -62,6 +71,25 @@ TRAIN_ON = ("all", "assistant", "last")
 # The shipped templates render tool calls and tools lists (`chat_templates.py`).
 TOOLS_HINT = "--chat-template chatml (or llama3, or a Jinja FILE that renders them)"
 TRAIN_ON_CHOICES = ("auto", *TRAIN_ON)
+# SmolLM2-Instruct's own template (the smollm2-135m preset's tokenizer, byte for byte): the
+# default model's chats without --chat-template.
+SMOLLM2_INSTRUCT = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Templates whose render of messages[:k] is exactly what their render of the whole conversation
+# has written when its message loop fetches message k (a header that reads only messages[0],
+# the first user turn and the tools; one piece per message, reading that message alone and
+# messages[0]; after the loop only the generation prompt), with the generation prompt each
+# appends.
+_ONE_PIECE_PER_MESSAGE = {
+    CHATML: "<|im_start|>assistant\n",
+    LLAMA3: "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    SMOLLM2_INSTRUCT: "<|im_start|>assistant\n",
+}
 
 
 def render_alpaca(prompt: str, response: str) -> tuple[str, str]:
@@ -162,14 +190,16 @@ class DocumentRenderer:
         trained = trained_turns(roles, record.train or [None] * len(roles), self.train_on)
         tools = list(record.tools) if record.tools else None
         chat.check_support(messages, tools)
-        full = chat.render([messages], tools, False)[0]
+        full, starts = chat.render_noting_starts(messages, tools)
         spans: list[tuple[int, int]] | None = None
         if self.train_on == "all":
             skipped = [i for i, t in enumerate(trained) if not t]
             if skipped:
-                spans = _complement(chat.turn_spans(messages, tools, full, skipped), len(full))
+                turns = chat.turn_spans(messages, tools, full, skipped, starts)
+                spans = _complement(turns, len(full))
         else:
-            spans = chat.turn_spans(messages, tools, full, [i for i, t in enumerate(trained) if t])
+            turns = [i for i, t in enumerate(trained) if t]
+            spans = chat.turn_spans(messages, tools, full, turns, starts)
         text, shift = chat.strip_bos(full)
         text, ends = cut_after_final_eos(text, self.eos_text, 0) if self.eos_text else (text, False)
         if spans is not None:
@@ -238,12 +268,52 @@ class _ChatTemplate:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"{self.name} fails: {first}") from None
 
+    def render_noting_starts(
+        self, messages: list[dict], tools: list | None
+    ) -> tuple[str, dict[int, int] | None]:
+        """The text of the whole conversation and, for a template of `_ONE_PIECE_PER_MESSAGE`,
+        the length of the text before each message its loop wrote (message index -> length;
+        None for any other template)."""
+        source = self.tools_template if tools else self.template
+        stream = getattr(self._compiled[source], "stream", None)
+        if source not in _ONE_PIECE_PER_MESSAGE or stream is None:
+            return self.render([messages], tools, False)[0], None
+        parts: list[str] = []
+        written = [0]
+        starts: dict[int, int] = {}
+        tracked = _Tracked(messages, 0, written, starts)
+        try:
+            for part in stream(
+                messages=tracked,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=False,
+                **self.variables,
+            ):
+                parts.append(part)
+                written[0] += len(part)
+        except Exception as e:  # as `render`: one line naming the template
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{self.name} fails: {first}") from None
+        return "".join(parts), starts
+
     def turn_spans(
-        self, messages: list[dict], tools: list | None, full: str, turns: list[int]
+        self,
+        messages: list[dict],
+        tools: list | None,
+        full: str,
+        turns: list[int],
+        starts: dict[int, int] | None = None,
     ) -> list[tuple[int, int]]:
-        """Character ranges of `full` that messages `turns` cover (see the module doc)."""
+        """Character ranges of `full` that messages `turns` cover (see the module doc).
+        `starts`, from `render_noting_starts`: the prefix lengths, read off the one render
+        instead of rendering each prefix."""
         if not turns:
             return []
+        if starts is not None:
+            spans = self._spans_from_starts(messages, tools, full, turns, starts)
+            if spans is not None:
+                return spans
         roles = [m["role"] for m in messages]
         heads = sorted({i for i in turns if roles[i] == ASSISTANT})
         ends = sorted({i + 1 for i in turns} | {i for i in turns if roles[i] != ASSISTANT})
@@ -257,6 +327,31 @@ class _ChatTemplate:
             end = self._trim(full, start, end_at[i + 1])
             if end < start:
                 raise self._inconsistent(i)
+            spans.append((start, end))
+        return spans
+
+    def _spans_from_starts(
+        self, messages: list[dict], tools: list | None, full: str, turns: list[int], starts
+    ) -> list[tuple[int, int]] | None:
+        """`turn_spans` from the noted prefix lengths; None where a needed one was not noted
+        (a message the header reads, like Llama 3's first user turn beside tools) or the
+        generation prompt is not where it should be: the prefixes are rendered then, which
+        also gives those records their usual error."""
+        header = _ONE_PIECE_PER_MESSAGE[self.tools_template if tools else self.template]
+        n = len(messages)
+        ends = {**starts, 0: 0, n: len(full)}  # as `turn_spans`: the first turn starts at 0
+        spans = []
+        for i in turns:
+            if i not in ends or i + 1 not in ends:
+                return None
+            start = ends[i]
+            if messages[i]["role"] == ASSISTANT:
+                if i == 0 or not full.startswith(header, start):
+                    return None
+                start += len(header)
+            end = self._trim(full, start, ends[i + 1])
+            if end < start:
+                return None
             spans.append((start, end))
         return spans
 
@@ -290,6 +385,28 @@ class _ChatTemplate:
         if self.bos and text.startswith(self.bos):
             return text[len(self.bos) :], len(self.bos)
         return text, 0
+
+
+class _Tracked(list):
+    """A conversation's messages that note, as the template's loop fetches message i, how
+    much the render had written by then (`starts[i] = written[0]`). A slice (`messages[1:]`,
+    how Llama 3's template drops the system message) notes the same indices."""
+
+    def __init__(self, items, first: int, written: list[int], starts: dict[int, int]):
+        super().__init__(items)
+        self._first, self._written, self._starts = first, written, starts
+
+    def __getitem__(self, index):
+        if isinstance(index, slice) and index.step in (None, 1):
+            start = index.indices(len(self))[0]
+            items = list.__getitem__(self, index)
+            return _Tracked(items, self._first + start, self._written, self._starts)
+        return list.__getitem__(self, index)
+
+    def __iter__(self):
+        for i, message in enumerate(list.__iter__(self)):
+            self._starts.setdefault(self._first + i, self._written[0])
+            yield message
 
 
 def _compile(template: str):

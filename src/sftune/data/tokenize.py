@@ -1,8 +1,9 @@
 """Turn a file of records into one file-order token stream: render, encode, delimit, mask.
 
 This is the hot path of building a packed dataset, so it stays close to the tokenizer's Rust
-backend: records are rendered and encoded `DOCS_PER_BATCH` at a time, and only one batch's
-Python token lists exist at once; everything else is numpy (`_pack_chunk`).
+backend: records are rendered and encoded `DOCS_PER_BATCH` at a time (fewer where they hold
+over `BATCH_CHARS` characters: long reasoning traces), and only one batch's Python token lists
+exist at once; everything else is numpy (`_pack_chunk`).
 
 Each document ends with exactly one EOS:
 
@@ -43,6 +44,10 @@ from sftune.data.templates import Document, DocumentRenderer, adds_bos, resolve_
 from sftune.errors import DataError, SftuneError
 
 DOCS_PER_BATCH = 2048  # documents tokenized per call: big enough for the Rust thread pool
+# ... unless they hold more characters than this (about 2M Llama 3 tokens): a batch's token
+# lists and the tokenizer's encodings take ~140 bytes a token (measured on 128K-token chats:
+# 2,048 of them in one batch would be 37 GB), so long documents go in smaller batches.
+BATCH_CHARS = 8_000_000
 AGREE_CHARS = 4096  # characters of each sample text compared by `_backend_agrees`
 
 # Trained character ranges of one document: None (all of it), a response's first character
@@ -71,7 +76,8 @@ def build_stream(
     encoded: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftune-encode") as worker:
         pending = None
-        for records in _batched(iter_records(path, fields, system_prompt), DOCS_PER_BATCH):
+        batches = _batched(iter_records(path, fields, system_prompt), DOCS_PER_BATCH, BATCH_CHARS)
+        for records in batches:
             docs = render_batch(path, records, renderer)
             if pending is not None:
                 encoded.append(pending.result())
@@ -92,10 +98,27 @@ def build_stream(
     return token_chunks, lengths, masks
 
 
-def _batched(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
+def _batched(items: Iterable[Record], size: int, max_chars: int) -> Iterator[list[Record]]:
+    """Lists of up to `size` records, cut where the next would pass `max_chars` characters
+    (`record_chars`); one record of more is a batch by itself."""
+    batch: list[Record] = []
+    chars = 0
+    for record in items:
+        n = record_chars(record)
+        if batch and (len(batch) == size or chars + n > max_chars):
+            yield batch
+            batch, chars = [], 0
+        batch.append(record)
+        chars += n
+    if batch:
         yield batch
+
+
+def record_chars(record: Record) -> int:
+    """The characters of a record's own text (what its rendering is, less the template's)."""
+    if record.messages is None:
+        return len(record.prompt) + len(record.response)
+    return sum(len(m.get("content") or "") for m in record.messages)
 
 
 def render_batch(path: Path, records: list[Record], renderer: DocumentRenderer) -> list[Document]:

@@ -407,6 +407,7 @@ def load_model(cfg: RunConfig, device: torch.device):
         dtype=load_dtype,
         attn_implementation=attention_request(cfg, device),
         quantization=lora.quantization_kwargs(cfg),
+        rope_scaling=cfg.model.rope_scaling,  # issue 26: into final/'s config.json too
     )
     set_chat_template(tokenizer, template, template_text)  # so final/'s tokenizer carries it
     adapter = lora.apply_lora(hf_model, cfg) if lora.enabled(cfg) else None

@@ -78,7 +78,7 @@ def export_checkpoint(ckpt: Path, out: Path, *, dtype: str = "auto", merge: bool
         if adapters:
             _write_lora(cfg, state, source, tmp, merge=merge, dtype=cast)
         else:
-            _write_model(state, source, tmp)
+            _write_model(state, source, tmp, cfg.model.rope_scaling)
         _write_tokenizer(source, tmp, cfg.data.chat_template, trainer.get("chat_template"))
         fmt = trainer.get("prompt_format")
         if fmt:  # checkpoints written before sftune recorded it: `generate` decides itself
@@ -112,13 +112,15 @@ def read_model_state(ckpt: Path) -> dict:
     return hf_keys(state)
 
 
-def _write_model(state: dict, source: Path, out: Path) -> None:
+def _write_model(state: dict, source: Path, out: Path, rope_scaling: str | None) -> None:
     """save_pretrained of the base's architecture with the checkpoint's weights (the model is
     built on the meta device: it only carries the config and which weights are tied)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    from sftune.models import load_config
+
+    config = load_config(source, rope_scaling)  # the run's --rope-scaling, as final/ has it
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
     # Tied weights (SmolLM2's embeddings and head) are one tensor in the model, two in the
@@ -145,8 +147,8 @@ def _write_lora(cfg, state: dict, source: Path, out: Path, *, merge: bool, dtype
     """The adapter (PEFT's format) in `out`, or with `merge` in out/adapter and the merged
     model in `out` (onto the base read from its directory, as the trainer merges QLoRA)."""
     import torch
-    from transformers import AutoConfig
 
+    from sftune.models import load_config
     from sftune.train import lora
 
     # peft resolves all-linear to every adapted module's full name; named targets stay as named.
@@ -163,7 +165,7 @@ def _write_lora(cfg, state: dict, source: Path, out: Path, *, merge: bool, dtype
     )
     base = lora.load_base_weights(str(source), base_dtype)
     merged = lora.merged_state_dict(state, lora.scaling(cfg), base)
-    hf_config = AutoConfig.from_pretrained(source, local_files_only=True)
+    hf_config = load_config(source, cfg.model.rope_scaling)
     hf_config.dtype = base_dtype
     lora.save_merged(merged, hf_config, out)
     _generation_config(source, hf_config).save_pretrained(out)

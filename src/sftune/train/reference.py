@@ -164,6 +164,7 @@ def attach_reference(
         "attn": info.attn_implementation,
         "fused": module.fused,
         "device": device.type,
+        "rope_scaling": cfg.model.rope_scaling,
     }
     name = cfg.loss.ref_model or cfg.model.model
     if cfg.loss.ref_model:
@@ -218,6 +219,7 @@ def _load_reference(cfg, module, info, tokenizer, device: torch.device):
         dtype=load_dtype,
         attn_implementation=info.attn_implementation,
         quantization=lora.quantization_kwargs(cfg),
+        rope_scaling=cfg.model.rope_scaling,  # the positions the policy is trained at
     )
     # The policy's tokenizer renders the text; the reference must read the same ids.
     ref_tokenizer.chat_template = tokenizer.chat_template
