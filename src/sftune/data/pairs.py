@@ -131,6 +131,7 @@ PROMPT, CHOSEN, REJECTED = 0, 1, 2  # segment % 3; a padding token's segment is 
 PAD = -1
 TRUNCATION = ("refuse", "keep-start", "keep-end")
 _BLOCK = 8192  # pairs written per numpy step, to bound the index memory
+LONG_MASK = 8192  # tokens per row past which a CUDA BlockMask is built compiled
 
 
 @dataclass(frozen=True)
@@ -440,7 +441,13 @@ def flex_block_mask(segment: Any):
     from torch.nn.attention.flex_attention import create_block_mask
 
     rows, n = segment.shape
-    return create_block_mask(flex_mask_mod(segment), rows, None, n, n, device=str(segment.device))
+    # Uncompiled, create_block_mask evaluates the rule densely (rows x n x n) before it
+    # blocks it: fine at a few thousand tokens, 1 G entries a row at 32K. Compiled, it works
+    # block by block (transformers does the same for its long masks); CPU tests stay eager.
+    compiled = segment.is_cuda and n > LONG_MASK
+    return create_block_mask(
+        flex_mask_mod(segment), rows, None, n, n, device=str(segment.device), _compile=compiled
+    )
 
 
 def sum_by_pair(token_logps: Any, pair: Any, side: Any, num_pairs: int) -> Any:
