@@ -122,6 +122,15 @@ class ModelConfig:
         ("all", "auto"),
     )
     device: str = _f("auto", "auto (cuda when available), cpu, cuda", ("auto", "cpu", "cuda"))
+    # issue 26: tiled MLP
+    tiled_mlp: str = _f(
+        "off",
+        "compute each decoder layer's MLP over the sequence in tiles, forward and backward, so "
+        "its wide intermediate is never whole (long sequences; the MLP's forward runs once more): "
+        "on, off, auto (left to the memory planner; off until it decides)",
+        ("off", "on", "auto"),
+    )
+    tiled_mlp_chunk: int = _f(0, "tokens per MLP tile; 0: a default from the model's sizes", ge=0)
 
 
 @dataclass
