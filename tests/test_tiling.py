@@ -6,6 +6,9 @@ intermediate) tensor saved for backward."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -255,3 +258,36 @@ def test_cli_train_with_tiled_mlp_trains_like_without(workdir, tmp_path, capsys)
     assert sorted(losses(tiled)) == [1, 2, 3]
     assert_same_losses(losses(plain), losses(tiled))
     assert_same_fp64_weights(weights(plain), weights(tiled))
+
+
+@pytest.mark.slow
+def test_two_ranks_tiled_train_like_one_process_untiled(workdir, tmp_path):
+    """DDP and FSDP2 (resharding after forward, layers checkpointed) over 2 gloo ranks, tiled:
+    the losses and weights of one process untiled. Under DDP each weight's gradient must reach
+    the reducer once per backward, not once per tile; under FSDP2 the tiles must differentiate
+    the gathered parameters that its reduce-scatter reads."""
+    common = ("--max-steps", "2", "--micro-batch-size", "2", *FP64)
+    tiled = ("--tiled-mlp", "on", "--tiled-mlp-chunk", "24")  # 2 x 32 tokens: a ragged tile
+    runs = {
+        "one": (),
+        "ddp": ("--dist", "ddp", *tiled),
+        "fsdp": ("--dist", "fsdp", "--reshard-after-forward", "on", "--activation-checkpointing")
+        + tiled,
+    }
+    procs = []
+    for name, extra in runs.items():
+        launcher = [sys.executable]
+        if extra:
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        args = train_args(workdir, tmp_path / name, *common, *extra)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [*launcher, "-m", "sftune", *args]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env))
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-3000:]
+        assert p is procs[0] or "tiled MLP: 24 tokens per tile" in (out + err).decode()
+    for name in ("ddp", "fsdp"):
+        assert sorted(losses(tmp_path / name)) == [1, 2]
+        assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / name))
+        assert_same_fp64_weights(weights(tmp_path / "one"), weights(tmp_path / name))
