@@ -26,8 +26,9 @@ pytestmark = [
 VOCAB, HIDDEN, INTER, SEQ, TILE = 2048, 256, 16384, 16384, 2048
 # bf16 keeps 8 significant bits (unit roundoff 2**-9). A tile's GEMMs may round otherwise than
 # the whole sequence's (another kernel for another shape), and the weights' gradients are sums
-# over the tiles (in fp32, then rounded once): the loss, a mean over 16K tokens, agrees far
-# closer than one rounding; each gradient tensor to a few roundings of its norm.
+# of 8 tiles' in bf16 (as micro-batches are summed into .grad): the loss, a mean over 16K
+# tokens, agrees far closer than one rounding; each gradient tensor to a few roundings of its
+# norm.
 LOSS_RTOL, GRAD_RTOL = 2e-3, 2e-2
 
 
