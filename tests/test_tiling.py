@@ -6,6 +6,7 @@ intermediate) tensor saved for backward."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sftune.cli import main
-from sftune.errors import ConfigError
+from sftune.errors import ConfigError, SftuneError
 from sftune.train import tiling
 from sftune.train.loop import train
 from sftune.train.module import set_checkpointing
@@ -291,3 +292,18 @@ def test_two_ranks_tiled_train_like_one_process_untiled(workdir, tmp_path):
         assert sorted(losses(tmp_path / name)) == [1, 2]
         assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / name))
         assert_same_fp64_weights(weights(tmp_path / "one"), weights(tmp_path / name))
+
+
+def test_an_mlp_that_returns_more_than_a_tensor_is_a_one_line_error():
+    """A mixture of experts' block returning (hidden, router logits) is not tiled silently."""
+    model = _model()
+    tiling.apply(model, 7)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        plain = type(mlp).forward
+        mlp.forward = functools.partial(
+            tiling._tiled_forward, mlp, lambda self, x, plain=plain: (plain(self, x), None)
+        )
+    ids, labels, _ = _batch()
+    with pytest.raises(SftuneError, match="--tiled-mlp: this model's MLP returns tuple"):
+        model(input_ids=ids, labels=labels)

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from sftune.config import RunConfig
+from sftune.errors import SftuneError
 from sftune.train.distributed import decoder_layers
 
 # Set on each tiled MLP module: its tile size in tokens.
@@ -162,6 +163,11 @@ class _TiledMLP(torch.autograd.Function):
         out = None
         for start in range(0, rows.shape[0], chunk):
             y = run(rows[start : start + chunk])
+            if not isinstance(y, torch.Tensor):  # a mixture of experts' (hidden, router logits)
+                raise SftuneError(
+                    f"--tiled-mlp: this model's MLP returns {type(y).__name__}, not a tensor; "
+                    "tiling supports token-wise MLPs only: use --tiled-mlp off"
+                )
             if out is None:  # the output's width and dtype (bf16 under autocast) from tile 1
                 out = y.new_empty(rows.shape[0], y.shape[-1])
             out[start : start + chunk] = y
