@@ -130,11 +130,15 @@ def _tiled_forward(mlp: nn.Module, plain_forward, x: torch.Tensor) -> torch.Tens
     run = functools.partial(plain_forward, mlp)
     if tokens <= chunk:  # one tile: the plain MLP, the same graph as untiled
         return run(x)
-    params = [p for p in mlp.parameters() if p.requires_grad]
+    params = _trainable(mlp)
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         with torch.no_grad():  # evaluation, generation: tiled too, nothing saved
             return _TiledMLP.run_tiles(run, x, chunk)
     return _TiledMLP.apply(run, chunk, _has_dropout(mlp), x, *params)
+
+
+def _trainable(mlp: nn.Module) -> list[torch.Tensor]:
+    return [p for p in mlp.parameters() if p.requires_grad]
 
 
 def _has_dropout(mlp: nn.Module) -> bool:
@@ -177,6 +181,15 @@ class _TiledMLP(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
         params = ctx.params
+        # The recompute reads the module's parameters again: they must be the tensors whose
+        # gradients autograd expects (FSDP2 gathers into the same ones), or the gradients
+        # would silently be None.
+        now = _trainable(ctx.run.args[0])
+        if len(now) != len(params) or any(a is not b for a, b in zip(now, params, strict=False)):
+            raise SftuneError(
+                "--tiled-mlp: the MLP's trainable parameters changed between forward and "
+                "backward (a wrapper that swaps them): use --tiled-mlp off"
+            )
         need_x = ctx.needs_input_grad[3]
         rows = x.detach().reshape(-1, x.shape[-1])
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
