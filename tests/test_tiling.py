@@ -251,6 +251,7 @@ def test_config_on_auto_off(workdir, tmp_path):
     assert tiling.configure(tiny_config(workdir, tmp_path), model) is None
     note = tiling.configure(tiny_config(workdir, tmp_path, tiled_mlp="on"), model)
     assert note.startswith("tiled MLP: 2,048 tokens per tile") and tiling.enabled(model)
+    assert tiling.tile_tokens(model) == 2048
     with pytest.raises(ConfigError, match="--tiled-mlp-chunk must be >= 0"):
         tiny_config(workdir, tmp_path, tiled_mlp_chunk=-1)
 

@@ -3,7 +3,7 @@ so that its wide intermediate (the 8B's 14,336 columns: 3.5 GiB per bf16 tensor 
 tokens) is never held whole. A model transform applied at build, like LoRA and FP8.
 
     note = tiling.apply(hf_model, chunk_tokens=4096)   # "tiled MLP: 4,096 tokens per tile ..."
-    tiling.enabled(hf_model)                            # True
+    tiling.enabled(hf_model), tiling.tile_tokens(hf_model)   # True, 4096
     tiling.apply(hf_model, 0)                           # undone: the plain MLP again
     tiling.default_chunk(hidden=4096, intermediate=14336, seq=131072)   # 4096
 
@@ -110,7 +110,12 @@ def apply(hf_model: nn.Module, chunk_tokens: int) -> str:
 
 def enabled(hf_model: nn.Module) -> bool:
     """Whether `apply` tiled this model's MLPs."""
-    return any(hasattr(_mlp_of(layer), _ATTR) for layer in decoder_layers(hf_model))
+    return tile_tokens(hf_model) > 0
+
+
+def tile_tokens(hf_model: nn.Module) -> int:
+    """The tokens per tile `apply` set (0: untiled), for the resolved config."""
+    return max(getattr(_mlp_of(layer), _ATTR, 0) for layer in decoder_layers(hf_model))
 
 
 def _mlp_of(layer: nn.Module) -> nn.Module:
