@@ -212,6 +212,7 @@ def test_bf16_autocast_backward_recomputes_under_autocast():
         torch.testing.assert_close(grads_t[k], grads_p[k], rtol=5e-2, atol=2e-3, msg=k)
 
 
+@pytest.mark.slow  # inductor compiles two layers: 20 s on a busy 2-core machine
 def test_compiled_layers_run_the_tiled_mlp_eagerly():
     """Each decoder layer torch.compile'd as build_module does (inductor): the tiled MLP is
     left out of the graph (a graph break around it, the rest of the layer compiled) and the
@@ -260,13 +261,13 @@ def test_cli_train_with_tiled_mlp_trains_like_without(workdir, tmp_path, capsys)
     """`sftune train --tiled-mlp on` (tiles of 40 tokens over micro-batches of 4 x 32) ends
     with the losses and weights of the same run untiled, and says so in its build notes."""
     plain = tmp_path / "plain"
-    train(tiny_config(workdir, plain, max_steps=3, micro_batch_size=4))
+    train(tiny_config(workdir, plain, max_steps=2, micro_batch_size=4))
     tiled = tmp_path / "tiled"
-    args = train_args(workdir, tiled, *FP64, "--max-steps", "3", "--micro-batch-size", "4")
+    args = train_args(workdir, tiled, *FP64, "--max-steps", "2", "--micro-batch-size", "4")
     assert main([*args, "--seed", "1", "--tiled-mlp", "on", "--tiled-mlp-chunk", "40"]) == 0
     out = capsys.readouterr()
     assert "tiled MLP: 40 tokens per tile" in out.out + out.err
-    assert sorted(losses(tiled)) == [1, 2, 3]
+    assert sorted(losses(tiled)) == [1, 2]
     assert_same_losses(losses(plain), losses(tiled))
     assert_same_fp64_weights(weights(plain), weights(tiled))
 
