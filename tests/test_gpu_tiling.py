@@ -32,17 +32,20 @@ VOCAB, HIDDEN, INTER, SEQ, TILE = 2048, 256, 16384, 16384, 2048
 LOSS_RTOL, GRAD_RTOL = 2e-3, 2e-2
 
 
-def _model() -> torch.nn.Module:
+def _model(dtype: str = "bf16") -> torch.nn.Module:
+    """bf16 weights, or fp32 ones for bf16-mixed (autocast)."""
     model = build_tiny_model(
         VOCAB, hidden=HIDDEN, layers=2, heads=4, kv_heads=2, intermediate=INTER, max_position=SEQ
     )
-    return model.to(device="cuda", dtype=torch.bfloat16)
+    weights = torch.bfloat16 if dtype == "bf16" else torch.float32
+    return model.to(device="cuda", dtype=weights)
 
 
-def _module(model, tiled: bool, compile_: str = "off"):
+def _module(model, tiled: bool, compile_: str = "off", dtype: str = "bf16"):
     cfg = config_mod.from_flat(
         dict(
             seq_length=SEQ,
+            dtype=dtype,
             batch_size=1,
             micro_batch_size=1,
             activation_checkpointing=True,  # the long-sequence path: layers recomputed
@@ -81,11 +84,14 @@ def _assert_close(plain, tiled):
         assert err <= GRAD_RTOL, (k, float(err))
 
 
-def test_bf16_same_loss_and_gradients_and_a_lower_peak_at_16k():
-    model = _model()
+@pytest.mark.parametrize("dtype", ["bf16", "bf16-mixed"])
+def test_bf16_same_loss_and_gradients_and_a_lower_peak_at_16k(dtype):
+    """bf16 weights, or fp32 weights under bf16 autocast (whose backward recomputes the tiles
+    under the forward's autocast): the plain MLP's loss and gradients, a lower peak."""
+    model = _model(dtype)
     ids = torch.randint(0, VOCAB, (1, SEQ), device="cuda")
-    plain = _step(_module(model, tiled=False), ids)
-    tiled = _step(_module(model, tiled=True), ids)
+    plain = _step(_module(model, tiled=False, dtype=dtype), ids)
+    tiled = _step(_module(model, tiled=True, dtype=dtype), ids)
     _assert_close(plain, tiled)
     # Untiled, the recomputed layer's MLP saves gate, up, silu(gate) and their product, each
     # SEQ x INTER bf16 (512 MiB); tiled, one tile's worth (64 MiB each). At least three of them
