@@ -274,35 +274,39 @@ def test_cli_train_with_tiled_mlp_trains_like_without(workdir, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_two_ranks_tiled_train_like_one_process_untiled(workdir, tmp_path):
-    """DDP and FSDP2 (resharding after forward, layers checkpointed) over 2 gloo ranks, tiled:
-    the losses and weights of one process untiled. Under DDP each weight's gradient must reach
+    """DDP and FSDP2 (resharding after forward, layers checkpointed; a full fine-tune and LoRA)
+    over 2 gloo ranks, tiled: the losses and weights of one process untiled. Under DDP each weight's gradient must reach
     the reducer once per backward, not once per tile; under FSDP2 the tiles must differentiate
     the gathered parameters that its reduce-scatter reads."""
     common = ("--max-steps", "2", "--micro-batch-size", "2", *FP64)
     tiled = ("--tiled-mlp", "on", "--tiled-mlp-chunk", "24")  # 2 x 32 tokens: a ragged tile
+    fsdp = ("--dist", "fsdp", "--reshard-after-forward", "on", "--activation-checkpointing")
+    lora = ("--lora", "--lora-r", "4")
     runs = {
         "one": (),
         "ddp": ("--dist", "ddp", *tiled),
-        "fsdp": ("--dist", "fsdp", "--reshard-after-forward", "on", "--activation-checkpointing")
-        + tiled,
+        "fsdp": (*fsdp, *tiled),
+        "one-lora": lora,
+        "fsdp-lora": (*fsdp, *lora, *tiled),
     }
     procs = []
     for name, extra in runs.items():
         launcher = [sys.executable]
-        if extra:
+        if name.startswith(("ddp", "fsdp")):
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
         args = train_args(workdir, tmp_path / name, *common, *extra)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = [*launcher, "-m", "sftune", *args]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env))
+    one = [procs[0], procs[3]]
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err.decode()[-3000:]
-        assert p is procs[0] or "tiled MLP: 24 tokens per tile" in (out + err).decode()
-    for name in ("ddp", "fsdp"):
+        assert ("tiled MLP: 24 tokens per tile" in (out + err).decode()) == (p not in one)
+    for name, reference in (("ddp", "one"), ("fsdp", "one"), ("fsdp-lora", "one-lora")):
         assert sorted(losses(tmp_path / name)) == [1, 2]
-        assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / name))
-        assert_same_fp64_weights(weights(tmp_path / "one"), weights(tmp_path / name))
+        assert_same_losses(losses(tmp_path / reference), losses(tmp_path / name))
+        assert_same_fp64_weights(weights(tmp_path / reference), weights(tmp_path / name))
 
 
 def test_an_mlp_that_returns_more_than_a_tensor_is_a_one_line_error():
