@@ -275,9 +275,9 @@ def test_cli_train_with_tiled_mlp_trains_like_without(workdir, tmp_path, capsys)
 @pytest.mark.slow
 def test_two_ranks_tiled_train_like_one_process_untiled(workdir, tmp_path):
     """DDP and FSDP2 (resharding after forward, layers checkpointed; a full fine-tune and LoRA)
-    over 2 gloo ranks, tiled: the losses and weights of one process untiled. Under DDP each weight's gradient must reach
-    the reducer once per backward, not once per tile; under FSDP2 the tiles must differentiate
-    the gathered parameters that its reduce-scatter reads."""
+    over 2 gloo ranks, tiled: the losses and weights of one process untiled. Under DDP each
+    weight's gradient must reach the reducer once per backward, not once per tile; under FSDP2
+    the tiles must differentiate the gathered parameters that its reduce-scatter reads."""
     common = ("--max-steps", "2", "--micro-batch-size", "2", *FP64)
     tiled = ("--tiled-mlp", "on", "--tiled-mlp-chunk", "24")  # 2 x 32 tokens: a ragged tile
     fsdp = ("--dist", "fsdp", "--reshard-after-forward", "on", "--activation-checkpointing")
