@@ -18,7 +18,7 @@ The shape is ALST's (arXiv 2506.13996; deepspeed's `TiledMLP`), written for sftu
 The MLP is applied token by token, so the tiles are rows of the flattened (batch x seq)
 tokens; packed documents and position ids do not reach it. Unlike deepspeed's version, which
 calls `torch.autograd.backward` inside backward (a parameter's gradient is then accumulated once
-per tile, which DDP's reducer counts as a second "ready" and fails on), the trainable
+per tile, and DDP's reducer sees it "ready" once per tile), the trainable
 parameters are inputs of the autograd Function and their gradient, summed over the tiles, is
 returned once, through the ordinary accumulation: DDP's hooks, FSDP2's post-backward
 reduce-scatter and LoRA's frozen base (no gradient asked for it) then see what they see without
@@ -127,7 +127,9 @@ def tile_tokens(hf_model: nn.Module) -> int:
 def _mlp_of(layer: nn.Module) -> nn.Module:
     mlp = getattr(layer, "mlp", None)
     if not isinstance(mlp, nn.Module):
-        raise ValueError(f"{type(layer).__name__} has no .mlp module to tile")
+        raise SftuneError(
+            f"--tiled-mlp: {type(layer).__name__} has no .mlp module to tile: use --tiled-mlp off"
+        )
     return mlp
 
 
