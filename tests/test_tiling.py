@@ -333,3 +333,18 @@ def test_parameters_swapped_before_backward_are_an_error_not_zero_gradients():
     mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight.detach().clone())
     with pytest.raises(SftuneError, match="parameters changed between forward and backward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_the_tiles_run_twice_per_step_also_in_a_checkpointed_layer(checkpointing):
+    """Forward once, backward's recompute once: a checkpointed layer's own recompute stops
+    before the tiles (what the MLP's input is saved for, first), not a third pass."""
+    model = _model()
+    set_checkpointing(model, checkpointing)
+    tiling.apply(model, 7)
+    calls = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_hook(lambda m, a, y: calls.append(a[0].shape[0]))
+    _loss_and_grads(model)
+    tiles = [7] * 6 + [6]  # 48 tokens
+    assert sorted(calls) == sorted(tiles * 2 * len(model.model.layers))  # 2 passes per layer

@@ -25,8 +25,8 @@ reduce-scatter and LoRA's frozen base (no gradient asked for it) then see what t
 tiling. The parameters are read from the module at each call, so FSDP2's unsharded parameters
 (registered on the module while the layer runs) are the ones differentiated.
 
-What it costs: the MLP's forward runs twice (three times inside a checkpointed layer, whose
-recompute runs this forward again); the gradients of the MLP's trainable weights are summed
+What it costs: the MLP's forward runs twice (inside a checkpointed layer too: the layer's
+recompute stops before the tiles, see _KeepInput); the gradients of the MLP's trainable weights are summed
 over the tiles in their own dtype (as micro-batches are summed into .grad), which holds one
 tile's gradients next to the sum while a layer's backward runs (a full fine-tune of the 8B in
 bf16: 0.34 GiB more, one layer at a time; nothing worth counting for LoRA).
@@ -147,7 +147,11 @@ def _tiled_forward(mlp: nn.Module, plain_forward, x: torch.Tensor) -> torch.Tens
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         with torch.no_grad():  # evaluation, generation: tiled too, nothing saved
             return _TiledMLP.run_tiles(run, x, chunk)
-    return _TiledMLP.apply(run, chunk, _has_dropout(mlp), x, *params)
+    keeper = None
+    if x.requires_grad:
+        x = _KeepInput.apply(x)
+        keeper = x.grad_fn
+    return _TiledMLP.apply(run, chunk, _has_dropout(mlp), keeper, x, *params)
 
 
 def _trainable(mlp: nn.Module) -> list[torch.Tensor]:
@@ -160,16 +164,34 @@ def _has_dropout(mlp: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in mlp.modules())
 
 
-class _TiledMLP(torch.autograd.Function):
-    """y = run(x) computed tile by tile; gradients for x and the trainable `params` that `run`
-    reads (passed in so that autograd accumulates their gradient once, after all tiles)."""
+class _KeepInput(torch.autograd.Function):
+    """x unchanged, saved for _TiledMLP's backward, which reads it from here. Saved before the
+    tiles run, it lets a checkpointed layer's recompute stop right there (torch.utils.checkpoint
+    stops once every tensor saved in forward is saved again, and a Llama layer saves nothing
+    after its MLP's input): the tiled forward runs twice per step, not three times."""
 
     @staticmethod
-    def forward(ctx, run, chunk: int, replay_rng: bool, x: torch.Tensor, *params):
-        ctx.run, ctx.chunk, ctx.params = run, chunk, params
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _TiledMLP(torch.autograd.Function):
+    """y = run(x) computed tile by tile; gradients for x and the trainable `params` that `run`
+    reads (passed in so that autograd accumulates their gradient once, after all tiles). x is
+    saved by `keeper` (a _KeepInput node) where x needs a gradient, else here."""
+
+    @staticmethod
+    def forward(ctx, run, chunk: int, replay_rng: bool, keeper, x: torch.Tensor, *params):
+        ctx.run, ctx.chunk, ctx.params, ctx.keeper = run, chunk, params, keeper
         ctx.autocast = _autocast_state(x.device.type)
         ctx.rng = _rng_state(x.device) if replay_rng else None
-        ctx.save_for_backward(x)
+        if keeper is None:
+            ctx.save_for_backward(x)
         with torch.no_grad():
             return _TiledMLP.run_tiles(run, x, chunk)
 
@@ -192,7 +214,7 @@ class _TiledMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (x,) = ctx.saved_tensors
+        (x,) = (ctx.keeper or ctx).saved_tensors
         params = ctx.params
         # The recompute reads the module's parameters again: they must be the tensors whose
         # gradients autograd expects (FSDP2 gathers into the same ones), or the gradients
@@ -203,7 +225,7 @@ class _TiledMLP(torch.autograd.Function):
                 "--tiled-mlp: the MLP's trainable parameters changed between forward and "
                 "backward (a wrapper that swaps them): use --tiled-mlp off"
             )
-        need_x = ctx.needs_input_grad[3]
+        need_x = ctx.needs_input_grad[4]
         rows = x.detach().reshape(-1, x.shape[-1])
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(rows) if need_x else None
@@ -231,7 +253,7 @@ class _TiledMLP(torch.autograd.Function):
                     else:
                         sums[i].add_(g)
         grad_x = grad_x.view_as(x) if need_x else None
-        return (None, None, None, grad_x, *sums)
+        return (None, None, None, None, grad_x, *sums)
 
 
 def _storage(t: torch.Tensor) -> int:
