@@ -126,8 +126,9 @@ class ModelConfig:
     tiled_mlp: str = _f(
         "off",
         "compute each decoder layer's MLP over the sequence in tiles, forward and backward, so "
-        "its wide intermediate is never whole (long sequences; the MLP's forward runs once more): "
-        "on, off, auto (left to the memory planner; off until it decides)",
+        "its wide intermediate is never whole (long sequences; without activation checkpointing "
+        "the MLP's forward runs once more): on, off, auto (left to the memory planner; off until "
+        "it decides)",
         ("off", "on", "auto"),
     )
     tiled_mlp_chunk: int = _f(0, "tokens per MLP tile; 0: a default from the model's sizes", ge=0)
