@@ -28,10 +28,10 @@ tiling. The parameters are read from the module at each call, so FSDP2's unshard
 What it costs: without activation checkpointing, one more MLP forward per step (backward
 recomputes the tiles). With it, none: the layer's recompute stops before the tiles (see
 _KeepInput) and backward recomputes them instead, so the MLP runs forward twice per step as it
-does untiled. The gradients of the MLP's trainable weights are summed
-over the tiles in their own dtype (as micro-batches are summed into .grad), which holds one
-tile's gradients next to the sum while a layer's backward runs (a full fine-tune of the 8B in
-bf16: 0.34 GiB more, one layer at a time; nothing worth counting for LoRA).
+does untiled. The gradients of the MLP's trainable weights are summed over the tiles in their
+own dtype (as micro-batches are summed into .grad), which holds one tile's gradients next to
+the sum while a layer's backward runs (a full fine-tune of the 8B in bf16: 0.34 GiB more, one
+layer at a time; nothing worth counting for LoRA).
 
 What it saves, per token at the 8B's widths in bf16 with checkpointed layers (measured on the
 CPU with the profiler's memory timeline, the slope between 64 and 128 tokens, LoRA r 16): the
