@@ -130,6 +130,16 @@ class ModelConfig:
         "final/'s config.json. A model scaled already (Llama 3.1: llama3, 8x from 8192) takes "
         "the same type only, and its factor is multiplied",
     )
+    # issue 26: tiled MLP
+    tiled_mlp: str = _f(
+        "off",
+        "compute each decoder layer's MLP over the sequence in tiles, forward and backward, so "
+        "its wide intermediate is never whole (long sequences; without activation checkpointing "
+        "the MLP's forward runs once more): on, off, auto (left to the memory planner; off until "
+        "it decides)",
+        ("off", "on", "auto"),
+    )
+    tiled_mlp_chunk: int = _f(0, "tokens per MLP tile; 0: a default from the model's sizes", ge=0)
 
 
 @dataclass
