@@ -264,7 +264,8 @@ def summary(stats: dict[str, int]) -> str:
     """The build's line: what the rows hold and how many pairs were cut."""
     s = stats
     return (
-        f"{s['pairs']:,} pairs -> {s['rows']:,} rows of {s['seq_length']} "
+        f"{s['pairs']:,} pair{'s' if s['pairs'] != 1 else ''} -> {s['rows']:,} "
+        f"row{'s' if s['rows'] != 1 else ''} of {s['seq_length']} "
         f"({s['tokens']:,} tokens, {s['padding']:,} padding, {s['prompt_tokens_saved']:,} prompt "
         f"tokens computed once instead of twice); cut to fit: {s['truncated']:,} "
         f"(prompt {s['prompt_cut']:,}, responses {s['responses_cut']:,})"
