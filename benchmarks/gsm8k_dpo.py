@@ -5,31 +5,33 @@ with and without the chosen answer's NLL, and score every model on the full GSM8
     # on one H200, after the SFT run (`benchmarks/gpu.sh gsm8k_dpo` does both, from nothing):
     python benchmarks/gsm8k_dpo.py --gsm8k ../shared/data/gsm8k \\
         --sft runs/bench/X/smollm2_lr1e-4/final --out runs/bench/X/gsm8k_dpo
-    # CPU smoke test of the whole pipeline (a tiny SFT model, a handful of prompts and steps):
-    python benchmarks/gsm8k_dpo.py --gsm8k D --sft TINY/final --out /tmp/dpo --prompts 8 \\
-        --val-prompts 4 --max-new-tokens 16 --eval-limit 4 --dtype fp32 --train-dtype fp32 \\
-        --seq-length 256 --batch-size 2 --max-steps 2
+    # CPU smoke test of the pipeline (any small SFT'd final/, a handful of prompts and steps):
+    python benchmarks/gsm8k_dpo.py --gsm8k D --sft RUN/final --out /tmp/dpo --prompts 6 \
+        --val-prompts 2 --samples 2 --max-new-tokens 24 --gen-batch 4 --eval-limit 2 \
+        --dtype fp32 --train-dtype fp32 --seq-length 512 --batch-size 1 --max-steps 2
 
 The stages, each an ordinary sftune command (their output in <out>/logs/), with their times:
 
 1. `sftune eval --tasks gsm8k` of the SFT model (lm-eval, all 1,319 test problems), in the
    background while the next stage runs;
-2. `sftune generate --data` on the first --prompts + --val-prompts GSM8K *train* questions,
-   --samples answers each, split over --gen-shards processes that share the GPU (decoding a
-   135M model is bound by kernel launches, not by the GPU, so two processes take about the time
-   of one);
+2. `sftune generate --data` on the first --val-prompts + --prompts GSM8K *train* questions,
+   --samples answers each (temperature 0.8), in --gen-shards processes side by side on the GPU
+   (decoding a 135M model is bound by kernel launches, not by the GPU, so two processes take
+   about the time of one), --gen-waves parts each, one after the other; a wave that would not
+   end --reserve-s before the deadline is not started (fewer pairs rather than no DPO run);
 3. `scripts/gsm8k_pairs.py`: chosen a correct sample (or the gold answer when none is),
-   rejected a wrong one; the first --prompts questions give the training pairs, the other
-   --val-prompts the held-out pairs (train questions too: the test set never builds pairs);
+   rejected a wrong one; the first --val-prompts questions give the held-out pairs, the next
+   --prompts the training pairs (all train questions: the test set never builds pairs);
 4. `sftune train --objective dpo` once per --runs entry (rpo: --nll-weight 1, as Iterative RPO;
-   dpo: plain DPO), the runs side by side on the GPU;
+   dpo: plain DPO), the runs side by side on the GPU, pairs of up to 1,024 tokens (none is cut);
 5. `sftune eval --tasks gsm8k` of each DPO model, each right after its training.
 
 The report folder (--report, default --out) gets few, small files, rewritten after every stage
 so that a run cut short still says what it measured: gsm8k_dpo.json (accuracies with their
 standard errors, the runs' validation losses and reward accuracies from metrics.jsonl, pair
-counts, the sample accuracy, each stage's seconds) and learning_curve_<run>.png. The models,
-samples and pairs stay in --out.
+counts, how many samples were right, each stage's seconds, the stages that failed),
+gsm8k_dpo.png (reward accuracy and margin of every run against the step) and each run's
+learning_curve_<run>.png. The models, samples and pairs stay in --out.
 
 Stages can be skipped (--skip, or GSM8K_DPO_SKIP: sft-eval, generate, train, eval; a skipped
 generate or train reuses what --out already holds), and GSM8K_DPO_DEADLINE (a Unix time) stops
@@ -82,6 +84,7 @@ class Report:
             "pairs": {},
             "accuracy": {},
             "runs": {},
+            "failed": [],  # the stages that failed or were stopped
         }
         self.lock = threading.Lock()
         self.start = time.time()
@@ -91,6 +94,11 @@ class Report:
         with self.lock:
             self.data[key][name] = value
             self.data["seconds"]["total"] = round(time.time() - self.start, 1)
+            self.save()
+
+    def failed(self, name: str) -> None:
+        with self.lock:
+            self.data["failed"].append(name)
             self.save()
 
     def save(self) -> None:
@@ -105,9 +113,10 @@ def run(name: str, command: list[str], logs: Path, report: Report) -> bool:
     deadline = float(os.environ.get("GSM8K_DPO_DEADLINE") or 0)
     timeout = deadline - time.time() if deadline else None
     if timeout is not None and timeout < 5:
-        print(f"== {name}: not started, the deadline has passed", flush=True)
+        say(f"== {name}: not started, the deadline has passed")
+        report.failed(name)
         return False
-    print(f"== {name}: {' '.join(command)}", flush=True)
+    say(f"== {name}: {' '.join(command)}")
     start = time.time()
     with open(logs / f"{name}.log", "w", encoding="utf-8") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -123,11 +132,17 @@ def run(name: str, command: list[str], logs: Path, report: Report) -> bool:
             code = f"stopped at the deadline ({code})"
     seconds = round(time.time() - start, 1)
     report.update("seconds", name, seconds)
-    print(f"== {name}: {'done' if code == 0 else f'FAILED ({code})'} in {seconds} s", flush=True)
+    say(f"== {name}: {'done' if code == 0 else f'FAILED ({code})'} in {seconds} s")
     if code != 0:
-        tail = (logs / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-3000:]
-        print(tail, flush=True)
+        report.failed(name)
+        say((logs / f"{name}.log").read_text(encoding="utf-8", errors="replace")[-3000:])
     return code == 0
+
+
+def say(text: str) -> None:
+    """One write per line: the stages' threads print side by side."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def sftune(*args: str) -> list[str]:
@@ -137,18 +152,13 @@ def sftune(*args: str) -> list[str]:
 # ----------------------------------------------------------------------------- the stages
 
 
-def evaluate(name: str, model: str, args, report: Report) -> None:
-    """GSM8K through lm-eval, as `benchmarks/gpu.sh gsm8k` scores its models."""
+def evaluate(name: str, model: str, args, report: Report, skip: bool = False) -> None:
+    """GSM8K through lm-eval, as `benchmarks/gpu.sh gsm8k` scores its models (`skip`: only
+    what an earlier run in --out measured)."""
     out = args.out / f"eval_{name}"
-    command = sftune(
-        "eval", "--model", model, "--tasks", "gsm8k",
-        "--task-data", f"gsm8k={args.gsm8k / 'test.jsonl'}",
-        "--dtype", args.dtype, "--batch-size", str(args.eval_batch), "--log-samples",
-        "--output-dir", str(out),
-    )  # fmt: skip
-    if args.eval_limit:
-        command += ["--limit", str(args.eval_limit)]
-    if not run(f"eval_{name}", command, args.logs, report):
+    if not skip:
+        _evaluate(name, model, out, args, report)
+    if not (out / "eval_results.json").is_file():
         return
     result = json.loads((out / "eval_results.json").read_text())["results"]["gsm8k"]
     accuracy = {"problems": result.get("sample_len")}
@@ -157,6 +167,19 @@ def evaluate(name: str, model: str, args, report: Report) -> None:
         accuracy[kind] = result[metric]
         accuracy[f"{kind}_stderr"] = result[metric.replace(",", "_stderr,")]
     report.update("accuracy", name, accuracy)
+
+
+def _evaluate(name: str, model: str, out: Path, args, report: Report) -> None:
+    shutil.rmtree(out, ignore_errors=True)  # no earlier result read as this one's
+    command = sftune(
+        "eval", "--model", model, "--tasks", "gsm8k",
+        "--task-data", f"gsm8k={args.gsm8k / 'test.jsonl'}",
+        "--dtype", args.dtype, "--batch-size", str(args.eval_batch), "--log-samples",
+        "--output-dir", str(out),
+    )  # fmt: skip
+    if args.eval_limit:
+        command += ["--limit", str(args.eval_limit)]
+    run(f"eval_{name}", command, args.logs, report)
 
 
 def prompt_files(args) -> list[Path]:
@@ -207,7 +230,7 @@ def generate(args, report: Report) -> Path | None:
     for first in range(0, len(parts), args.gen_shards):
         pace = (time.time() - start) / (first // args.gen_shards or 1)
         if first and deadline and time.time() + pace > deadline - args.reserve_s:
-            print(f"== generate: {len(done)} of {len(parts)} parts, no time for more", flush=True)
+            say(f"== generate: {len(done)} of {len(parts)} parts, no time for more")
             break
         wave = range(first, min(first + args.gen_shards, len(parts)))
         with ThreadPoolExecutor(len(wave)) as pool:
@@ -246,7 +269,7 @@ def build_pairs(samples: Path, args, report: Report) -> tuple[Path, Path]:
         files[split] = out
     for split, value in counts.items():
         report.update("pairs", split, value)
-    print(f"== pairs: {json.dumps(counts)}", flush=True)
+    say(f"== pairs: {json.dumps(counts)}")
     return files["train"], files["val"]
 
 
@@ -260,6 +283,9 @@ def train(name: str, nll_weight: float, train_pairs: Path, val_pairs: Path, args
             "--train-data", str(train_pairs), "--val-data", str(val_pairs),
             "--beta", str(args.beta), "--lr", str(args.lr), "--epochs", str(args.epochs),
             "--seq-length", str(args.seq_length), "--batch-size", str(args.batch_size),
+            # One forward for the whole step, no probe: the probe would read the memory of the
+            # processes beside it on the GPU.
+            "--micro-batch-size", str(args.batch_size),
             "--truncation", "keep-start", "--warmup-ratio", "0.1", "--dtype", args.train_dtype,
             "--eval-every", str(args.eval_every), "--log-every", "5", "--num-samples", "0",
             "--output-dir", str(run_dir),
@@ -332,8 +358,8 @@ def sft_summary(sft: Path) -> dict:
 
 
 def chain(name: str, nll: float, pairs: tuple[Path, Path], args, report: Report) -> None:
-    if train(name, nll, *pairs, args, report) and "eval" not in args.skip:
-        evaluate(name, str(args.out / f"dpo_{name}" / "final"), args, report)
+    if train(name, nll, *pairs, args, report):
+        evaluate(name, str(args.out / f"dpo_{name}" / "final"), args, report, "eval" in args.skip)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,10 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.sft_seconds is not None:
         report.update("seconds", "sft_train", args.sft_seconds)
     background = []
-    if "sft-eval" not in args.skip and "eval" not in args.skip:
-        sft_eval = threading.Thread(target=evaluate, args=("sft", str(args.sft), args, report))
-        sft_eval.start()
-        background.append(sft_eval)
+    skip = bool({"sft-eval", "eval"} & args.skip)
+    sft_eval = threading.Thread(target=evaluate, args=("sft", str(args.sft), args, report, skip))
+    sft_eval.start()
+    background.append(sft_eval)
     start = time.time()
     samples = generate(args, report)
     report.update("seconds", "generate", round(time.time() - start, 1))
@@ -367,9 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     if trained:
         plot_rewards(trained, args.report / "gsm8k_dpo.png")
     report.update("seconds", "total", round(time.time() - report.start, 1))
-    print(f"== gsm8k_dpo: report in {report.path}", flush=True)
-    done = [n for n in ("sft", *args.runs) if n in report.data["accuracy"]]
-    return 0 if samples is not None and len(done) == 1 + len(args.runs) else 1
+    say(f"== gsm8k_dpo: report in {report.path}")
+    return 0 if samples is not None and not report.data["failed"] else 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
