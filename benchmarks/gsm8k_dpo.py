@@ -296,7 +296,14 @@ def train(name: str, nll_weight: float, train_pairs: Path, val_pairs: Path, args
             command += ["--max-steps", str(args.max_steps)]
         if not run(f"train_{name}", command, args.logs, report):
             return False
-    report.update("runs", name, {"nll_weight": nll_weight, **run_summary(run_dir)})
+    log = args.logs / f"train_{name}.log"
+    packed = [  # the build's summary lines: rows, padding, pairs cut
+        line
+        for line in (log.read_text(encoding="utf-8").splitlines() if log.exists() else [])
+        if line.startswith(("sftune: pairs_", "sftune: reference log-probs"))
+    ]
+    summary = {"nll_weight": nll_weight, "data": packed, **run_summary(run_dir)}
+    report.update("runs", name, summary)
     curve = run_dir / "learning_curve.png"
     if curve.exists():
         shutil.copyfile(curve, args.report / f"learning_curve_{name}.png")
