@@ -125,7 +125,7 @@ def run(name: str, command: list[str], logs: Path, report: Report) -> bool:
         except subprocess.TimeoutExpired:
             proc.terminate()  # sftune train saves a checkpoint on SIGTERM
             try:
-                code = proc.wait(timeout=20)
+                code = proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait()
@@ -312,18 +312,15 @@ def train(name: str, nll_weight: float, train_pairs: Path, val_pairs: Path, args
 
 def run_summary(run_dir: Path) -> dict:
     """What a DPO run's metrics.jsonl says: the validation rows (loss, reward accuracy and
-    margin) and the last train row."""
+    margin) and the first and last train rows (does the chosen answers' log-prob fall?)."""
     rows = read_metrics(run_dir)
-    val = [
-        {k: r[k] for k in ("step", "val_loss", "val_rewards/accuracies", "val_rewards/margins")}
-        for r in rows
-        if "val_loss" in r
-    ]
+    val_keys = ("step", "val_loss", "val_rewards/accuracies", "val_rewards/margins")
+    val = [{k: r.get(k) for k in val_keys} for r in rows if "val_loss" in r]
     train_rows = [r for r in rows if "train_loss" in r]
     keys = ("step", "train_loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "pairs")  # fmt: skip
-    last = {k: train_rows[-1].get(k) for k in keys} if train_rows else {}
-    return {"val": val, "last_train": last}
+    ends = {"first_train": train_rows[:1], "last_train": train_rows[-1:]}
+    return {"val": val, **{e: {k: r[0].get(k) for k in keys} if r else {} for e, r in ends.items()}}
 
 
 def plot_rewards(runs: dict[str, Path], out: Path) -> None:
