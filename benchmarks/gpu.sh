@@ -47,8 +47,7 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
               pairs by their `#### N` answer (scripts/gsm8k_pairs.py), DPO with --nll-weight 1
               and plain DPO, and lm-eval GSM8K accuracy (1,319 problems) before and after
               (benchmarks/gsm8k_dpo.py; estimated 7-9 minutes on an H200 with the SFT run and
-              installs, not yet measured; the same
-              wheels as gsm8k)
+              installs, not yet measured; the same wheels as gsm8k)
   tests       the test suite; its GPU-only tests run here
   all         every suite above
 
