@@ -374,3 +374,11 @@ def test_two_ranks_train_dpo_like_one(workdir, pairs, tmp_path):
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-12), step
     assert_same_fp64_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
+
+
+def test_fewer_rows_than_a_batch_is_one_line(workdir, pairs, tmp_path, capsys):
+    code, out = _run(dpo_args(workdir, pairs, tmp_path / "x", "--batch-size", "64"), capsys)
+    assert code == 2
+    line = out.strip().splitlines()[-1]
+    assert line.startswith(f"sftune: error: {pairs[0]}: 32 packed row(s) of 512 tokens, fewer")
+    assert not (tmp_path / "x").exists()

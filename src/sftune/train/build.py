@@ -32,7 +32,7 @@ from sftune.data.formats import CHAT_FORMATS, parse_fields, peek
 from sftune.data.pair_dataset import PackedPairDataset, require_pairs
 from sftune.data.preference import CONVERSATIONAL, check_not_pairs, parse_pair_fields, render_pair
 from sftune.data.sampler import StepSampler
-from sftune.errors import ConfigError, SftuneError
+from sftune.errors import ConfigError, DataError, SftuneError
 from sftune.models import (
     dtype_name,
     load_model_and_tokenizer,
@@ -514,6 +514,12 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
     if task_specs:
         notes.append(_task_note(cfg, task_format))
     data = build_datasets(cfg, tokenizer, world, doc_mask, train_path, val_path)
+    if len(data.train) < cfg.optim.batch_size:  # before anything is written
+        raise DataError(
+            train_path,
+            f"{len(data.train)} packed row(s) of {cfg.data.seq_length} tokens, fewer than one "
+            f"step's --batch-size {cfg.optim.batch_size}: lower --batch-size, or add data",
+        )
 
     built = build_module(cfg, hf_model, device, world)
     notes += built.notes
