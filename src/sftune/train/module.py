@@ -25,7 +25,7 @@ from torch import nn
 
 from sftune.config import RunConfig
 from sftune.errors import ConfigError, SftuneError
-from sftune.train import distributed, fp8, tiling
+from sftune.train import distributed, fp8, offload, tiling
 from sftune.train.distributed import World
 from sftune.train.loss import (
     cross_entropy_sum,
@@ -216,6 +216,9 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
         set_checkpointing(hf_model, True)
     if (note := tiling.configure(cfg, hf_model)) is not None:  # issue 26: before compile sees it
         notes.append(note)
+    if cfg.model.activation_offload == "on":  # issue 26: checkpoints each layer itself
+        mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
+        notes.append(offload.apply(hf_model, True, compile_layers=compiled, compile_mode=mode))
     if compiled:
         # Read by the partitioner when each layer's graph is compiled (first step).
         torch._functorch.config.activation_memory_budget = cfg.model.activation_memory_budget
