@@ -53,6 +53,7 @@ off.
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 
 import torch
@@ -98,7 +99,14 @@ class Offloader:
 
     @torch._dynamo.disable(recursive=False)
     def __call__(self, fn, *args, **kwargs):
-        if self.compile_layers and isinstance(fn, functools.partial):
+        # transformers >= 5 checkpoints the layer's plain `forward` function from inside the
+        # layer's (compiled) call: compile it here. Older versions checkpoint the bound
+        # `Module.__call__`, which runs the layer's own compiled call already.
+        if (
+            self.compile_layers
+            and isinstance(fn, functools.partial)
+            and inspect.isfunction(fn.func)
+        ):
             fn = functools.partial(_compiled(fn.func, self.compile_mode), *fn.args, **fn.keywords)
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return checkpoint(fn, *args, use_reentrant=False, **kwargs)
