@@ -64,7 +64,7 @@ def _losses(offload_: str, compile_: str, dist: str = "auto", micro: int = 4) ->
             {"input_ids": ids[i : i + micro].to(device), "labels": labels[i : i + micro].to(device)}
             for i in range(0, BATCH, micro)
         ]
-        loss, _, _ = train_step(module, opt, sched, mbs, grad_clip=cfg.optim.grad_clip)
+        loss = train_step(module, opt, sched, mbs, grad_clip=cfg.optim.grad_clip)[0]
         out.append(float(loss))
     if offload_ == "on":
         moved = offload.offloader(model)

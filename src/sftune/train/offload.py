@@ -63,6 +63,10 @@ from torch.utils.checkpoint import checkpoint
 from sftune.errors import SftuneError
 from sftune.train.distributed import decoder_layers
 
+# Smaller saved tensors stay where they are: torch < 2.13's checkpoint also saves an empty
+# placeholder per layer next to its inputs, which would otherwise take the prefetch's turn.
+MIN_OFFLOAD_BYTES = 1024
+
 
 class _Saved:
     """One packed layer input: its host copy, and its copy back on the device once fetched."""
@@ -113,7 +117,9 @@ class Offloader:
 
     # ------------------------------------------------------------------ forward: to the host
 
-    def _pack(self, t: torch.Tensor) -> _Saved:
+    def _pack(self, t: torch.Tensor) -> _Saved | torch.Tensor:
+        if t.numel() * t.element_size() < MIN_OFFLOAD_BYTES:
+            return t
         if self.cuda and t.device.type == "cuda":
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             # The copy starts once the compute stream has produced t, and runs beside it.
@@ -141,7 +147,9 @@ class Offloader:
             saved.back = saved.host.to(saved.device, non_blocking=True)
             saved.ready = self.stream.record_event()
 
-    def _unpack(self, saved: _Saved) -> torch.Tensor:
+    def _unpack(self, saved: _Saved | torch.Tensor) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):  # small: never moved
+            return saved
         if saved.back is None:
             self._fetch(saved)
         back, saved.back = saved.back, None
