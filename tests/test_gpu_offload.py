@@ -71,6 +71,7 @@ def _losses(offload_: str, compile_: str, dist: str = "auto", micro: int = 4) ->
         passes = STEPS * BATCH // micro
         assert moved.packed == moved.unpacked == passes * LAYERS
         assert moved.prefetched == passes * (LAYERS - 1)
+        assert moved.prefetched_bytes == moved.packed_bytes // LAYERS * (LAYERS - 1)
     return out
 
 

@@ -86,8 +86,8 @@ class Offloader:
     """A decoder layer's checkpoint function, shared by all the layers of one model: runs
     `torch.utils.checkpoint` (non-reentrant) with the inputs it saves moved off the device.
 
-    Counts what it moved (`packed`, `packed_bytes`, `unpacked`, `prefetched`): the tests read
-    them to see that the offload really ran."""
+    Counts what it moved (`packed`, `packed_bytes`, `unpacked`, `prefetched`,
+    `prefetched_bytes`): the tests read them to see that the offload really ran."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -100,6 +100,7 @@ class Offloader:
         self.packed_bytes = 0
         self.unpacked = 0
         self.prefetched = 0
+        self.prefetched_bytes = 0
 
     @torch._dynamo.disable(recursive=False)
     def __call__(self, fn, *args, **kwargs):
@@ -165,6 +166,7 @@ class Offloader:
         if prev is not None and prev.unpacked == 0 and prev.back is None:
             self._fetch(prev)
             self.prefetched += 1
+            self.prefetched_bytes += prev.host.numel() * prev.host.element_size()
         return back
 
 
