@@ -34,11 +34,13 @@ caching host allocator reuses the buffers from step to step).
 Where it plugs in: Hugging Face's decoder layers (`GradientCheckpointingLayer`) call
 `self._gradient_checkpointing_func(partial(forward, self, **kwargs), hidden_states)` inside
 `forward`, so module hooks (FSDP2's all-gather and reduce-scatter) stay outside and do not run
-again in the recompute. `apply` sets that function to an `Offloader`, per layer: the layer is
+again in the recompute (older transformers, 5.17 for one, checkpoint the layer's whole
+`Module.__call__` instead: then they do, as with their plain checkpointing). `apply` sets that function to an `Offloader`'s
+entry, per layer: the layer is
 checkpointed once, by us, and Hugging Face's own checkpoint function is not used for it.
 
 torch.compile: `module.build_module` compiles each decoder layer. Dynamo does not trace an
-`Offloader` (it is `torch._dynamo.disable`d, non-recursively: it runs eagerly, its hooks and
+`Offloader`'s entry (`torch._dynamo.disable`d, non-recursively: it runs eagerly, its hooks and
 streams stay out of the graph); the layer's `forward` inside it is compiled by itself
 (`torch.compile` of the function, once per process; its guards see each layer's parameters as
 inputs), so both the forward and the recompute in backward run the compiled code.
@@ -101,9 +103,11 @@ class Offloader:
         self.unpacked = 0
         self.prefetched = 0
         self.prefetched_bytes = 0
+        # What the layers call: Dynamo does not trace it (but does the functions it calls).
+        # Made here, not with a decorator: importing Dynamo costs seconds, only paid when on.
+        self.entry = torch._dynamo.disable(self._checkpoint, recursive=False)
 
-    @torch._dynamo.disable(recursive=False)
-    def __call__(self, fn, *args, **kwargs):
+    def _checkpoint(self, fn, *args, **kwargs):
         # transformers >= 5 checkpoints the layer's plain `forward` function from inside the
         # layer's (compiled) call: compile it here. Older versions checkpoint the bound
         # `Module.__call__`, which runs the layer's own compiled call already.
@@ -180,7 +184,7 @@ def _compiled(forward, mode: str | None):
 def offloader(hf_model: nn.Module) -> Offloader | None:
     """The model's Offloader, where `apply` put one on its decoder layers."""
     layers = decoder_layers(hf_model)
-    found = {id(f): f for layer in layers if isinstance(f := _func(layer), Offloader)}
+    found = {id(o): o for layer in layers if (o := _offloader_of(layer)) is not None}
     on = len(found) == 1 and all(
         getattr(layer, "gradient_checkpointing", False) for layer in layers
     )
@@ -194,6 +198,11 @@ def enabled(hf_model: nn.Module) -> bool:
 
 def _func(layer: nn.Module):
     return layer.__dict__.get("_gradient_checkpointing_func")
+
+
+def _offloader_of(layer: nn.Module) -> Offloader | None:
+    shared = layer.__dict__.get("_sftune_offloader")
+    return shared if shared is not None and _func(layer) is shared.entry else None
 
 
 def apply(
@@ -213,6 +222,7 @@ def apply(
     if not on:
         for layer in layers:
             before = layer.__dict__.pop("_sftune_before_offload", None)
+            layer.__dict__.pop("_sftune_offloader", None)
             if before is not None:
                 layer.gradient_checkpointing, func = before
                 if func is None:
@@ -231,10 +241,11 @@ def apply(
     shared = current or Offloader(device)
     shared.compile_layers, shared.compile_mode = compile_layers, compile_mode
     for layer in layers:
-        if not isinstance(_func(layer), Offloader):
+        if _offloader_of(layer) is None:
             layer._sftune_before_offload = (layer.gradient_checkpointing, _func(layer))
         layer.gradient_checkpointing = True
-        layer._gradient_checkpointing_func = shared
+        layer._sftune_offloader = shared
+        layer._gradient_checkpointing_func = shared.entry
     hf_model.config.use_cache = False
     where = (
         "pinned CPU memory (side stream, prefetched one layer ahead)"
