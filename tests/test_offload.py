@@ -88,6 +88,23 @@ def test_same_loss_and_gradients_as_plain_checkpointing_and_none(adapters):
     assert moved._pack(small) is small and moved._unpack(small) is small
 
 
+def test_offload_with_tiled_mlp_changes_no_number():
+    """--tiled-mlp inside an offloaded layer: its tiles (a sum of weight gradients in another
+    order: fp64 rounding) against the plain untiled model, and still only the layer inputs
+    move (the MLP input that tiling keeps is saved inside the checkpoint)."""
+    from sftune.train import tiling
+
+    reference = _loss_and_grads(_model("none", adapters=False))
+    model = _model("offload", adapters=False)
+    tiling.apply(model, SEQ // 3)
+    assert tiling.enabled(model)
+    for (loss, grads), (ref_loss, ref_grads) in zip(_loss_and_grads(model), reference, strict=True):
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-12, msg=name)
+    assert offload.offloader(model).packed == 2 * LAYERS
+
+
 @pytest.mark.parametrize("how", ["checkpointing", "offload"])
 def test_the_layer_inputs_are_what_the_checkpoint_holds_and_what_moves(how):
     """After forward, plain checkpointing keeps every layer's input tensor alive (its
