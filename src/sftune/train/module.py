@@ -216,9 +216,8 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
         set_checkpointing(hf_model, True)
     if (note := tiling.configure(cfg, hf_model)) is not None:  # issue 26: before compile sees it
         notes.append(note)
-    if cfg.model.activation_offload == "on":  # issue 26: checkpoints each layer itself
-        mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
-        notes.append(offload.apply(hf_model, True, compile_layers=compiled, compile_mode=mode))
+    if (note := offload.configure(cfg, hf_model, compiled)) is not None:  # issue 26: offload
+        notes.append(note)
     if compiled:
         # Read by the partitioner when each layer's graph is compiled (first step).
         torch._functorch.config.activation_memory_budget = cfg.model.activation_memory_budget

@@ -62,6 +62,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sftune.config import RunConfig
 from sftune.errors import SftuneError
 from sftune.train.distributed import decoder_layers
 
@@ -203,6 +204,18 @@ def _func(layer: nn.Module):
 def _offloader_of(layer: nn.Module) -> Offloader | None:
     shared = layer.__dict__.get("_sftune_offloader")
     return shared if shared is not None and _func(layer) is shared.entry else None
+
+
+def configure(cfg: RunConfig, hf_model: nn.Module, compiled: bool) -> str | None:
+    """--activation-offload on: offload the model's layers (compiled: they are torch.compile'd,
+    in --compile-mode); a note for the build log, None when off. "auto" is the memory
+    planner's to resolve; until it does, it means off."""
+    if cfg.model.activation_offload == "off":
+        return None
+    if cfg.model.activation_offload == "auto":
+        return "activation offload auto: off (not chosen by the memory planner)"
+    mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
+    return apply(hf_model, True, compile_layers=compiled, compile_mode=mode)
 
 
 def apply(
