@@ -127,6 +127,9 @@ def test_the_layer_inputs_are_what_the_checkpoint_holds_and_what_moves(how):
 
 def test_apply_off_gives_back_what_the_layers_had():
     model = _model("none", adapters=False)
+    auto = config_mod.from_flat(dict(activation_offload="auto"))
+    assert "auto: off" in offload.configure(auto, model, compiled=False)  # the planner's call
+    assert offload.configure(config_mod.from_flat({}), model, compiled=False) is None
     assert not offload.enabled(model)
     note = offload.apply(model, True)
     assert offload.enabled(model) and "3 decoder layers" in note and "host memory" in note
