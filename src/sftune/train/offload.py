@@ -4,6 +4,7 @@ on the GPU.
 
     sftune train --model DIR --train-data long.jsonl --seq-length 131072 --activation-offload on
 
+    note = offload.configure(cfg, hf_model, compiled)  # module.build_module: --activation-offload
     note = offload.apply(hf_model, True)    # before torch.compile and FSDP2 see the layers
     offload.enabled(hf_model)               # True
     offload.apply(hf_model, False)          # back to what the layers did before
@@ -11,12 +12,13 @@ on the GPU.
 What holds the bytes. With plain (non-reentrant) checkpointing a layer keeps nothing of its
 forward but its inputs: `torch.utils.checkpoint` stores them with `_CheckpointFrame.save_inputs`
 as autograd SavedTensors, outside its own hooks (the saved tensors of the layer's ops inside
-become placeholders that the recompute refills). A SavedTensor created under
-`torch.autograd.graph.saved_tensors_hooks` is packed by those hooks, so hooks pushed around the
-checkpoint call see exactly one tensor per layer, the input hidden states (B x S x hidden: for
-Llama 3 8B in bf16, 32 layers x 8 KiB = 256 KiB per token), and nothing else
-(tests/test_offload.py counts them, and checks that the GPU-side tensor is then freed). That
-is what moves:
+become placeholders that the recompute refills; so does the MLP input that --tiled-mlp keeps).
+A SavedTensor created under `torch.autograd.graph.saved_tensors_hooks` is packed by those
+hooks, so hooks pushed around the checkpoint call see one tensor per layer, the input hidden
+states (B x S x hidden: for Llama 3 8B in bf16, 32 layers x 8 KiB = 256 KiB per token), and
+nothing else but, in torch < 2.13, an empty placeholder (`_NoopSaveInputs`'s), which stays
+put. tests/test_offload.py counts them, and checks that with plain checkpointing the layer
+inputs are alive after forward and with offload they are not. That is what moves:
 
     forward, layer i:  pack(x_i)    compute stream --event--> side stream: x_i -> pinned host
                                     buffer (non_blocking); x_i.record_stream(side) keeps its GPU
@@ -28,28 +30,31 @@ is what moves:
                                     recompute and backward
 
 So the GPU holds at most two layer inputs at a time (the one in use and the one in flight),
-against one per layer with plain checkpointing. The host holds them all (pinned; torch's
-caching host allocator reuses the buffers from step to step).
+against one per layer with plain checkpointing. The host holds them all, pinned (torch's
+caching host allocator reuses the buffers from step to step): 8 GiB per 32K tokens for the 8B.
+Measured on an H200 (tests/test_gpu_offload.py, 24 layers of width 2048, 8K tokens, eager):
+the peak above weights and gradients fell from 1,397 to 661 MiB (23 of the 24 layer inputs of
+32 MiB), and forward+backward took 3.2% longer (202 against 196 ms).
 
 Where it plugs in: Hugging Face's decoder layers (`GradientCheckpointingLayer`) call
 `self._gradient_checkpointing_func(partial(forward, self, **kwargs), hidden_states)` inside
 `forward`, so module hooks (FSDP2's all-gather and reduce-scatter) stay outside and do not run
 again in the recompute (older transformers, 5.17 for one, checkpoint the layer's whole
-`Module.__call__` instead: then they do, as with their plain checkpointing). `apply` sets that function to an `Offloader`'s
-entry, per layer: the layer is
-checkpointed once, by us, and Hugging Face's own checkpoint function is not used for it.
+`Module.__call__` instead: then they do, as with their plain checkpointing). `apply` sets that
+function, per layer, to an `Offloader`'s entry: the layer is checkpointed once, by it, and
+Hugging Face's own checkpoint function is not used for it.
 
 torch.compile: `module.build_module` compiles each decoder layer. Dynamo does not trace an
 `Offloader`'s entry (`torch._dynamo.disable`d, non-recursively: it runs eagerly, its hooks and
-streams stay out of the graph); the layer's `forward` inside it is compiled by itself
-(`torch.compile` of the function, once per process; its guards see each layer's parameters as
-inputs), so both the forward and the recompute in backward run the compiled code.
+streams stay out of the graph, one graph break per layer); the layer's `forward` inside it is
+compiled by itself (`torch.compile` of the function, once per process: its guards see each
+layer's parameters as inputs), so the forward and the recompute in backward both run compiled
+code. With the older transformers the layer's own compiled call runs inside the checkpoint.
 
 On a CPU device the same code path copies within host memory (no pinned memory, no streams):
 the tests run it in float64 and compare losses and gradients exactly with plain checkpointing.
 
-`--activation-offload auto` is resolved by the memory planner (train/module.py); here it means
-off.
+`--activation-offload auto` is resolved by the memory planner; until it is, it means off.
 """
 
 from __future__ import annotations
