@@ -109,22 +109,8 @@ class Offloader:
         self.unpacked = 0
         self.prefetched = 0
         self.prefetched_bytes = 0
-        # What the layers call: Dynamo does not trace it (but does the functions it calls).
-        # Made here, not with a decorator: importing Dynamo costs seconds, only paid when on.
-        self.entry = torch._dynamo.disable(self._checkpoint, recursive=False)
-
-    def _checkpoint(self, fn, *args, **kwargs):
-        # transformers >= 5 checkpoints the layer's plain `forward` function from inside the
-        # layer's (compiled) call: compile it here. Older versions checkpoint the bound
-        # `Module.__call__`, which runs the layer's own compiled call already.
-        if (
-            self.compile_layers
-            and isinstance(fn, functools.partial)
-            and inspect.isfunction(fn.func)
-        ):
-            fn = functools.partial(_compiled(fn.func, self.compile_mode), *fn.args, **fn.keywords)
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        # What the layers call, as `entry(fn, *args)`.
+        self.entry = functools.partial(_hidden_from_dynamo(), self)
 
     # ------------------------------------------------------------------ forward: to the host
 
@@ -178,6 +164,30 @@ class Offloader:
             self.prefetched += 1
             self.prefetched_bytes += prev.host.numel() * prev.host.element_size()
         return back
+
+
+def _checkpoint(offloader: Offloader, fn, *args, **kwargs):
+    """`torch.utils.checkpoint` of `fn(*args, **kwargs)` with the offloader's hooks."""
+    # transformers >= 5 checkpoints the layer's plain `forward` function from inside the
+    # layer's (compiled) call: compile it here. Older versions checkpoint the bound
+    # `Module.__call__`, which runs the layer's own compiled call already.
+    if (
+        offloader.compile_layers
+        and isinstance(fn, functools.partial)
+        and inspect.isfunction(fn.func)
+    ):
+        fn = functools.partial(_compiled(fn.func, offloader.compile_mode), *fn.args, **fn.keywords)
+    with torch.autograd.graph.saved_tensors_hooks(offloader._pack, offloader._unpack):
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+@functools.cache
+def _hidden_from_dynamo():
+    """`_checkpoint`, which Dynamo does not trace (but does the functions it calls): its hooks
+    and streams stay out of the graph. Made on first use, not with a decorator: importing
+    Dynamo costs seconds, paid only when offload is on. A plain function: older torch sets an
+    attribute on the function it is given, which a bound method refuses."""
+    return torch._dynamo.disable(_checkpoint, recursive=False)
 
 
 @functools.cache
