@@ -140,6 +140,14 @@ class ModelConfig:
         ("off", "on", "auto"),
     )
     tiled_mlp_chunk: int = _f(0, "tokens per MLP tile; 0: a default from the model's sizes", ge=0)
+    # issue 26: offload
+    activation_offload: str = _f(
+        "off",
+        "checkpoint every decoder layer and keep its input hidden states in pinned CPU memory "
+        "(copied out and back on a side stream, overlapped with compute) instead of on the GPU: "
+        "on, off, auto (on where the run would not fit without it: resolved by the planner)",
+        ("off", "on", "auto"),
+    )
 
 
 @dataclass
@@ -877,6 +885,7 @@ RESUME_MAY_CHANGE = frozenset(
         # layout: the same step computed another way
         "micro_batch_size",
         "activation_checkpointing",
+        "activation_offload",  # issue 26: offload
         "activation_memory_budget",
         "max_memory_gib",
         "compile",

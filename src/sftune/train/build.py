@@ -40,7 +40,7 @@ from sftune.models import (
     quiet_libraries,
 )
 from sftune.paths import cache_root
-from sftune.train import checkpoint, distributed, fp8, harness, lora, reference, rundir
+from sftune.train import checkpoint, distributed, fp8, harness, lora, offload, reference, rundir
 from sftune.train.distributed import World
 from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
@@ -530,7 +530,8 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
     if built.fp8_all_gather:
         fp8.precompute_scales_after_steps(optimizer, built.module)
     micro = resolve_micro_batch(cfg, world, device)
-    checkpointing = cfg.model.activation_checkpointing
+    # issue 26: offloaded layers are checkpointed; the planner must not swap in plain ones
+    checkpointing = cfg.model.activation_checkpointing or offload.enabled(hf_model)
     if micro is None:
         plan = plan_memory(
             built.module,

@@ -25,7 +25,7 @@ from torch import nn
 
 from sftune.config import RunConfig
 from sftune.errors import ConfigError, SftuneError
-from sftune.train import distributed, fp8, tiling
+from sftune.train import distributed, fp8, offload, tiling
 from sftune.train.distributed import World
 from sftune.train.loss import (
     cross_entropy_sum,
@@ -215,6 +215,8 @@ def build_module(cfg: RunConfig, hf_model, device: torch.device, world: World) -
     if cfg.model.activation_checkpointing:
         set_checkpointing(hf_model, True)
     if (note := tiling.configure(cfg, hf_model)) is not None:  # issue 26: before compile sees it
+        notes.append(note)
+    if (note := offload.configure(cfg, hf_model, compiled)) is not None:  # issue 26: offload
         notes.append(note)
     if compiled:
         # Read by the partitioner when each layer's graph is compiled (first step).

@@ -1,0 +1,240 @@
+"""--activation-offload on: each decoder layer is checkpointed and its input hidden states wait
+in host memory (train/offload.py). On the CPU the copy is within host memory, through the same
+hooks as on a GPU; in float64 nothing changes a number: the same loss and gradients as plain
+checkpointing and as none, full fine-tune and LoRA, the same run end to end, exact resume, and
+2 ranks equal 1. The GPU side (pinned memory, streams, FSDP2, compile, peak memory) is in
+tests/test_gpu_offload.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+
+from sftune import config as config_mod
+from sftune.cli import main
+from sftune.train import lora, offload
+from sftune.train.distributed import decoder_layers
+from sftune.train.module import set_checkpointing
+from tiny import build_tiny_model
+from trainutil import (
+    FP64,
+    assert_same_fp64_weights,
+    assert_same_losses,
+    losses,
+    train_args,
+    weights,
+)
+
+VOCAB, LAYERS, HIDDEN, BATCH, SEQ = 260, 3, 64, 2, 24
+
+
+def _model(how: str, adapters: bool) -> torch.nn.Module:
+    model = build_tiny_model(VOCAB, layers=LAYERS, hidden=HIDDEN, dtype=torch.float64)
+    if adapters:
+        cfg = config_mod.from_flat(dict(lora=True, lora_r=4, lora_targets="all-linear"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the adapters' initial A matrices
+            lora.apply_lora(model, cfg)
+    if how == "checkpointing":
+        set_checkpointing(model, True)
+    elif how == "offload":
+        offload.apply(model, True)
+    model.train()
+    return model
+
+
+def _loss_and_grads(model, steps: int = 2):
+    """Two forward+backward passes (the second reuses what the first left behind)."""
+    out = []
+    for s in range(steps):
+        g = torch.Generator().manual_seed(s)
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+        model.zero_grad(set_to_none=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)  # LoRA's dropout: the same masks (the recompute replays them)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out.append((loss.detach(), grads))
+    return out
+
+
+@pytest.mark.parametrize("adapters", [False, True], ids=["full", "lora"])
+def test_same_loss_and_gradients_as_plain_checkpointing_and_none(adapters):
+    runs = {how: _loss_and_grads(_model(how, adapters)) for how in ("none", "checkpointing")}
+    model = _model("offload", adapters)
+    runs["offload"] = _loss_and_grads(model)
+    for how in ("checkpointing", "offload"):
+        for (loss, grads), (ref_loss, ref_grads) in zip(runs[how], runs["none"], strict=True):
+            assert torch.equal(loss, ref_loss), how
+            assert grads.keys() == ref_grads.keys() and grads, how
+            for name, grad in grads.items():  # the same ops on the same values: bit-identical
+                assert torch.equal(grad, ref_grads[name]), (how, name)
+    # The offload path ran: one layer input (B x S x hidden fp64) out and back per layer and
+    # pass, each but the lowest layer's prefetching the one below.
+    moved = offload.offloader(model)
+    assert moved.packed == moved.unpacked == 2 * LAYERS
+    assert moved.packed_bytes == 2 * LAYERS * BATCH * SEQ * HIDDEN * 8
+    assert moved.prefetched == 2 * (LAYERS - 1)  # and what it fetched was the layer input:
+    assert moved.prefetched_bytes == 2 * (LAYERS - 1) * BATCH * SEQ * HIDDEN * 8
+    small = torch.zeros(3)  # (torch < 2.13's checkpoint saves an empty placeholder too)
+    assert moved._pack(small) is small and moved._unpack(small) is small
+
+
+def test_offload_with_tiled_mlp_changes_no_number():
+    """--tiled-mlp inside an offloaded layer: its tiles (a sum of weight gradients in another
+    order: fp64 rounding) against the plain untiled model, and still only the layer inputs
+    move (the MLP input that tiling keeps is saved inside the checkpoint)."""
+    from sftune.train import tiling
+
+    reference = _loss_and_grads(_model("none", adapters=False))
+    model = _model("offload", adapters=False)
+    tiling.apply(model, SEQ // 3)
+    assert tiling.enabled(model)
+    for (loss, grads), (ref_loss, ref_grads) in zip(_loss_and_grads(model), reference, strict=True):
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-12, msg=name)
+    assert offload.offloader(model).packed == 2 * LAYERS
+
+
+@pytest.mark.parametrize("how", ["checkpointing", "offload"])
+def test_the_layer_inputs_are_what_the_checkpoint_holds_and_what_moves(how):
+    """After forward, plain checkpointing keeps every layer's input tensor alive (its
+    `_CheckpointFrame.save_inputs`); with offload nothing refers to them any more: their
+    memory is free (on a GPU, the device memory), and only the host copies remain."""
+    model = _model(how, adapters=False)
+    inputs: list[weakref.ref] = []
+
+    def keep(_module, args, kwargs):
+        inputs.append(weakref.ref(args[0] if args else kwargs["hidden_states"]))
+
+    for layer in decoder_layers(model):
+        layer.register_forward_pre_hook(keep, with_kwargs=True)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    alive = [r() is not None for r in inputs]
+    assert alive == [how == "checkpointing"] * LAYERS
+    loss.backward()
+
+
+def test_apply_off_gives_back_what_the_layers_had():
+    model = _model("none", adapters=False)
+    auto = config_mod.from_flat(dict(activation_offload="auto"))
+    assert "auto: off" in offload.configure(auto, model, compiled=False)  # the planner's call
+    assert offload.configure(config_mod.from_flat({}), model, compiled=False) is None
+    assert not offload.enabled(model)
+    note = offload.apply(model, True)
+    assert offload.enabled(model) and "3 decoder layers" in note and "host memory" in note
+    assert offload.apply(model, True) and offload.enabled(model)  # twice: still one offloader
+    offload.apply(model, False)
+    assert not offload.enabled(model)
+    assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))
+    set_checkpointing(model, True)  # plain checkpointing under offload, then back to it
+    plain = decoder_layers(model)[0]._gradient_checkpointing_func
+    offload.apply(model, True)
+    offload.apply(model, False)
+    layer = decoder_layers(model)[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func is plain
+
+
+def test_compiled_layers_run_the_offload_and_match(monkeypatch):
+    """Layers compiled as module.build_module does (`layer.compile()`): Dynamo breaks its graph
+    at the offloader, which runs the layer's forward compiled (here with the aot_eager backend,
+    no C++ compiler needed), in forward and in the recompute: the same numbers as eager."""
+    compiled = functools.cache(lambda fn, mode: torch.compile(fn, backend="aot_eager"))
+    monkeypatch.setattr(offload, "_compiled", compiled)
+    torch._dynamo.reset()
+    reference = _loss_and_grads(_model("none", adapters=False))
+    model = _model("none", adapters=False)
+    offload.apply(model, True, compile_layers=True)
+    for layer in decoder_layers(model):
+        layer.compile(backend="aot_eager")
+    try:
+        runs = _loss_and_grads(model)
+    finally:
+        torch._dynamo.reset()
+    for (loss, grads), (ref_loss, ref_grads) in zip(runs, reference, strict=True):
+        assert torch.equal(loss, ref_loss)
+        for name, grad in grads.items():
+            assert torch.equal(grad, ref_grads[name]), name
+    assert offload.offloader(model).packed == 2 * LAYERS
+    assert compiled.cache_info().currsize == 1  # one compiled forward for all the layers
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _args(workdir, out, *extra: str) -> list[str]:
+    return train_args(workdir, out, "--micro-batch-size", "4", *FP64, *extra)
+
+
+def test_train_with_offload_is_the_plain_run_and_resumes_exactly(workdir, tmp_path, capsys):
+    """`sftune train --activation-offload on` trains exactly like a run without it, says so in
+    its notes, and its step-2 checkpoint resumes to the same final weights, with offload or
+    (a layout setting, like checkpointing) without."""
+    ref, off = tmp_path / "ref", tmp_path / "off"
+    assert main(_args(workdir, ref, "--max-steps", "4")) == 0
+    capsys.readouterr()
+    on = ("--activation-offload", "on")
+    assert main(_args(workdir, off, "--max-steps", "4", "--save-every", "2", *on)) == 0
+    assert "activation offload: 2 decoder layers checkpointed" in "".join(capsys.readouterr())
+    assert sorted(losses(off)) == [1, 2, 3, 4]
+    assert losses(off) == losses(ref)
+    final = weights(off)
+    for name, w in weights(ref).items():
+        assert torch.equal(final[name], w), name
+    saved = config_mod.load(off / "config.yaml")
+    assert saved.model.activation_offload == "on" and saved.model.activation_checkpointing
+    for name, extra in (("again", on), ("plain", ("--activation-offload", "off"))):
+        out = tmp_path / name
+        step2 = off / "checkpoints" / "step_00000002"
+        args = _args(workdir, out, "--max-steps", "4", "--resume", str(step2), *extra)
+        assert main(args) == 0, name
+        assert sorted(losses(out)) == [3, 4]
+        assert_same_losses(losses(ref), losses(out))
+        for k, w in weights(out).items():
+            assert torch.equal(w, final[k]), (name, k)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_offload_match_one_process(workdir, tmp_path):
+    """torchrun on the CPU (gloo): 2 ranks under DDP and under FSDP2, offload on, train like one
+    process without it (fp64)."""
+    base = ("--max-steps", "3", "--micro-batch-size", "2", *FP64)
+    env = {"OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    runs = {
+        "one": [sys.executable],
+        "ddp": [*torchrun, "--nproc-per-node=2"],
+        "fsdp": [*torchrun, "--nproc-per-node=2"],
+    }
+    extra = {
+        "one": (),
+        "ddp": ("--activation-offload", "on", "--dist", "ddp"),
+        "fsdp": ("--activation-offload", "on", "--dist", "fsdp", "--reshard-after-forward", "on"),
+    }
+    procs = {
+        name: subprocess.Popen(
+            [*launcher, "-m", "sftune", *train_args(workdir, tmp_path / name, *base, *extra[name])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **env},
+        )
+        for name, launcher in runs.items()
+    }
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, (name, err.decode()[-3000:])
+        if name != "one":
+            assert "activation offload: 2 decoder layers" in err.decode() + out.decode()
+    for name in ("ddp", "fsdp"):
+        assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / name))
+        assert_same_fp64_weights(weights(tmp_path / "one"), weights(tmp_path / name))
