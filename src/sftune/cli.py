@@ -126,6 +126,10 @@ def run_train(args: argparse.Namespace) -> int:
     check_data(cfg.data.fields, cfg.data.train_data, cfg.data.val_data)
     if cfg.tasks.names:
         check_tasks(cfg.tasks.names, cfg.tasks.task_data, cfg.tasks.task_dir)
+    if cfg.log.plan_only:  # issue 26: the plan and the resolved config, nothing trained
+        from sftune.train.build import plan_only
+
+        return plan_only(cfg)
     from sftune.train.loop import train
 
     return 130 if train(cfg).interrupted else 0

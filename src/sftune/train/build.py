@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import yaml
 
 from sftune import config as config_mod
 from sftune import tasks
@@ -45,6 +46,7 @@ from sftune.train.module import (
     build_module,
     choose_compile_step,
     gpu_budget,
+    lever_settings,
     plan_memory,
     resolve_micro_batch,
 )
@@ -391,7 +393,9 @@ def build(cfg: RunConfig) -> Run:
     budget = gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else None
     torch.manual_seed(cfg.optim.seed)
     output_dir = plan_output_dir(cfg, world)
-    lock = lock_output_dir(output_dir, world, resuming=cfg.checkpoint.resume is not None)
+    resuming = cfg.checkpoint.resume is not None
+    # issue 26: --plan-only neither creates nor locks the run directory
+    lock = None if cfg.log.plan_only else lock_output_dir(output_dir, world, resuming=resuming)
     try:
         return _build(cfg, resumed, world, device, budget, output_dir, lock)
     except BaseException:
@@ -449,6 +453,7 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
         fp8.precompute_scales_after_steps(optimizer, built.module)
     micro = resolve_micro_batch(cfg, world, device)
     checkpointing = cfg.model.activation_checkpointing
+    planned: dict = {}  # what the memory plan resolved (issue 26: offload, tiled MLP)
     if micro is None:
         plan = plan_memory(
             built.module,
@@ -459,8 +464,10 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
             device=device,
             budget_bytes=budget,
             checkpointing=checkpointing,
+            **lever_settings(cfg),
         )
         micro, checkpointing = plan.micro_batch, plan.checkpointing
+        planned = plan.resolved()
         notes.append(plan.note)
     notes.append(
         checkpoint.check_disk_space(output_dir, built.module, optimizer, cfg, adapter is not None)
@@ -486,12 +493,14 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
         task_prompt_format=task_format,
         train_on=data.train.train_on,
         response_only=False,  # an alias, resolved into train_on
+        **planned,
     )
-    create_output_dir(output_dir, resolved, world)
+    if not cfg.log.plan_only:  # issue 26: a dry run writes nothing
+        create_output_dir(output_dir, resolved, world)
     logger = MetricsLogger(
         output_dir,
         report_to=resolved.log.backends,
-        enabled=world.is_main,
+        enabled=world.is_main and not cfg.log.plan_only,
         run_name=cfg.log.run_name,
         config=resolved.to_dict(),
         tokens_per_step=cfg.optim.batch_size * cfg.data.seq_length,
@@ -570,3 +579,31 @@ def _eval_max_sequences(cfg: RunConfig, device: torch.device) -> int:
     if cfg.log.eval_max_sequences is not None:
         return cfg.log.eval_max_sequences
     return 0 if device.type == "cuda" else CPU_EVAL_MAX_SEQUENCES
+
+
+# ----------------------------------------------------------------------------- issue 26: planner
+
+
+def plan_only(cfg: RunConfig) -> int:
+    """`sftune train ... --plan-only`: everything built as for training (the memory plan
+    probed on a GPU), then the plan and the resolved config printed; nothing trained, no run
+    directory created or written. Exit status 0."""
+    run = build(cfg)
+    try:
+        if run.world.is_main:
+            lines = run.describe().splitlines()[:-1]  # all but the run directory's line
+            # As the run itself would save it: a config file that trains this plan.
+            as_run = config_mod.with_values(run.cfg, plan_only=False)
+            yaml_text = yaml.safe_dump(as_run.to_dict(), sort_keys=False)
+            print(
+                "\n".join(lines),
+                f"sftune: plan only: nothing trained, nothing written (the run would write "
+                f"{run.output_dir}); its resolved config:",
+                yaml_text,
+                sep="\n",
+                end="",
+                flush=True,
+            )
+    finally:
+        run.close()
+    return 0
