@@ -344,7 +344,7 @@ def run_sftune(
     budget = module.gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else 0
     checkpointing = cfg.model.activation_checkpointing
     planned = {}
-    if micro == 0:
+    if module.needs_memory_plan(cfg, micro or None, device):  # micro-batch or a lever auto
         plan = module.plan_memory(
             built.module,
             optimizer,
@@ -355,6 +355,7 @@ def run_sftune(
             budget_bytes=budget,
             checkpointing=checkpointing,
             **module.lever_settings(cfg),
+            micro_batch=micro,
         )
         micro, checkpointing = plan.micro_batch, plan.checkpointing
         built.notes.append(plan.note)

@@ -48,7 +48,7 @@ class Fake:
         return self.peak_of(seq)
 
 
-def _decide(measure, per_rank=1, seq=131072, gib=24, cands=None, off=()):
+def _decide(measure, per_rank=1, seq=131072, gib=24, cands=None, off=(), micro_batch=0):
     return decide(
         cands or candidates(False, "auto", "auto"),
         per_rank_batch=per_rank,
@@ -56,6 +56,7 @@ def _decide(measure, per_rank=1, seq=131072, gib=24, cands=None, off=()):
         budget_bytes=gib * GIB,
         measure=measure,
         settings_off=off,
+        micro_batch=micro_batch,
     )
 
 
@@ -120,6 +121,15 @@ def test_a_slower_lever_that_fits_no_more_is_not_timed():
     fake = Fake(fits={PLAIN: Fit(4, 20 * GIB), AC: Fit(4, 12 * GIB)})
     choice = _decide(fake, per_rank=32, seq=2048, cands=[PLAIN, AC])
     assert choice.candidate == PLAIN and not any(c[0] == "speed" for c in fake.calls)
+
+
+def test_a_given_micro_batch_takes_the_first_lever_that_fits_it():
+    fake = Fake(fits={AC: Fit(2, 20 * GIB), AC_TILED: Fit(2, 15 * GIB)})
+    choice = _decide(fake, per_rank=16, seq=8192, micro_batch=2)
+    assert choice.candidate == AC and "micro-batch 2 (as given;" in choice.note
+    assert fake.calls == [("fit", PLAIN), ("fit", AC)]
+    with pytest.raises(NothingFits, match="even at micro-batch 2 x 8,192 tokens"):
+        _decide(Fake(peak=lambda t: None), per_rank=16, seq=8192, micro_batch=2)
 
 
 def test_nothing_fits_names_the_longest_length_from_two_shorter_probes():
@@ -207,11 +217,11 @@ def fake_gpu(monkeypatch):
     opt, _ = build_optimizer(list(model.parameters()), cfg.optim, 1, torch.device("cpu"))
     module = CausalLMWithLoss(model, fused=False)
 
-    def plan(seq, **levers):
+    def plan(seq, per_rank_batch=1, **levers):
         return module_mod.plan_memory(
             module,
             opt,
-            per_rank_batch=1,
+            per_rank_batch=per_rank_batch,
             seq_length=seq,
             vocab_size=32,
             device=torch.device("cpu"),
@@ -241,6 +251,27 @@ def test_plan_memory_applies_the_chosen_levers(fake_gpu):
     assert (plan.checkpointing, plan.offload, plan.tiled_chunk) == (False, False, 0)
     assert fake_gpu.flags == {"offload": False, "tile": 0}
     assert not fake_gpu.model.is_gradient_checkpointing
+
+
+def test_plan_memory_plans_the_levers_for_a_given_micro_batch(fake_gpu):
+    """--micro-batch-size 2 of 4 with the levers auto: 2 x 8K tokens fit only tiled
+    (4 GiB + 16K x 1 MiB = 20 GiB), measured over two passes as accumulation runs them."""
+    plan = fake_gpu.plan(8192, per_rank_batch=4, micro_batch=2, offload="auto", tiled_mlp="auto")
+    assert (plan.micro_batch, plan.checkpointing, plan.offload, plan.tiled_chunk) == (
+        2,
+        True,
+        False,
+        512,
+    )
+    assert "micro-batch 2 (as given;" in plan.note
+
+
+def test_needs_memory_plan_on_a_gpu_only():
+    cfg = config_mod.from_flat({"micro_batch_size": 2})
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert module_mod.needs_memory_plan(cfg, None, gpu)
+    assert not module_mod.needs_memory_plan(cfg, None, cpu)
+    assert not module_mod.needs_memory_plan(cfg, 2, gpu)  # levers off (their default)
 
 
 def test_plan_memory_nothing_fits_is_one_line_with_the_longest_length(fake_gpu):

@@ -47,6 +47,7 @@ from sftune.train.module import (
     choose_compile_step,
     gpu_budget,
     lever_settings,
+    needs_memory_plan,
     plan_memory,
     resolve_micro_batch,
 )
@@ -454,7 +455,7 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
     micro = resolve_micro_batch(cfg, world, device)
     checkpointing = cfg.model.activation_checkpointing
     planned: dict = {}  # what the memory plan resolved (issue 26: offload, tiled MLP)
-    if micro is None:
+    if needs_memory_plan(cfg, micro, device):
         plan = plan_memory(
             built.module,
             optimizer,
@@ -465,6 +466,7 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
             budget_bytes=budget,
             checkpointing=checkpointing,
             **lever_settings(cfg),
+            micro_batch=micro or 0,
         )
         micro, checkpointing = plan.micro_batch, plan.checkpointing
         planned = plan.resolved()

@@ -50,11 +50,12 @@ class Fit(NamedTuple):
 
 
 class Measure(Protocol):
-    def fit(self, cand: Candidate) -> Fit | None: ...  # None: not even micro-batch 1
+    def fit(self, cand: Candidate) -> Fit | None: ...  # None: not even the smallest
 
     def speed(self, cand: Candidate, micro_batch: int) -> float: ...  # tokens/s fwd+bwd
 
-    def peak(self, cand: Candidate, seq_length: int) -> int | None: ...  # micro-batch 1; None: OOM
+    # at the smallest micro-batch tried (1, or the one given); None: out of memory
+    def peak(self, cand: Candidate, seq_length: int) -> int | None: ...
 
 
 class Choice(NamedTuple):
@@ -64,7 +65,8 @@ class Choice(NamedTuple):
 
 
 class NothingFits(Exception):
-    """Not even micro-batch 1 fits with every lever allowed; `message` is the one-line error."""
+    """Not even the smallest micro-batch fits with every lever allowed; `message` is the
+    one-line error."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -111,11 +113,15 @@ def decide(
     budget_bytes: int,
     measure: Measure,
     settings_off: tuple[str, ...] = (),
+    micro_batch: int = 0,
 ) -> Choice:
     """The candidate and micro-batch to train with (see the module doc), probing lazily: a
     candidate is measured only when every faster one fits too small a micro-batch, and timed
     only against a faster one that fits a smaller micro-batch. Raises NothingFits, with the
     longest sequence that would fit (`longest_fit`), when none fits micro-batch 1.
+
+    `micro_batch`: a --micro-batch-size given (0: auto): the levers are then planned for it
+    alone, and the first candidate that fits it wins.
 
     `settings_off`: what would allow the levers the flags ruled out (e.g. "--tiled-mlp auto"),
     named in the error as what else to try.
@@ -125,7 +131,7 @@ def decide(
     speeds: dict[Candidate, float] = {}
     tried: list[str] = []
     for cand in cands:
-        if best is not None and 2 * best[1].micro_batch >= per_rank_batch:
+        if best is not None and 2 * best[1].micro_batch >= (micro_batch or per_rank_batch):
             break
         fit = measure.fit(cand)
         if fit is None:
@@ -148,13 +154,16 @@ def decide(
             best = (cand, fit)
     if best is None:
         raise NothingFits(
-            nothing_fits_message(cands[-1], seq_length, budget_bytes, measure, settings_off)
+            nothing_fits_message(
+                cands[-1], seq_length, budget_bytes, measure, settings_off, micro_batch or 1
+            )
         )
     cand, fit = best
     why = "; ".join(tried)
+    how = "as given" if micro_batch else "largest that fits"
     note = (
         f"memory plan within {gib:.1f} GiB at {seq_length:,} tokens: {cand.name}, micro-batch "
-        f"{fit.micro_batch} (largest that fits; {why})"
+        f"{fit.micro_batch} ({how}; {why})"
     )
     return Choice(cand, fit.micro_batch, note)
 
@@ -192,13 +201,14 @@ def nothing_fits_message(
     budget_bytes: int,
     measure: Measure,
     settings_off: tuple[str, ...] = (),
+    micro_batch: int = 1,
 ) -> str:
     """The one-line error: what was tried, and the longest length that fits with the leanest
     candidate, from its peaks at two shorter lengths (T/2 and T/4, halving on until two fit,
     down to T/64) on a line peak = a + b * T."""
     gib = budget_bytes / GIB
     head = (
-        f"out of GPU memory ({gib:.1f} GiB) even at micro-batch 1 x {seq_length:,} tokens with "
+        f"out of GPU memory ({gib:.1f} GiB) even at micro-batch {micro_batch} x {seq_length:,} tokens with "
         f"{leanest.name}"
     )
     points: list[tuple[int, int]] = []

@@ -278,11 +278,12 @@ def fit_micro_batch(
     vocab_size: int,
     device: torch.device,
     budget_bytes: int | None = None,
+    only: int = 0,
 ) -> memplan.Fit | None:
-    """Largest divisor of the per-rank batch whose forward+backward fits next to the
-    optimizer state (materialized first) with 8% of the budget (default: the whole GPU) kept
-    free, with its peak; None when not even one sequence fits. Every rank takes the smallest
-    rank's answer (the peak is the largest rank's at its own answer)."""
+    """Largest divisor of the per-rank batch (or just `only`) whose forward+backward fits
+    next to the optimizer state (materialized first) with 8% of the budget (default: the whole
+    GPU) kept free, with its peak; None when not even one sequence fits. Every rank takes the
+    smallest rank's answer (the peak is the largest rank's at its own answer)."""
     materialize_optimizer_state(optimizer)
     budget = budget_bytes or torch.cuda.get_device_properties(device).total_memory
     fits, peak = 0, 0
@@ -291,9 +292,8 @@ def fit_micro_batch(
         # micro-batches a step accumulates (the larger memory of the two), and a candidate
         # that fails on one rank leaves no collective half done on the others.
         distributed.set_grad_sync(module, False)
-    for mb in sorted(
-        (d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0), reverse=True
-    ):
+    divisors = [d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0]
+    for mb in [only] if only else sorted(divisors, reverse=True):
         ids = torch.randint(0, vocab_size, (mb, seq_length), device=device)
         got = _peak_bytes(module, optimizer, ids, _passes(mb, per_rank_batch), device)
         del ids
@@ -349,6 +349,12 @@ class MemoryPlan(NamedTuple):
         return {k: v for k, v in values.items() if k in config_mod.FIELDS}
 
 
+def needs_memory_plan(cfg: RunConfig, micro_batch: int | None, device: torch.device) -> bool:
+    """On a GPU, a micro-batch that is auto, or a memory lever that is (issue 26)."""
+    levers = lever_settings(cfg)
+    return device.type == "cuda" and (micro_batch is None or "auto" in levers.values())
+
+
 def lever_settings(cfg: RunConfig) -> dict:
     """--activation-offload, --tiled-mlp and --tiled-mlp-chunk as `plan_memory` takes them."""
     m = cfg.model
@@ -367,6 +373,7 @@ class _GpuMeasure:
     def __init__(self, module, optimizer, state, chunk, *, per_rank_batch, seq_length, **sizes):
         self.module, self.optimizer, self.state, self.chunk = module, optimizer, state, chunk
         self.per_rank_batch, self.seq_length, self.sizes = per_rank_batch, seq_length, sizes
+        self.smallest = sizes.get("only") or 1  # the micro-batch of the longest-length probes
 
     def use(self, cand: memplan.Candidate) -> None:
         switch_levers(self.module.lm, self.state, cand, self.chunk)
@@ -392,8 +399,9 @@ class _GpuMeasure:
     def peak(self, cand, seq_length):
         self.use(cand)
         vocab, device = self.sizes["vocab_size"], self.sizes["device"]
-        ids = torch.randint(0, vocab, (1, seq_length), device=device)
-        got = _peak_bytes(self.module, self.optimizer, ids, _passes(1, self.per_rank_batch), device)
+        ids = torch.randint(0, vocab, (self.smallest, seq_length), device=device)
+        passes = _passes(self.smallest, self.per_rank_batch)
+        got = _peak_bytes(self.module, self.optimizer, ids, passes, device)
         worst = distributed.all_reduce_max(
             torch.tensor([-1 if got is None else got], device=device)
         )
@@ -465,12 +473,16 @@ def plan_memory(
     offload: str = "off",
     tiled_mlp: str = "off",
     tiled_chunk: int = 0,
+    micro_batch: int = 0,
 ) -> MemoryPlan:
     """The micro-batch and memory levers (activation checkpointing, offloaded checkpoints,
     tiled MLP) for a run whose micro-batch is "auto" on a GPU: the fastest candidate the
     settings allow that fits, timed against a slower one where that fits a larger micro-batch
     (memplan.decide). The model is left in the chosen state. Nothing fitting is a one-line
     error naming the longest sequence that would fit within the budget.
+
+    `micro_batch`: a --micro-batch-size given (0: auto), for which only the levers that are
+    "auto" are planned (`needs_memory_plan`).
     """
     cands = memplan.candidates(checkpointing, offload, tiled_mlp)
     start = current_levers(module.lm)
@@ -485,6 +497,7 @@ def plan_memory(
         vocab_size=vocab_size,
         device=device,
         budget_bytes=budget_bytes,
+        only=micro_batch,
     )
     off = [
         f"--{flag} auto"
@@ -499,6 +512,7 @@ def plan_memory(
             budget_bytes=budget_bytes,
             measure=measure,
             settings_off=tuple(off),
+            micro_batch=micro_batch,
         )
     except memplan.NothingFits as e:
         raise SftuneError(e.message) from None
