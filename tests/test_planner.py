@@ -146,12 +146,26 @@ def test_nothing_fits_names_the_longest_length_from_two_shorter_probes():
     assert "even at micro-batch 1 x 262,144 tokens with activation offload + tiled MLP" in msg
     assert "about 98,304 tokens" in msg and "--seq-length 98304" in msg
     assert "10.0 GiB + 0.125 MiB per token, fitted to probes at 32,768 and 65,536" in msg
-    # Probed with the leanest candidate, at T/2, T/4, T/8, after every fit failed.
+    assert "22.0 GiB at 98,304, probed" in msg
+    # Probed with the leanest candidate, at T/2, T/4, T/8, after every fit failed; then at
+    # the length the line gives.
     assert [c for c in fake.calls if c[0] == "peak"] == [
         ("peak", OFFLOAD_TILED, 131072),
         ("peak", OFFLOAD_TILED, 65536),
         ("peak", OFFLOAD_TILED, 32768),
+        ("peak", OFFLOAD_TILED, 98304),
     ]
+
+
+def test_a_line_that_overestimates_falls_back_to_the_longest_probed():
+    """Peaks that grow faster than the line (made up: quadratic past 64K): the estimate is
+    probed, does not fit, and the longest length that did is named."""
+    a, b = 10 * GIB, 2**17
+    fake = Fake(peak=lambda t: a + b * t + (0 if t <= 65536 else 10 * GIB))
+    with pytest.raises(NothingFits) as e:
+        _decide(fake, seq=262144)
+    assert "about 65,536 tokens" in e.value.message
+    assert "98,304 itself did not fit" in e.value.message
 
 
 def test_nothing_fits_halves_until_two_lengths_fit():
@@ -159,7 +173,7 @@ def test_nothing_fits_halves_until_two_lengths_fit():
     fake = Fake(peak=lambda t: a + b * t if t <= 16384 else None)
     with pytest.raises(NothingFits) as e:
         _decide(fake, seq=131072, off=("--activation-offload auto",))
-    assert [c[2] for c in fake.calls if c[0] == "peak"] == [65536, 32768, 16384, 8192, 4096]
+    assert [c[2] for c in fake.calls if c[0] == "peak"] == [65536, 32768, 16384, 8192, 4096, 12288]
     assert "about 12,288 tokens" in e.value.message  # (22.08 - 10) GiB / 1 MiB = 12,369
     assert e.value.message.endswith("; or try --activation-offload auto")
 

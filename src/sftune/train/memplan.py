@@ -205,33 +205,47 @@ def nothing_fits_message(
 ) -> str:
     """The one-line error: what was tried, and the longest length that fits with the leanest
     candidate, from its peaks at two shorter lengths (T/2 and T/4, halving on until two fit,
-    down to T/64) on a line peak = a + b * T."""
+    down to T/64) on a line peak = a + b * T; the length the line gives is probed too, and
+    where it does not fit, the longest that did is named instead."""
     gib = budget_bytes / GIB
     head = (
-        f"out of GPU memory ({gib:.1f} GiB) even at micro-batch {micro_batch} x {seq_length:,} tokens with "
-        f"{leanest.name}"
+        f"out of GPU memory ({gib:.1f} GiB) even at micro-batch {micro_batch} x "
+        f"{seq_length:,} tokens with {leanest.name}"
     )
-    points: list[tuple[int, int]] = []
+
+    def fits(t: int) -> int | None:
+        peak = measure.peak(leanest, t)
+        return peak if peak is not None and peak < FIT_SHARE * budget_bytes else None
+
+    points: list[tuple[int, int]] = []  # (tokens, peak bytes), longest first
     t = seq_length // 2
     while len(points) < 2 and t >= max(16, seq_length // 64):
-        peak = measure.peak(leanest, t)
-        if peak is not None and peak < FIT_SHARE * budget_bytes:
+        peak = fits(t)
+        if peak is not None:
             points.append((t, peak))
         t //= 2
     more = f"; or try {' and '.join(settings_off)}" if settings_off else ""
-    if len(points) < 2:
+    if not points:
         return (
             f"{head}, nor at {seq_length // 64:,} tokens: the weights and optimizer state alone "
             f"leave no room; use --lora/--qlora, a larger --max-memory-gib, or shard over more "
             f"GPUs{more}"
         )
-    longest = longest_fit(points, budget_bytes)
-    if longest >= seq_length:  # the line says it fits, the probe said not: trust the probe
-        longest = max(t for t, _ in points)
-    a, b = fit_line(points)
-    (t1, _), (t2, _) = sorted(points)[-2:]
+    longest, how = points[0][0], f"measured at {points[0][0]:,} tokens"
+    if len(points) == 2:
+        a, b = fit_line(points)
+        line = longest_fit(points, budget_bytes)
+        how = (
+            f"peak = {a / GIB:.1f} GiB + {b / 2**20:.3f} MiB per token, fitted to probes at "
+            f"{points[1][0]:,} and {points[0][0]:,} tokens"
+        )
+        if longest < line < seq_length:  # past the probes: probed too
+            peak = fits(line)
+            if peak is None:
+                how += f"; {line:,} itself did not fit"
+            else:
+                longest, how = line, how + f"; {peak / GIB:.1f} GiB at {line:,}, probed"
     return (
-        f"{head}: the longest that fits is about {longest:,} tokens (peak = {a / GIB:.1f} GiB + "
-        f"{b / 2**20:.3f} MiB per token, fitted to probes at {t1:,} and {t2:,} tokens); "
-        f"use --seq-length {longest} or less, --qlora, or a larger --max-memory-gib{more}"
+        f"{head}: the longest that fits is about {longest:,} tokens ({how}); use --seq-length "
+        f"{longest} or less, --qlora, or a larger --max-memory-gib{more}"
     )

@@ -10,7 +10,11 @@ shards as the root, so its parameters are gathered when the fused loss reads the
     loss = built.module(input_ids=ids, labels=labels, scale=1 / n_tokens)
     plan = plan_memory(built.module, optimizer, per_rank_batch=32, seq_length=512,
                        vocab_size=128256, device=device, budget_bytes=gpu_budget(device, 24),
-                       checkpointing=False)                # .micro_batch, .checkpointing
+                       checkpointing=False, offload="auto", tiled_mlp="auto")
+    plan.micro_batch, plan.checkpointing, plan.offload, plan.tiled_chunk, plan.note
+
+The plan's decision (which levers, which micro-batch, the longest length where nothing fits)
+is train/memplan.py's, a pure function over the measurements taken here.
 """
 
 from __future__ import annotations
@@ -414,7 +418,8 @@ def current_levers(hf_model) -> memplan.Candidate:
     offload, tiling = _lever_module("offload"), _lever_module("tiling")
     off = offload is not None and offload.enabled(hf_model)
     tiled = tiling is not None and tiling.enabled(hf_model)
-    ckpt = bool(getattr(hf_model, "is_gradient_checkpointing", False))
+    # What HF's is_gradient_checkpointing reads (deprecated in transformers 5 for a new name).
+    ckpt = any(getattr(m, "gradient_checkpointing", False) is True for m in hf_model.modules())
     return memplan.Candidate(ckpt or off, off, tiled)
 
 
