@@ -187,19 +187,23 @@ def test_nothing_fits_at_all_says_the_model_alone_is_too_large():
 # ----------------------------------------------------------------------------- plan_memory
 
 
+def _checkpointed(model) -> bool:
+    return all(layer.gradient_checkpointing for layer in model.model.layers)
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """plan_memory on the CPU: the peak of a pass is made up from the levers on the model
     (stand-in offload and tiling modules that only flag it), past the budget an OOM."""
     state = {"peak": 0}
-    flags = {"offload": False, "tile": 0}
+    flags = {"offload": False, "tile": 0, "before": False}
     gib = GIB
 
     def fwd_bwd(module, ids):
         t = ids.numel()
         if flags["offload"]:
             per_token = 0.25 if flags["tile"] else 0.5
-        elif module.lm.is_gradient_checkpointing:
+        elif _checkpointed(module.lm):
             per_token = 1 if flags["tile"] else 3
         else:
             per_token = 4
@@ -209,7 +213,17 @@ def fake_gpu(monkeypatch):
             raise torch.cuda.OutOfMemoryError("fake")
 
     offload = types.ModuleType("sftune.train.offload")
-    offload.apply = lambda hf, on: flags.update(offload=on) or "offload"
+
+    def apply_offload(hf, on, compile_layers=False):
+        # As offload.apply: the layers checkpointed while on, their earlier state back after.
+        if on:
+            flags["before"] = hf.model.layers[0].gradient_checkpointing
+        for layer in hf.model.layers:
+            layer.gradient_checkpointing = True if on else flags["before"]
+        flags["offload"] = on
+        return "offload"
+
+    offload.apply = apply_offload
     offload.enabled = lambda hf: flags["offload"]
     tiling = types.ModuleType("sftune.train.tiling")
     tiling.apply = lambda hf, chunk: flags.update(tile=chunk) or "tiling"
@@ -252,19 +266,18 @@ def test_plan_memory_applies_the_chosen_levers(fake_gpu):
     8K tokens checkpointing + tiling fits 24 GiB (12 GiB), at 32K only offload + tiling."""
     plan = fake_gpu.plan(8192, offload="auto", tiled_mlp="auto")
     assert (plan.checkpointing, plan.offload, plan.tiled_chunk) == (True, False, 512)
-    assert fake_gpu.model.is_gradient_checkpointing and fake_gpu.flags["tile"] == 512
+    assert _checkpointed(fake_gpu.model) and fake_gpu.flags["tile"] == 512
     assert plan.resolved().get("tiled_mlp", "on") == "on"
     assert "checkpointing + tiled MLP, micro-batch 1" in plan.note
     assert "MLP tiles of 512 tokens" in plan.note
     plan = fake_gpu.plan(32768, offload="auto", tiled_mlp="auto")
     assert (plan.checkpointing, plan.offload, plan.tiled_chunk) == (True, True, 512)
-    # Offload checkpoints its layers itself: HF's checkpointing is off under it.
-    assert fake_gpu.flags["offload"] and not fake_gpu.model.is_gradient_checkpointing
+    assert fake_gpu.flags["offload"] and _checkpointed(fake_gpu.model)
     # Back to a short length: plain fits, every lever is undone.
     plan = fake_gpu.plan(1024, offload="auto", tiled_mlp="auto")
     assert (plan.checkpointing, plan.offload, plan.tiled_chunk) == (False, False, 0)
-    assert fake_gpu.flags == {"offload": False, "tile": 0}
-    assert not fake_gpu.model.is_gradient_checkpointing
+    assert not fake_gpu.flags["offload"] and not fake_gpu.flags["tile"]
+    assert not _checkpointed(fake_gpu.model)
 
 
 def test_plan_memory_plans_the_levers_for_a_given_micro_batch(fake_gpu):
@@ -321,3 +334,70 @@ def test_plan_only_prints_the_plan_and_writes_nothing(workdir, tmp_path, capsys)
     assert resolved["optim"]["micro_batch_size"] == 4
     assert resolved["log"]["plan_only"] is False  # the config that trains this plan
     assert resolved["model"]["device"] == "cpu"
+
+
+def test_plan_memory_with_the_real_levers_changes_no_gradient(monkeypatch):
+    """Once the offload and tiling modules are merged (skipped before): the planner switches
+    the real levers on and off across plans (peaks made up from their state), the model is
+    left as each plan says, and its gradients stay those of the plain model, in fp64."""
+    offload = pytest.importorskip("sftune.train.offload")
+    tiling = pytest.importorskip("sftune.train.tiling")
+    from trainutil import FP64_ATOL, FP64_RTOL
+
+    real, state = module_mod._fwd_bwd, {"peak": 0}
+
+    def fwd_bwd(module, ids):
+        hf = module.lm
+        if offload.enabled(hf):
+            per_token = 0.25 if tiling.enabled(hf) else 0.5
+        elif module_mod.current_levers(hf).checkpointing:
+            per_token = 1 if tiling.enabled(hf) else 3
+        else:
+            per_token = 4
+        state["peak"] = peak = 4 * GIB + per_token * ids.numel() * 2**20
+        if peak > 24 * GIB:
+            raise torch.cuda.OutOfMemoryError("fake")
+        real(module, ids[:, :64])  # a real pass in this state, short
+
+    monkeypatch.setattr(module_mod, "_fwd_bwd", fwd_bwd)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: state.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: state["peak"])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    model = build_tiny_model(32, seed=3, dtype=torch.float64)
+    cfg = config_mod.from_flat({"device": "cpu"})
+    opt, _ = build_optimizer(list(model.parameters()), cfg.optim, 1, torch.device("cpu"))
+    module = CausalLMWithLoss(model, fused=False)
+    ids = torch.randint(0, 32, (1, 64), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        real(module, ids)
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    for seq, want in [
+        (8192, Candidate(True, False, True)),
+        (32768, Candidate(True, True, True)),
+        (1024, PLAIN),
+        (32768, Candidate(True, True, True)),
+        (7168, Candidate(True, False, True)),
+        (4096, PLAIN),
+    ]:
+        plan = module_mod.plan_memory(
+            module,
+            opt,
+            per_rank_batch=1,
+            seq_length=seq,
+            vocab_size=32,
+            device=torch.device("cpu"),
+            budget_bytes=24 * GIB,
+            checkpointing=False,
+            offload="auto",
+            tiled_mlp="auto",
+            tiled_chunk=16,
+        )
+        assert (plan.checkpointing, plan.offload, bool(plan.tiled_chunk)) == tuple(want)
+        assert module_mod.current_levers(model) == want
+        for a, b in zip(grads(), plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=FP64_RTOL, atol=FP64_ATOL)

@@ -438,8 +438,9 @@ def _lever_module(name: str):
 
 def switch_levers(hf_model, old: memplan.Candidate, new: memplan.Candidate, chunk: int) -> None:
     """From one candidate's memory levers to another's: tiled MLP, offloaded checkpoints
-    (which checkpoint their layers themselves: HF's checkpointing is off under them), HF's
-    activation checkpointing. The offload and tiling modules are imported only when used."""
+    (which checkpoint their layers themselves, and give them back their earlier checkpointing
+    when undone), HF's activation checkpointing. The offload and tiling modules are imported
+    only when used."""
     if new.tiling != old.tiling:
         from sftune.train import tiling
 
@@ -447,9 +448,13 @@ def switch_levers(hf_model, old: memplan.Candidate, new: memplan.Candidate, chun
     if new.offload != old.offload:
         from sftune.train import offload
 
-        if new.offload:
-            set_checkpointing(hf_model, False)
-        offload.apply(hf_model, new.offload)
+        # As build_module applies it: over compiled layers, the offloaded checkpoint compiles
+        # each layer's forward inside it (in the default mode).
+        compiled = any(
+            getattr(layer, "_compiled_call_impl", None) is not None
+            for layer in distributed.decoder_layers(hf_model)
+        )
+        offload.apply(hf_model, new.offload, compile_layers=compiled)
     if not new.offload and (old.offload or new.checkpointing != old.checkpointing):
         set_checkpointing(hf_model, new.checkpointing)
 
