@@ -55,6 +55,15 @@ Suites (default: throughput; docs/BENCHMARKS.md has the numbers each one gave):
               and plain DPO, and lm-eval GSM8K accuracy (1,319 problems) before and after
               (benchmarks/gsm8k_dpo.py; estimated 7-9 minutes on an H200 with the SFT run and
               installs, not yet measured; the same wheels as gsm8k)
+  long        long sequences (issue 26), one sequence per step, 1 warm-up + 3 timed steps, in
+              about 9 minutes: QLoRA 8B at 128K within 24 GiB; at 32K LoRA with offloaded
+              checkpoints against without (the offload's cost) and plain PEFT + HF
+  long256     the full fine-tune of the 8B at 256K (1 warm-up + 1 timed step: ~8 minutes;
+              LONG_STEPS_256=4 for 3 timed, ~14 minutes)
+  long512     QLoRA within 80 GiB and LoRA on a bf16 base at 512K: ~12 minutes a step each
+              (LONG_STEPS_512, default 2: ~50 minutes in all)
+  long512proxy  the same two with the first 4 decoder blocks only (~9 minutes in all): the
+              GPU peak where offload holds no layer input on the GPU
   tests       the test suite; its GPU-only tests run here
   all         every suite above
 
@@ -79,7 +88,7 @@ EOF
 }
 
 ALL=(throughput lora qlora docmask levers dist scaling gemm fp8 fp8parity trl dpo gsm8k gsm8k_lora
-    gsm8k_dpo tests)
+    gsm8k_dpo long long256 long512 long512proxy tests)
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
 WHEELS="" RESULTS="" GSM8K="" SUITES=()
@@ -127,7 +136,8 @@ declare -A NEEDS=([trl]="trl==1.16.0 datasets<5 $SMOL" [gsm8k]="sftune[eval] $SM
     [gsm8k_lora]="sftune[eval] sftune[lora] $SMOL" [gsm8k_dpo]="sftune[eval] $SMOL"
     [tests]="sftune[test] $SMOL"
     [lora]="sftune[lora]" [qlora]="sftune[qlora]" [fp8]="sftune[fp8] sftune[adamw8bit-bnb]"
-    [fp8parity]="sftune[fp8]")
+    [fp8parity]="sftune[fp8]" [long]="sftune[lora] sftune[qlora]" [long256]=""
+    [long512]="sftune[lora] sftune[qlora]" [long512proxy]="sftune[lora] sftune[qlora]")
 # fp8parity's Llama 3 tokenizer is built from llama-models unless runs/llama3-tokenizer has it.
 LLAMA3_TOKENIZER=$PWD/runs/llama3-tokenizer
 if [[ ! -f $LLAMA3_TOKENIZER/tokenizer.json ]]; then
@@ -316,6 +326,51 @@ suite_gsm8k_dpo() {
         --sft "$RESULTS/smollm2_lr1e-4/final" --out "$RESULTS/gsm8k_dpo" \
         --sft-seconds $((SECONDS - start)) ${GSM8K_DPO_REPORT:+--report "$GSM8K_DPO_REPORT"} \
         ${GSM8K_DPO_ARGS:-}
+}
+
+# ----------------------------------------------------------------------------- long sequences
+# Issue 26's targets on one H200, each cap through --max-memory-gib (+capN), one sequence per
+# step, the allocator's expandable segments on as `sftune train` sets them. The levers are
+# given (+offload, +tiled, +ac) at micro-batch 1, so no run pays the memory plan's probes (a
+# forward+backward at full length per candidate); `sftune train --plan-only` shows the plan.
+# A run that fails (out of memory) is recorded in the JSON with its error; the next one runs.
+#
+# Wall time, estimated from the issue's own measurements (LoRA: 8,683 tokens/s at 16K, 2,755
+# at 128K, so a token costs about 80 us + 2.16 ns x T: 4.9 s a step at 32K, 48 s at 128K, 170 s
+# at 256K, 640 s at 512K; offload and tiling add up to ~10%), plus per run ~20 s to start and
+# build the 8B (QLoRA: ~35 s with its quantization) and ~60 s to compile its layer:
+#   long_128k_24g   QLoRA, 128K, 24 GiB           ~35 + 60 + 4 x 53 s   = ~5.1 min
+#   long_32k        LoRA +ac, LoRA +offload        2 x (20 + 60 + 4 x 5.4 s) = ~3.4 min
+#                   PEFT + HF with checkpointing   20 + 4 x 7.1 s        = ~0.8 min
+#   long_256k_full  full fine-tune, 256K           20 + 60 + 2 x 186 s   = ~7.5 min (4 steps: 14)
+#   long_512k_*     QLoRA 80 GiB; LoRA bf16        each 80 + 2 x 700 s   = ~25 min (4 steps: 48)
+#                   (LoRA's offloaded layer inputs at 512K are 32 x 4 GiB = 128 GiB of pinned
+#                   host memory: all the H200 machine has)
+#   long512proxy    the same, 4 decoder blocks     each 80 + 2 x 90 s    = ~4.3 min
+# `long` (the first two rows) fits one 10-minute call; a 512K step of the whole 8B alone is
+# longer than that, so long256 and long512 are separate suites.
+LONG_STEPS=${LONG_STEPS:-4}
+long_run() {  # long_run NAME SEQ RUNS [MORE ARGS...]
+    local steps=${LONG_RUN_STEPS:-$LONG_STEPS}
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True throughput "$1" --seq "$2" --batch 1 \
+        --max-pos $(($2 > 131072 ? $2 : 131072)) --steps "$steps" --warmup 1 --runs "$3" "${@:4}"
+}
+suite_long() {
+    long_run long_128k_24g 131072 sftune-mb1+qlora+offload+tiled+cap24
+    long_run long_32k 32768 sftune-mb1+lora+ac,sftune-mb1+lora+offload,peft-mb1+ac \
+        --reference peft-mb1+ac
+}
+suite_long256() {
+    LONG_RUN_STEPS=${LONG_STEPS_256:-2} long_run long_256k_full 262144 sftune-mb1+offload+tiled
+}
+suite_long512() {
+    local steps=${LONG_STEPS_512:-2}
+    LONG_RUN_STEPS=$steps long_run long_512k_qlora_80g 524288 sftune-mb1+qlora+offload+tiled+cap80
+    LONG_RUN_STEPS=$steps long_run long_512k_lora 524288 sftune-mb1+lora+offload+tiled
+}
+suite_long512proxy() {
+    LONG_RUN_STEPS=2 long_run long_512k_4layers 524288 \
+        sftune-mb1+qlora+offload+tiled+cap80,sftune-mb1+lora+offload+tiled --layers 4
 }
 suite_tests() { step tests "$PY" -m pytest -q -p no:cacheprovider tests; }
 

@@ -55,6 +55,19 @@ Modifiers, appended with "+" to any sftune run (e.g. sftune-mb8+budget0.5+cudnn)
                      stepped their local shards
     +expand, +noexpand  the CUDA allocator's expandable segments on or off for this run
                      (`sftune train` turns them on; PYTORCH_CUDA_ALLOC_CONF sets the default)
+    +offload, +offloadauto  offloaded activation checkpoints, on or left to the memory plan
+                     (--activation-offload on/auto; on implies checkpointing)
+    +tiled, +tiledN, +tiledauto  the MLP tiled over the sequence (--tiled-mlp on, N tokens per
+                     tile (--tiled-mlp-chunk N), or auto: left to the memory plan)
+    +ropeKIND:F      rope scaling past the model's positions (--rope-scaling KIND:F), e.g.
+                     +ropeyarn:4, +ropelinear:2, +ropellama3:4
+
+Long sequences (issue 26): --seq 131072 --batch 1 with --max-pos N (the 8B config with
+max_position_embeddings N instead of 131,072, as the issue allows: the llama3 rope frequencies
+are unchanged) and --layers L (the first L decoder blocks only: a cheaper proxy, named in the
+JSON). MFU is reported twice: `mfu` with PaLM's attention term (12 x layers x d x T per token,
+the full T x T scores), and `mfu_causal` with the causal half that the kernels compute (6 x
+layers x d x T); at 512K the attention term is 20 times the weights', so the two differ ~2x.
 
 `lean` takes modifiers too (e.g. lean+fp8tw: micro-batch 8, budget 0.8, FP8 tensorwise).
 
@@ -107,6 +120,25 @@ from sftune.train.optim import build_optimizer, lr_factor, warmup_steps  # noqa:
 
 LORA_R, LORA_ALPHA = 16, 32.0  # the LoRA runs: r 16 on every linear of the decoder blocks
 FP8_MODS = {"fp8tw": "tensorwise", "fp8rw": "rowwise"}
+LEVERS = ("activation_offload", "tiled_mlp", "tiled_mlp_chunk", "rope_scaling")  # issue 26
+
+
+def model_config(args):
+    """The --config model's config, with --max-pos and --layers applied."""
+    mcfg = make_config(args.config)
+    if args.max_pos:  # positions for long runs (the 8B's own limit is 131,072)
+        mcfg.max_position_embeddings = args.max_pos
+    if args.layers:
+        mcfg.num_hidden_layers = args.layers
+    return mcfg
+
+
+def causal_flops_per_token(mcfg, seq: int) -> float:
+    """model_flops_per_token with the attention term halved: a causal kernel computes half of
+    the T x T scores (and their values) that PaLM's 12 x layers x d x T counts."""
+    head_dim = getattr(mcfg, "head_dim", None) or mcfg.hidden_size // mcfg.num_attention_heads
+    d_attn = mcfg.num_attention_heads * head_dim
+    return model_flops_per_token(mcfg, seq) - 6.0 * mcfg.num_hidden_layers * d_attn * seq
 
 
 def global_batches(vocab: int, batch: int, seq: int, steps: int, seed: int = 0, docs: bool = False):
@@ -149,7 +181,7 @@ def _free() -> None:
 
 
 def run_baseline(args, device) -> dict:
-    cfg = make_config(args.config)
+    cfg = model_config(args)
     model = build_model(cfg, device, args.dtype, seed=0)
     batches = global_batches(cfg.vocab_size, args.batch, args.seq, args.steps)
     micro = [(m["input_ids"], m["labels"]) for b in batches for m in _split(b, 2, device)]
@@ -212,6 +244,14 @@ def sftune_config(args, device, *, seq, batch, micro, compile_, fused, ac, mods)
             flat["dist"] = m
         elif m in ("reshard", "noreshard"):
             flat["reshard_after_forward"] = "on" if m == "reshard" else "off"
+        elif m in ("offload", "offloadauto"):  # issue 26: --activation-offload on / auto
+            flat["activation_offload"] = "auto" if m == "offloadauto" else "on"
+        elif m == "tiledauto":  # issue 26: --tiled-mlp auto
+            flat["tiled_mlp"] = "auto"
+        elif m == "tiled" or (m.startswith("tiled") and m.removeprefix("tiled").isdigit()):
+            flat.update(tiled_mlp="on", tiled_mlp_chunk=int(m.removeprefix("tiled") or 0))
+        elif m.startswith("rope"):  # issue 26: --rope-scaling KIND:FACTOR
+            flat["rope_scaling"] = m.removeprefix("rope")
         elif m not in ("ce0", "expand", "noexpand", "dtensoropt"):
             raise SystemExit(f"unknown modifier +{m}")
     return config_mod.from_flat(flat)
@@ -275,7 +315,7 @@ def run_sftune(
     seq, batch, world = seq or args.seq, batch or args.batch, args.world
     options = dict(micro=micro, compile_=compile_, fused=fused, ac=ac, mods=mods)
     cfg = sftune_config(args, device, seq=seq, batch=batch, **options)
-    mcfg = make_config(args.config)
+    mcfg = model_config(args)
     mcfg._attn_implementation = attn
     model = build_model(mcfg, device, args.dtype, seed=0)
     if attn != "sdpa":
@@ -303,7 +343,8 @@ def run_sftune(
     t_probe = time.perf_counter()
     budget = module.gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else 0
     checkpointing = cfg.model.activation_checkpointing
-    if micro == 0:
+    planned = {}
+    if module.needs_memory_plan(cfg, micro or None, device):  # micro-batch or a lever auto
         plan = module.plan_memory(
             built.module,
             optimizer,
@@ -313,9 +354,12 @@ def run_sftune(
             device=device,
             budget_bytes=budget,
             checkpointing=checkpointing,
+            **module.lever_settings(cfg),
+            micro_batch=micro,
         )
         micro, checkpointing = plan.micro_batch, plan.checkpointing
         built.notes.append(plan.note)
+        planned = plan.resolved()
     probe_s = time.perf_counter() - t_probe
     one_step = functools.partial(
         step.train_step,
@@ -353,6 +397,13 @@ def run_sftune(
         notes=list(built.notes),
         peak_memory_bytes=int(peak.item()),  # the largest of any GPU
         activation_checkpointing=checkpointing,
+        # issue 26's levers as given (getattr: each comes with its own branch), then as planned
+        levers={
+            **{k: getattr(cfg.model, k, None) for k in LEVERS},
+            **planned,
+        },
+        max_position_embeddings=mcfg.max_position_embeddings,
+        layers=mcfg.num_hidden_layers,
         max_memory_gib=cfg.model.max_memory_gib,
         docs=docs,
         attn=attn,
@@ -399,7 +450,7 @@ def run_peft(args, device, *, micro: int, ac: bool, qlora: bool = False) -> dict
     count), fused torch AdamW on the adapters, the same warmup + cosine schedule."""
     from peft import LoraConfig, get_peft_model
 
-    mcfg = make_config(args.config)
+    mcfg = model_config(args)
     model = build_model(mcfg, device, args.dtype, seed=0)
     if qlora:
         quantize_4bit(model)
@@ -621,6 +672,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument(
+        "--max-pos",
+        type=int,
+        default=0,
+        help="the model's max_position_embeddings (default: its own)",
+    )
+    ap.add_argument(
+        "--layers", type=int, default=0, help="only the first N decoder blocks (default: all)"
+    )
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="per GPU")
@@ -651,6 +711,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "config": args.config,
+        "max_position_embeddings": model_config(args).max_position_embeddings,
+        "layers": model_config(args).num_hidden_layers,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "runs": {},
     }
     import transformers
@@ -683,12 +746,15 @@ def main() -> None:
             res = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
         res["wall_s"] = time.perf_counter() - start
         if "tokens_per_s" in res:
-            fpt = model_flops_per_token(make_config(args.config), res["seq_len"])
+            fpt = model_flops_per_token(model_config(args), res["seq_len"])
+            causal = causal_flops_per_token(model_config(args), res["seq_len"])
             res["tokens_per_s_per_gpu"] = res["tokens_per_s"] / args.world.world_size
             res["mfu"] = mfu(res["tokens_per_s_per_gpu"], fpt, args.peak_flops)
+            res["mfu_causal"] = mfu(res["tokens_per_s_per_gpu"], causal, args.peak_flops)
             res["peak_gib"] = (res["peak_memory_bytes"] or 0) / 2**30
             report(
-                f"{name:>14}: {res['tokens_per_s']:>9,.0f} tok/s  MFU {100 * res['mfu']:5.1f}%  "
+                f"{name:>14}: {res['tokens_per_s']:>9,.0f} tok/s  MFU {100 * res['mfu']:5.1f}% "
+                f"(causal {100 * res['mfu_causal']:5.1f}%)  "
                 f"peak {res['peak_gib']:6.1f} GiB  micro {res['micro_batch']} x {res['accum']}  "
                 f"seq {res['seq_len']}  losses {' '.join(f'{x:.4f}' for x in res['losses'][:6])} ...",
                 flush=True,

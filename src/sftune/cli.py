@@ -137,6 +137,10 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if cfg.tasks.names:
         check_tasks(cfg.tasks.names, cfg.tasks.task_data, cfg.tasks.task_dir)
+    if cfg.log.plan_only:  # issue 26: the plan and the resolved config, nothing trained
+        from sftune.train.build import plan_only
+
+        return plan_only(cfg)
     from sftune.train.loop import train
 
     return 130 if train(cfg).interrupted else 0

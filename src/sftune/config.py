@@ -317,6 +317,13 @@ class LogConfig:
     report_to: str = _f("", "comma-separated: wandb, tensorboard")
     run_name: str | None = _f(None, "name for wandb / tensorboard")
     verbose: bool = _f(False, "show the libraries' own progress bars and warnings too")
+    # issue 26: planner
+    plan_only: bool = _f(
+        False,
+        "build the run (model, data, the memory plan: micro-batch, checkpointing, offload, "
+        "tiled MLP), print the plan and the resolved config, and exit without training or "
+        "writing anything to the run directory",
+    )
 
     @property
     def backends(self) -> list[str]:
@@ -869,6 +876,7 @@ RESUME_MAY_CHANGE = frozenset(
         "report_to",
         "run_name",
         "verbose",
+        "plan_only",  # issue 26: planner (a dry run of the resumed run)
         "eval_tasks",
         "eval_tasks_every",
         "eval_limit",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import yaml
 
 from sftune import config as config_mod
 from sftune import tasks
@@ -47,6 +48,8 @@ from sftune.train.module import (
     build_module,
     choose_compile_step,
     gpu_budget,
+    lever_settings,
+    needs_memory_plan,
     plan_memory,
     resolve_micro_batch,
 )
@@ -467,7 +470,9 @@ def build(cfg: RunConfig) -> Run:
     budget = gpu_budget(device, cfg.model.max_memory_gib) if device.type == "cuda" else None
     torch.manual_seed(cfg.optim.seed)
     output_dir = plan_output_dir(cfg, world)
-    lock = lock_output_dir(output_dir, world, resuming=cfg.checkpoint.resume is not None)
+    resuming = cfg.checkpoint.resume is not None
+    # issue 26: --plan-only neither creates nor locks the run directory
+    lock = None if cfg.log.plan_only else lock_output_dir(output_dir, world, resuming=resuming)
     try:
         return _build(cfg, resumed, world, device, budget, output_dir, lock)
     except BaseException:
@@ -532,7 +537,8 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
     micro = resolve_micro_batch(cfg, world, device)
     # issue 26: offloaded layers are checkpointed; the planner must not swap in plain ones
     checkpointing = cfg.model.activation_checkpointing or offload.enabled(hf_model)
-    if micro is None:
+    planned: dict = {}  # what the memory plan resolved (issue 26: offload, tiled MLP)
+    if needs_memory_plan(cfg, micro, device):
         plan = plan_memory(
             built.module,
             optimizer,
@@ -542,13 +548,17 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
             device=device,
             budget_bytes=budget,
             checkpointing=checkpointing,
+            **lever_settings(cfg),
+            micro_batch=micro or 0,
         )
         micro, checkpointing = plan.micro_batch, plan.checkpointing
+        planned = plan.resolved()
         notes.append(plan.note)
     notes.append(
         checkpoint.check_disk_space(output_dir, built.module, optimizer, cfg, adapter is not None)
     )
-    if objective.needs_reference:  # before a resume loads other weights: the starting model
+    # Before a resume loads other weights: the starting model. A dry run plans only.
+    if objective.needs_reference and not cfg.log.plan_only:
         notes += reference.attach_reference(
             cfg, built.module, adapter, info, tokenizer, device, world, data, objective, micro
         )
@@ -573,12 +583,14 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
         task_prompt_format=task_format,
         train_on=data.train.train_on if cfg.loss.objective == "sft" else "assistant",
         response_only=False,  # an alias, resolved into train_on
+        **planned,
     )
-    create_output_dir(output_dir, resolved, world)
+    if not cfg.log.plan_only:  # issue 26: a dry run writes nothing
+        create_output_dir(output_dir, resolved, world)
     logger = MetricsLogger(
         output_dir,
         report_to=resolved.log.backends,
-        enabled=world.is_main,
+        enabled=world.is_main and not cfg.log.plan_only,
         run_name=cfg.log.run_name,
         config=resolved.to_dict(),
         tokens_per_step=cfg.optim.batch_size * cfg.data.seq_length,
@@ -658,3 +670,31 @@ def _eval_max_sequences(cfg: RunConfig, device: torch.device) -> int:
     if cfg.log.eval_max_sequences is not None:
         return cfg.log.eval_max_sequences
     return 0 if device.type == "cuda" else CPU_EVAL_MAX_SEQUENCES
+
+
+# ----------------------------------------------------------------------------- issue 26: planner
+
+
+def plan_only(cfg: RunConfig) -> int:
+    """`sftune train ... --plan-only`: everything built as for training (the memory plan
+    probed on a GPU), then the plan and the resolved config printed; nothing trained, no run
+    directory created or written. Exit status 0."""
+    run = build(cfg)
+    try:
+        if run.world.is_main:
+            lines = run.describe().splitlines()[:-1]  # all but the run directory's line
+            # As the run itself would save it: a config file that trains this plan.
+            as_run = config_mod.with_values(run.cfg, plan_only=False)
+            yaml_text = yaml.safe_dump(as_run.to_dict(), sort_keys=False)
+            print(
+                "\n".join(lines),
+                f"sftune: plan only: nothing trained, nothing written (the run would write "
+                f"{run.output_dir}); its resolved config:",
+                yaml_text,
+                sep="\n",
+                end="",
+                flush=True,
+            )
+    finally:
+        run.close()
+    return 0

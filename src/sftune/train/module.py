@@ -10,13 +10,17 @@ shards as the root, so its parameters are gathered when the fused loss reads the
     loss = built.module(input_ids=ids, labels=labels, scale=1 / n_tokens)
     plan = plan_memory(built.module, optimizer, per_rank_batch=32, seq_length=512,
                        vocab_size=128256, device=device, budget_bytes=gpu_budget(device, 24),
-                       checkpointing=False)                # .micro_batch, .checkpointing
+                       checkpointing=False, offload="auto", tiled_mlp="auto")
+    plan.micro_batch, plan.checkpointing, plan.offload, plan.tiled_chunk, plan.note
+
+The plan's decision (which levers, which micro-batch, the longest length where nothing fits)
+is train/memplan.py's, a pure function over the measurements taken here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import os
 import time
 from typing import NamedTuple
 
@@ -25,7 +29,7 @@ from torch import nn
 
 from sftune.config import RunConfig
 from sftune.errors import ConfigError, SftuneError
-from sftune.train import distributed, fp8, offload, tiling
+from sftune.train import distributed, fp8, memplan, offload, tiling
 from sftune.train.distributed import World
 from sftune.train.loss import (
     cross_entropy_sum,
@@ -292,7 +296,30 @@ def _fwd_bwd(module: nn.Module, ids: torch.Tensor) -> None:
     module(input_ids=ids, labels=ids, scale=1.0 / ids.numel()).backward()
 
 
-def probe_micro_batch(
+def _peak_bytes(module, optimizer, ids: torch.Tensor, passes: int, device) -> int | None:
+    """This rank's peak allocation over `passes` forward+backward passes of `ids`; None on
+    out-of-memory. The gradients and the cache are freed after."""
+    try:
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(passes):
+            _fwd_bwd(module, ids)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    except torch.cuda.OutOfMemoryError:
+        peak = None
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return peak
+
+
+def _passes(micro_batch: int, per_rank_batch: int) -> int:
+    """With accumulation, every micro-batch after a step's first runs its forward while the
+    gradients are held (a full model's worth: 15 GiB for an 8B in bf16), so a micro-batch
+    smaller than the batch is measured over two passes: the first alone underestimates."""
+    return 1 if micro_batch == per_rank_batch else 2
+
+
+def fit_micro_batch(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
@@ -301,44 +328,40 @@ def probe_micro_batch(
     vocab_size: int,
     device: torch.device,
     budget_bytes: int | None = None,
-) -> int | None:
-    """Largest divisor of the per-rank batch whose forward+backward fits next to the
-    optimizer state (materialized first) with 8% of the budget (default: the whole GPU) kept
-    free; None when not even one sequence fits. Every rank takes the smallest rank's answer.
-
-    A micro-batch smaller than the batch is measured over two passes: with accumulation, every
-    micro-batch after a step's first runs its forward while the gradients are held (a full
-    model's worth: 15 GiB for an 8B in bf16), so the first pass alone underestimates the peak.
-    """
+    only: int = 0,
+) -> memplan.Fit | None:
+    """Largest divisor of the per-rank batch (or just `only`) whose forward+backward fits
+    next to the optimizer state (materialized first) with 8% of the budget (default: the whole
+    GPU) kept free, with its peak; None when not even one sequence fits. Every rank takes the
+    smallest rank's answer (the peak is the largest rank's at its own answer)."""
     materialize_optimizer_state(optimizer)
     budget = budget_bytes or torch.cuda.get_device_properties(device).total_memory
-    fits = 0
+    fits, peak = 0, 0
     if distributed.is_replicated(module):
         # No all-reduce while probing: the gradients then stay outside DDP's buckets, as on the
         # micro-batches a step accumulates (the larger memory of the two), and a candidate
         # that fails on one rank leaves no collective half done on the others.
         distributed.set_grad_sync(module, False)
-    for mb in sorted(
-        (d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0), reverse=True
-    ):
+    divisors = [d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0]
+    for mb in [only] if only else sorted(divisors, reverse=True):
         ids = torch.randint(0, vocab_size, (mb, seq_length), device=device)
-        ok = True
-        try:
-            torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(1 if mb == per_rank_batch else 2):
-                _fwd_bwd(module, ids)
-            torch.cuda.synchronize(device)
-            ok = torch.cuda.max_memory_allocated(device) < 0.92 * budget
-        except torch.cuda.OutOfMemoryError:
-            ok = False
+        got = _peak_bytes(module, optimizer, ids, _passes(mb, per_rank_batch), device)
         del ids
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        if ok:
-            fits = mb
+        if got is not None and got < memplan.FIT_SHARE * budget:
+            fits, peak = mb, got
             break
     # Every rank must run the same number of micro-batches (their collectives pair up).
-    return distributed.min_over_ranks(fits, device) or None
+    fits = distributed.min_over_ranks(fits, device)
+    if not fits:
+        return None
+    peak = int(distributed.all_reduce_max(torch.tensor([peak], device=device)).item())
+    return memplan.Fit(fits, peak)
+
+
+def probe_micro_batch(module, optimizer, **sizes) -> int | None:
+    """`fit_micro_batch`'s micro-batch alone (None: not even one sequence fits)."""
+    fit = fit_micro_batch(module, optimizer, **sizes)
+    return fit.micro_batch if fit else None
 
 
 def _tokens_per_s(module: nn.Module, optimizer, mb: int, seq_length: int, vocab_size: int, device):
@@ -360,6 +383,106 @@ class MemoryPlan(NamedTuple):
     micro_batch: int
     checkpointing: bool
     note: str
+    offload: bool = False  # offloaded checkpoints (--activation-offload on)
+    tiled_chunk: int = 0  # tokens per MLP tile; 0: the MLP is not tiled
+
+    def resolved(self) -> dict:
+        """The levers the plan resolves in the run's config (by flat name), besides the
+        micro-batch and checkpointing."""
+        return dict(
+            activation_offload="on" if self.offload else "off",
+            tiled_mlp="on" if self.tiled_chunk else "off",
+            tiled_mlp_chunk=self.tiled_chunk,
+        )
+
+
+def needs_memory_plan(cfg: RunConfig, micro_batch: int | None, device: torch.device) -> bool:
+    """On a GPU, a micro-batch that is auto, or a memory lever that is (issue 26)."""
+    levers = lever_settings(cfg)
+    return device.type == "cuda" and (micro_batch is None or "auto" in levers.values())
+
+
+def lever_settings(cfg: RunConfig) -> dict:
+    """--activation-offload, --tiled-mlp and --tiled-mlp-chunk as `plan_memory` takes them."""
+    m = cfg.model
+    return dict(offload=m.activation_offload, tiled_mlp=m.tiled_mlp, tiled_chunk=m.tiled_mlp_chunk)
+
+
+class _GpuMeasure:
+    """memplan.Measure on this GPU: puts the model in a candidate's state, then probes it."""
+
+    def __init__(self, module, optimizer, state, chunk, *, per_rank_batch, seq_length, **sizes):
+        self.module, self.optimizer, self.state, self.chunk = module, optimizer, state, chunk
+        self.per_rank_batch, self.seq_length, self.sizes = per_rank_batch, seq_length, sizes
+        self.smallest = sizes.get("only") or 1  # the micro-batch of the longest-length probes
+
+    def use(self, cand: memplan.Candidate) -> None:
+        switch_levers(self.module.lm, self.state, cand, self.chunk)
+        self.state = cand
+
+    def fit(self, cand):
+        self.use(cand)
+        return fit_micro_batch(
+            self.module,
+            self.optimizer,
+            per_rank_batch=self.per_rank_batch,
+            seq_length=self.seq_length,
+            **self.sizes,
+        )
+
+    def speed(self, cand, micro_batch):
+        self.use(cand)
+        vocab, device = self.sizes["vocab_size"], self.sizes["device"]
+        return _tokens_per_s(
+            self.module, self.optimizer, micro_batch, self.seq_length, vocab, device
+        )
+
+    def peak(self, cand, seq_length):
+        self.use(cand)
+        vocab, device = self.sizes["vocab_size"], self.sizes["device"]
+        ids = torch.randint(0, vocab, (self.smallest, seq_length), device=device)
+        passes = _passes(self.smallest, self.per_rank_batch)
+        got = _peak_bytes(self.module, self.optimizer, ids, passes, device)
+        worst = distributed.all_reduce_max(
+            torch.tensor([-1 if got is None else got], device=device)
+        )
+        fails = distributed.all_reduce_max(torch.tensor([int(got is None)], device=device))
+        return None if fails.item() else int(worst.item())
+
+
+def current_levers(hf_model) -> memplan.Candidate:
+    """The memory levers the model has on now (as build_module, or an earlier plan, left it)."""
+    off, tiled = offload.enabled(hf_model), tiling.enabled(hf_model)
+    # What HF's is_gradient_checkpointing reads (deprecated in transformers 5 for a new name).
+    ckpt = any(getattr(m, "gradient_checkpointing", False) is True for m in hf_model.modules())
+    return memplan.Candidate(ckpt or off, off, tiled)
+
+
+def switch_levers(hf_model, old: memplan.Candidate, new: memplan.Candidate, chunk: int) -> None:
+    """From one candidate's memory levers to another's: tiled MLP, offloaded checkpoints
+    (which checkpoint their layers themselves, and give them back their earlier checkpointing
+    when undone), HF's activation checkpointing."""
+    if new.tiling != old.tiling:
+        tiling.apply(hf_model, chunk if new.tiling else 0)
+    if new.offload != old.offload:
+        # As build_module applies it: over compiled layers, the offloaded checkpoint compiles
+        # each layer's forward inside it (in the default mode).
+        compiled = any(
+            getattr(layer, "_compiled_call_impl", None) is not None
+            for layer in distributed.decoder_layers(hf_model)
+        )
+        offload.apply(hf_model, new.offload, compile_layers=compiled)
+    if not new.offload and (old.offload or new.checkpointing != old.checkpointing):
+        set_checkpointing(hf_model, new.checkpointing)
+
+
+def tile_chunk(hf_model, chunk: int, seq_length: int) -> int:
+    """--tiled-mlp-chunk, or for 0 tiling's default for the model's sizes."""
+    if chunk:
+        return chunk
+    c = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else None
+    c = c or hf_model.config
+    return tiling.default_chunk(c.hidden_size, c.intermediate_size, seq_length)
 
 
 def plan_memory(
@@ -372,64 +495,73 @@ def plan_memory(
     device: torch.device,
     budget_bytes: int,
     checkpointing: bool,
+    offload: str = "off",
+    tiled_mlp: str = "off",
+    tiled_chunk: int = 0,
+    micro_batch: int = 0,
 ) -> MemoryPlan:
-    """The micro-batch, and whether activation checkpointing is on, for a run whose
-    micro-batch is "auto" on a GPU.
+    """The micro-batch and memory levers (activation checkpointing, offloaded checkpoints,
+    tiled MLP) for a run whose micro-batch is "auto" on a GPU: the fastest candidate the
+    settings allow that fits, timed against a slower one where that fits a larger micro-batch
+    (memplan.decide). The model is left in the chosen state. Nothing fitting is a one-line
+    error naming the longest sequence that would fit within the budget.
 
-    With checkpointing asked for, the largest micro-batch that fits. Otherwise the largest
-    that fits without it; when that is under half the per-rank batch (or nothing fits),
-    checkpointing is tried too, and the faster of the two (timed here, on this model) wins.
+    `micro_batch`: a --micro-batch-size given (0: auto), for which only the levers that are
+    "auto" are planned (`needs_memory_plan`).
     """
-    gib = budget_bytes / 2**30
-    probe = functools.partial(
-        probe_micro_batch,
+    cands = memplan.candidates(checkpointing, offload, tiled_mlp)
+    start = current_levers(module.lm)
+    chunk = tile_chunk(module.lm, tiled_chunk, seq_length) if any(c.tiling for c in cands) else 0
+    measure = _GpuMeasure(
         module,
         optimizer,
+        start,
+        chunk,
         per_rank_batch=per_rank_batch,
         seq_length=seq_length,
         vocab_size=vocab_size,
         device=device,
         budget_bytes=budget_bytes,
+        only=micro_batch,
     )
-    mb = probe()
-    largest = f"micro-batch {mb} (largest that fits {gib:.1f} GiB)"
-    if checkpointing or (mb is not None and 2 * mb >= per_rank_batch):
-        if mb is None:
-            raise _nothing_fits(seq_length, gib)
-        return MemoryPlan(mb, checkpointing, largest)
-    set_checkpointing(module.lm, True)
-    mb_ac = probe()
-    if mb_ac is None:
-        raise _nothing_fits(seq_length, gib)
-    if mb is None:  # checkpointing stays on
-        return MemoryPlan(
-            mb_ac,
-            True,
-            f"micro-batch {mb_ac} with activation checkpointing (nothing fits {gib:.1f} GiB "
-            "without it)",
+    off = [
+        f"--{flag} auto"
+        for flag, v in (("activation-offload", offload), ("tiled-mlp", tiled_mlp))
+        if v == "off"
+    ]
+    try:
+        choice = memplan.decide(
+            cands,
+            per_rank_batch=per_rank_batch,
+            seq_length=seq_length,
+            budget_bytes=budget_bytes,
+            measure=measure,
+            settings_off=tuple(off),
+            micro_batch=micro_batch,
         )
-    if mb_ac <= mb:
-        set_checkpointing(module.lm, False)
-        return MemoryPlan(mb, False, largest)
-    speed_ac = _tokens_per_s(module, optimizer, mb_ac, seq_length, vocab_size, device)
-    set_checkpointing(module.lm, False)
-    speed = _tokens_per_s(module, optimizer, mb, seq_length, vocab_size, device)
-    use_ac = speed_ac > speed
-    set_checkpointing(module.lm, use_ac)
+    except memplan.NothingFits as e:
+        raise SftuneError(e.message) from None
+    measure.use(choice.candidate)
+    c = choice.candidate
+    note = choice.note + ("" if expandable_segments() else EXPANDABLE_OFF)
+    if c.tiling:
+        note += f"; MLP tiles of {chunk:,} tokens"
     return MemoryPlan(
-        mb_ac if use_ac else mb,
-        use_ac,
-        f"activation checkpointing {'on' if use_ac else 'off'} within {gib:.1f} GiB: micro-batch "
-        f"{mb_ac} with it ({speed_ac:,.0f} tokens/s forward+backward) against {mb} without "
-        f"({speed:,.0f})",
+        choice.micro_batch, c.checkpointing, note, c.offload, chunk if c.tiling else 0
     )
 
 
-def _nothing_fits(seq_length: int, gib: float) -> SftuneError:
-    return SftuneError(
-        f"out of GPU memory ({gib:.1f} GiB) even at micro-batch 1 x {seq_length} tokens with "
-        "activation checkpointing: lower --seq-length, use --lora/--qlora, or shard over more GPUs"
-    )
+EXPANDABLE_OFF = (
+    "; the allocator's expandable segments are off (PYTORCH_CUDA_ALLOC_CONF): near the cap "
+    "GiBs may sit reserved but unallocated (`sftune train` turns them on)"
+)
+
+
+def expandable_segments() -> bool:
+    """Whether the CUDA caching allocator grows segments instead of fragmenting (as `sftune
+    train` sets it, before torch starts: cli.py)."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF", ""))
+    return "expandable_segments:true" in conf.replace(" ", "").lower()
 
 
 def set_checkpointing(hf_model: nn.Module, on: bool) -> None:
