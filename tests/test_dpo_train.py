@@ -228,7 +228,8 @@ def test_lora_dpo_references_the_base_and_saves_adapters(workdir, pairs, tmp_pat
     assert _rows(run, "train_loss")[2]["train_loss"] != pytest.approx(LN2, abs=1e-9)
     assert (run / "final" / "adapter" / "adapter_config.json").is_file()
     exported = tmp_path / "exported"
-    assert main(["export", str(run / "checkpoints" / "step_00000002"), "--out", str(exported)]) == 0
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert main(["export", str(ckpt), "--out", str(exported), "--merge"]) == 0
     from safetensors.torch import load_file
 
     final = weights(run)
@@ -382,3 +383,54 @@ def test_fewer_rows_than_a_batch_is_one_line(workdir, pairs, tmp_path, capsys):
     line = out.strip().splitlines()[-1]
     assert line.startswith(f"sftune: error: {pairs[0]}: 32 packed row(s) of 512 tokens, fewer")
     assert not (tmp_path / "x").exists()
+
+
+def test_conversational_pairs_from_a_yaml_config_train_as_chats(tmp_path, capsys):
+    """Conversational pairs (the chat template renders them) from a YAML config with the
+    objective's keys in their section: ln 2 at step 0, and final/ says it was tuned on chats,
+    so `sftune generate` prompts it through the chat template."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import chat_model_dir
+
+    model = chat_model_dir(tmp_path / "chat")
+    rng = random.Random(2)
+    path = tmp_path / "chats.jsonl"
+    with open(path, "w") as f:
+        for _ in range(24):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            record = {
+                "prompt": [{"role": "user", "content": f"Add {a} and {b}."}],
+                "chosen": [{"role": "assistant", "content": f"{a + b}"}],
+                "rejected": [{"role": "assistant", "content": f"{a + b + 1}"}],
+            }
+            f.write(json.dumps(record) + "\n")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model: {{model: {model}, dtype: fp64, device: cpu}}\n"
+        f"data: {{train_data: {path}, seq_length: 256, val_fraction: 0.25}}\n"
+        "loss: {objective: dpo, beta: 0.2}\n"
+        "optim: {batch_size: 2, max_steps: 2, lr: 1.0e-3}\n"
+        f"log: {{output_dir: {tmp_path / 'run'}, num_samples: 1, log_every: 1}}\n"
+    )
+    code, out = _run(["train", "--config", str(cfg)], capsys)
+    assert code == 0, out
+    assert "conversational pairs (detected)" in out and "beta 0.2" in out
+    run = tmp_path / "run"
+    assert _rows(run, "val_loss")[0]["val_loss"] == pytest.approx(LN2, abs=EXACT)
+    meta = json.loads((run / "final" / "sftune.json").read_text())
+    assert meta["prompt_format"] == "chat" and meta["objective"] == "dpo"
+    sample = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"][0]["role"] == "user" and sample["chosen"][0]["role"] == "assistant"
+    code, out = _run(
+        [
+            "generate",
+            "--model",
+            str(run / "final"),
+            "--prompt",
+            "Add 1 and 2.",
+            "--max-new-tokens",
+            "4",
+        ],
+        capsys,
+    )
+    assert code == 0, out
