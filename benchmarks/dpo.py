@@ -385,7 +385,7 @@ def trl_model(plan: dict, run: dict, cuda: bool):
     import transformers
 
     from sftune import config as config_mod
-    from sftune.train import lora
+    from sftune.transforms import lora
 
     kw = dict(dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
     if run["weights"] == "qlora":
@@ -631,10 +631,10 @@ def sftune_run(a, plan: dict, run: dict) -> dict:
 
 
 def time_reference_pass() -> list[float] | None:
-    """Time sftune's reference pass (`train.reference.reference_logps`, every call summed into
+    """Time sftune's reference pass (`objectives.reference.reference_logps`, every call summed into
     the list returned), as the TRL side times its precompute; None where this sftune has none."""
     try:
-        from sftune.train import reference
+        from sftune.objectives import reference
     except ImportError:
         return None
     inner = getattr(reference, "reference_logps", None)

@@ -39,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from course_loop import build_model  # noqa: E402
-from sftune.train import lora, module, step  # noqa: E402
+from sftune.train import module, step  # noqa: E402
 from sftune.train.distributed import World  # noqa: E402
 from sftune.train.optim import build_optimizer  # noqa: E402
+from sftune.transforms import lora
 from throughput import global_batches, model_config, quantize_4bit, sftune_config  # noqa: E402
 
 MIB = 2**20

@@ -115,8 +115,9 @@ from course_loop import (  # noqa: E402
 )
 from sftune import config as config_mod  # noqa: E402
 from sftune.models import model_flops_per_token  # noqa: E402
-from sftune.train import distributed, fp8, lora, module, step  # noqa: E402
+from sftune.train import distributed, module, step  # noqa: E402
 from sftune.train.optim import build_optimizer, lr_factor, warmup_steps  # noqa: E402
+from sftune.transforms import fp8, lora
 
 LORA_R, LORA_ALPHA = 16, 32.0  # the LoRA runs: r 16 on every linear of the decoder blocks
 FP8_MODS = {"fp8tw": "tensorwise", "fp8rw": "rowwise"}

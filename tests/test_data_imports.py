@@ -72,6 +72,6 @@ def test_unknown_name_is_attribute_error():
 
 def test_one_ignore_index():
     from sftune.data.constants import IGNORE_INDEX
-    from sftune.train import loss
+    from sftune.objectives import loss
 
     assert loss.IGNORE_INDEX is IGNORE_INDEX == sftune.data.IGNORE_INDEX == -100

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sftune.dpo import encode_response, per_instance_dpo_loss
-from sftune.train.objectives import PairLogps, dpo
+from sftune.objectives.preference import PairLogps, dpo
 from tiny import build_tiny_model, byte_tokenizer
 from trainutil import FP64_ATOL, FP64_RTOL
 

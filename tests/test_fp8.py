@@ -16,10 +16,11 @@ from torch import nn
 from sftune import config as config_mod
 from sftune.cli import main
 from sftune.errors import ConfigError
-from sftune.train import checkpoint, distributed, fp8
+from sftune.train import checkpoint, distributed
 from sftune.train.module import CausalLMWithLoss
 from sftune.train.optim import build_optimizer
 from sftune.train.step import train_step
+from sftune.transforms import fp8
 from tiny import build_tiny_model
 from trainutil import train_args
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from sftune import config as config_mod
-from sftune.train import distributed, offload
+from sftune.train import distributed
 from sftune.train.distributed import World
 from sftune.train.module import build_module, set_checkpointing
 from sftune.train.optim import build_optimizer
 from sftune.train.step import train_step
+from sftune.transforms import offload
 from tiny import build_tiny_model
 
 pytestmark = [

@@ -13,10 +13,10 @@ import torch
 
 from sftune import config as config_mod
 from sftune.errors import SftuneError
-from sftune.train import memplan
 from sftune.train.distributed import World
 from sftune.train.module import build_module, gpu_budget, plan_memory
 from sftune.train.optim import build_optimizer
+from sftune.transforms import memplan
 from tiny import build_tiny_model
 
 pytestmark = [

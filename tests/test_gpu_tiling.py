@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from sftune import config as config_mod
-from sftune.train import tiling
 from sftune.train.distributed import World
 from sftune.train.module import build_module
+from sftune.transforms import tiling
 from tiny import build_tiny_model
 
 pytestmark = [

@@ -10,7 +10,7 @@ fp32 resolution only.
 import pytest
 import torch
 
-from sftune.train.loss import IGNORE_INDEX, cross_entropy_sum, fused_linear_cross_entropy
+from sftune.objectives.loss import IGNORE_INDEX, cross_entropy_sum, fused_linear_cross_entropy
 
 FP64 = dict(rtol=1e-10, atol=1e-12)
 FP32_SUM = dict(rtol=1e-5, atol=1e-7)  # a weight gradient summed over chunks in fp32

@@ -19,7 +19,7 @@ def _frames(*where):
 
 TORCH = ("/site-packages/torch/nn/modules/module.py", 1, "_call_impl")
 MLP = ("/site-packages/transformers/models/llama/modeling_llama.py", 164, "forward")
-LOSS = ("/src/sftune/train/loss.py", 79, "backward")
+LOSS = ("/src/sftune/objectives/loss.py", 79, "backward")
 
 
 def test_the_live_set_at_the_peak_is_replayed_from_the_events():
@@ -43,7 +43,7 @@ def test_the_live_set_at_the_peak_is_replayed_from_the_events():
     assert peak == 240
     assert memprofile.group(live) == [
         (190, 3, "llama/modeling_llama.py:164 (forward)"),  # torch's own frame skipped
-        (50, 1, "train/loss.py:79 (backward)"),
+        (50, 1, "objectives/loss.py:79 (backward)"),
     ]
     text = memprofile.table("lora 16K", 16384, 2**30, 150 * 2**20, [(150 * 2**20, 3, "x")])
     assert "peak 1,174.0 MiB at 16,384 tokens" in text and "9.38" in text  # KiB per token

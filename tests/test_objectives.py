@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from sftune.train.loss import IGNORE_INDEX, fused_linear_token_logprobs
-from sftune.train.objectives import (
+from sftune.objectives.loss import IGNORE_INDEX, fused_linear_token_logprobs
+from sftune.objectives.preference import (
     METRICS,
     PairLogps,
     loss_share,

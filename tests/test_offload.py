@@ -1,5 +1,5 @@
 """--activation-offload on: each decoder layer is checkpointed and its input hidden states wait
-in host memory (train/offload.py). On the CPU the copy is within host memory, through the same
+in host memory (transforms/offload.py). On the CPU the copy is within host memory, through the same
 hooks as on a GPU; in float64 nothing changes a number: the same loss and gradients as plain
 checkpointing and as none, full fine-tune and LoRA, the same run end to end, exact resume, and
 2 ranks equal 1. The GPU side (pinned memory, streams, FSDP2, compile, peak memory) is in
@@ -19,9 +19,9 @@ import torch
 
 from sftune import config as config_mod
 from sftune.cli import main
-from sftune.train import lora, offload
 from sftune.train.distributed import decoder_layers
 from sftune.train.module import set_checkpointing
+from sftune.transforms import lora, offload
 from tiny import build_tiny_model
 from trainutil import (
     FP64,
@@ -92,7 +92,7 @@ def test_offload_with_tiled_mlp_changes_no_number():
     """--tiled-mlp inside an offloaded layer: its tiles (a sum of weight gradients in another
     order: fp64 rounding) against the plain untiled model, and still only the layer inputs
     move (the MLP input that tiling keeps is saved inside the checkpoint)."""
-    from sftune.train import tiling
+    from sftune.transforms import tiling
 
     reference = _loss_and_grads(_model("none", adapters=False))
     model = _model("offload", adapters=False)

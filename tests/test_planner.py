@@ -1,5 +1,5 @@
 """The memory planner (issue 26): which levers and micro-batch fit --max-memory-gib, driven by
-made-up measurements (train/memplan.py is a pure function over them); plan_memory on the CPU
+made-up measurements (transforms/memplan.py is a pure function over them); plan_memory on the CPU
 with the GPU's probes faked; `sftune train --plan-only` prints a plan and writes nothing."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import yaml
 from sftune import config as config_mod
 from sftune.cli import main
 from sftune.errors import SftuneError
-from sftune.train import memplan
 from sftune.train import module as module_mod
-from sftune.train.memplan import Candidate, Fit, NothingFits, candidates, decide, longest_fit
 from sftune.train.module import CausalLMWithLoss
 from sftune.train.optim import build_optimizer
+from sftune.transforms import memplan
+from sftune.transforms.memplan import Candidate, Fit, NothingFits, candidates, decide, longest_fit
 from tiny import build_tiny_model
 from trainutil import train_args
 
@@ -212,7 +212,7 @@ def fake_gpu(monkeypatch):
         if peak > 24 * gib:
             raise torch.cuda.OutOfMemoryError("fake")
 
-    offload = types.ModuleType("sftune.train.offload")
+    offload = types.ModuleType("sftune.transforms.offload")
 
     def apply_offload(hf, on, compile_layers=False):
         # As offload.apply: the layers checkpointed while on, their earlier state back after.
@@ -225,12 +225,12 @@ def fake_gpu(monkeypatch):
 
     offload.apply = apply_offload
     offload.enabled = lambda hf: flags["offload"]
-    tiling = types.ModuleType("sftune.train.tiling")
+    tiling = types.ModuleType("sftune.transforms.tiling")
     tiling.apply = lambda hf, chunk: flags.update(tile=chunk) or "tiling"
     tiling.default_chunk = lambda hidden, inter, seq: 512
     tiling.enabled = lambda hf: bool(flags["tile"])
-    monkeypatch.setitem(sys.modules, "sftune.train.offload", offload)
-    monkeypatch.setitem(sys.modules, "sftune.train.tiling", tiling)
+    monkeypatch.setitem(sys.modules, "sftune.transforms.offload", offload)
+    monkeypatch.setitem(sys.modules, "sftune.transforms.tiling", tiling)
     import sftune.train
 
     monkeypatch.setattr(sftune.train, "offload", offload, raising=False)
@@ -340,8 +340,8 @@ def test_plan_memory_with_the_real_levers_changes_no_gradient(monkeypatch):
     """Once the offload and tiling modules are merged (skipped before): the planner switches
     the real levers on and off across plans (peaks made up from their state), the model is
     left as each plan says, and its gradients stay those of the plain model, in fp64."""
-    offload = pytest.importorskip("sftune.train.offload")
-    tiling = pytest.importorskip("sftune.train.tiling")
+    offload = pytest.importorskip("sftune.transforms.offload")
+    tiling = pytest.importorskip("sftune.transforms.tiling")
     from trainutil import FP64_ATOL, FP64_RTOL
 
     real, state = module_mod._fwd_bwd, {"peak": 0}

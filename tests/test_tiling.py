@@ -1,4 +1,4 @@
-"""Tiled MLP (sftune.train.tiling) on the tiny Llama in float64: the same loss and gradients as
+"""Tiled MLP (sftune.transforms.tiling) on the tiny Llama in float64: the same loss and gradients as
 the plain MLP (full fine-tune and LoRA, with and without activation checkpointing, a tile that
 does not divide the tokens, packed documents), under torch.compile, and no (tokens x
 intermediate) tensor saved for backward."""
@@ -17,9 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sftune.cli import main
 from sftune.errors import ConfigError, SftuneError
-from sftune.train import tiling
 from sftune.train.loop import train
 from sftune.train.module import set_checkpointing
+from sftune.transforms import tiling
 from tiny import build_tiny_model
 from trainutil import (
     FP64,

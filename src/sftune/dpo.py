@@ -20,8 +20,8 @@ import torch
 from sftune.data.formats import Record
 from sftune.data.templates import DocumentRenderer
 from sftune.data.tokenize import DocumentEncoder
-from sftune.train.loss import upcast
-from sftune.train.objectives import PairLogps, dpo
+from sftune.objectives.loss import upcast
+from sftune.objectives.preference import PairLogps, dpo
 
 
 def encode_response(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[bool]]:

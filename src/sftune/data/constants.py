@@ -1,6 +1,6 @@
 """Constants shared by the data pipeline and the loss, in a module with no imports at all.
 
-`sftune.train.loss` imports `IGNORE_INDEX` from here, so the label value that packing writes
+`sftune.objectives.loss` imports `IGNORE_INDEX` from here, so the label value that packing writes
 and the value the loss skips are one name; importing it costs nothing (no torch, no numpy).
 """
 

@@ -40,8 +40,10 @@ from sftune.models import (
     model_flops_per_token,
     quiet_libraries,
 )
+from sftune.objectives import reference
+from sftune.objectives.preference import build_objective
 from sftune.paths import cache_root
-from sftune.train import checkpoint, distributed, fp8, harness, lora, offload, reference, rundir
+from sftune.train import checkpoint, distributed, harness, rundir
 from sftune.train.distributed import World
 from sftune.train.metrics import MetricsLogger
 from sftune.train.module import (
@@ -53,8 +55,8 @@ from sftune.train.module import (
     plan_memory,
     resolve_micro_batch,
 )
-from sftune.train.objectives import build_objective
 from sftune.train.optim import build_optimizer
+from sftune.transforms import fp8, lora, offload
 
 # Dense bf16 peak of the GPUs people train on (MFU's denominator).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -81,7 +83,7 @@ class Run:
     module: torch.nn.Module
     dist: str  # "none", "ddp" or "fsdp"
     varlen: bool  # flash-attn's variable-length path: batches are flattened to (1, B*T)
-    objective: Any  # train/objectives.py: what a step's loss is (SFT's CE, DPO, ...)
+    objective: Any  # objectives/preference.py: what a step's loss is (SFT's CE, DPO, ...)
     train_data: PackedSFTDataset | PackedPairDataset  # the objective's data kind
     val_data: PackedSFTDataset | PackedPairDataset
     sampler: StepSampler

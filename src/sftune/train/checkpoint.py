@@ -64,9 +64,10 @@ from sftune.files import (
     temp_dir_for,
     write_manifest,
 )
-from sftune.train import distributed, fp8
+from sftune.train import distributed
 from sftune.train.checkpoint_files import DCP_DIR, RNG, TRAINER, verify
 from sftune.train.distributed import World
+from sftune.transforms import fp8
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp_step_"

@@ -19,7 +19,7 @@ Two PyTorch engines, picked by `--dist` (`plan`):
   frees them after forward.
 
 Both average gradients over ranks; the trainer multiplies each rank's loss by the world size
-so that the result is the sum over ranks divided by the global token count (see train/loss.py).
+so that the result is the sum over ranks divided by the global token count (see objectives/loss.py).
 """
 
 from __future__ import annotations

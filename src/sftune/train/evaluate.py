@@ -22,9 +22,9 @@ from collections.abc import Callable
 import torch
 
 from sftune.errors import DataError
+from sftune.objectives.preference import TokenCrossEntropy
 from sftune.train import distributed
 from sftune.train.distributed import World
-from sftune.train.objectives import TokenCrossEntropy
 from sftune.train.step import load_batch
 
 
@@ -51,7 +51,7 @@ def evaluate_pass(
     on_batch: Callable[[], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, float], int]:
-    """The validation row of `objective` (train/objectives.py: {"val_loss": ...} and, for pairs,
+    """The validation row of `objective` (objectives/preference.py: {"val_loss": ...} and, for pairs,
     the rewards' accuracy and margin) and its count (trained tokens, or pairs) over the first
     `eval_items(...)` items of `dataset`, all ranks together. `on_batch` is called after each
     micro-batch (a progress bar); `stop_requested` is asked before each one and raises
@@ -100,8 +100,8 @@ def evaluate_file(
     (its first `max_sequences` packed sequences; 0: all). No trained token is an error."""
     from sftune.data import PackedSFTDataset
     from sftune.models import quiet_libraries
-    from sftune.train.lora import load_for_inference
     from sftune.train.module import CausalLMWithLoss
+    from sftune.transforms.lora import load_for_inference
 
     quiet_libraries(verbose=False)
     dev = distributed.resolve_device(device, World())

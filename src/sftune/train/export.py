@@ -149,7 +149,7 @@ def _write_lora(cfg, state: dict, source: Path, out: Path, *, merge: bool, dtype
     import torch
 
     from sftune.models import load_config
-    from sftune.train import lora
+    from sftune.transforms import lora
 
     # peft resolves all-linear to every adapted module's full name; named targets stay as named.
     names = lora.targets(cfg)

@@ -338,8 +338,8 @@ def load_generator(
     is `system_prompt`, else the one the model was tuned with (sftune.json)."""
     from sftune.models import quiet_libraries
     from sftune.train import distributed
-    from sftune.train.lora import load_for_inference
     from sftune.train.module import CausalLMWithLoss
+    from sftune.transforms.lora import load_for_inference
 
     quiet_libraries(verbose=False)
     dev = distributed.resolve_device(device, distributed.World())

@@ -254,7 +254,7 @@ def evaluate_model(
     from sftune.files import atomic_write_lines, atomic_write_text
     from sftune.models import quiet_libraries
     from sftune.train import distributed
-    from sftune.train.lora import load_for_inference
+    from sftune.transforms.lora import load_for_inference
 
     quiet_libraries(verbose)
     dev = distributed.resolve_device(device, distributed.World())

@@ -26,7 +26,7 @@ import torch
 from sftune.config import RunConfig
 from sftune.errors import SftuneError
 from sftune.files import atomic_write_text, raise_if_disk_full
-from sftune.train import checkpoint, distributed, harness, lora
+from sftune.train import checkpoint, distributed, harness
 from sftune.train.build import Run, build
 from sftune.train.divergence import Diverged, LossSpikes, check_weights
 from sftune.train.evaluate import EvalInterrupted, eval_items, evaluate_pass
@@ -34,6 +34,7 @@ from sftune.train.generate import FORMAT_FILE, generate, tuned_meta
 from sftune.train.metrics import format_step_metrics, read_metrics, task_curves, task_label
 from sftune.train.progress import ConsoleProgress
 from sftune.train.step import micro_batches, train_step
+from sftune.transforms import lora
 
 
 @dataclass

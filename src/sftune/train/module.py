@@ -14,7 +14,7 @@ shards as the root, so its parameters are gathered when the fused loss reads the
     plan.micro_batch, plan.checkpointing, plan.offload, plan.tiled_chunk, plan.note
 
 The plan's decision (which levers, which micro-batch, the longest length where nothing fits)
-is train/memplan.py's, a pure function over the measurements taken here.
+is transforms/memplan.py's, a pure function over the measurements taken here.
 """
 
 from __future__ import annotations
@@ -29,14 +29,15 @@ from torch import nn
 
 from sftune.config import RunConfig
 from sftune.errors import ConfigError, SftuneError
-from sftune.train import distributed, fp8, memplan, offload, tiling
-from sftune.train.distributed import World
-from sftune.train.loss import (
+from sftune.objectives.loss import (
     cross_entropy_sum,
     fused_linear_cross_entropy,
     fused_linear_token_logprobs,
     upcast,
 )
+from sftune.train import distributed
+from sftune.train.distributed import World
+from sftune.transforms import fp8, memplan, offload, tiling
 
 
 def supports_fused_loss(model: nn.Module) -> bool:
@@ -92,7 +93,7 @@ class CausalLMWithLoss(nn.Module):
         target=None,
     ):
         """With `labels`: the scaled token-weighted CE. With `source` and `target` (the pair
-        objectives, train/objectives.py): log p(target[k]) at output `source[k]` of the flattened
+        objectives, objectives/preference.py): log p(target[k]) at output `source[k]` of the flattened
         batch (N,), at least fp32; the other outputs never reach the head."""
         with self.autocast(input_ids.device.type):
             if source is not None:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sftune.objectives.preference import TokenCrossEntropy
 from sftune.train import distributed
-from sftune.train.objectives import TokenCrossEntropy
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -59,7 +59,7 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step. Returns (this rank's share of the step loss, grad norm, the step's
     global counts, this rank's metric sums) as tensors; the shares of all ranks sum to the
-    step's loss. `objective` (train/objectives.py; default: SFT's token-weighted CE) says what
+    step's loss. `objective` (objectives/preference.py; default: SFT's token-weighted CE) says what
     the counts are (trained tokens; for pairs: pairs and chosen tokens) and computes each
     micro-batch's share of the loss from them.
 

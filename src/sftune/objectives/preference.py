@@ -22,7 +22,7 @@ cross-entropy over the chosen tokens of a batch). ORPO always carries it with A 
 
 The loss of an optimizer step is the mean of the per-pair losses over every pair of the step
 (all micro-batches, all ranks), plus the NLL term over every chosen token of the step. As in
-train/loss.py, each micro-batch returns its *share*, its sums divided by the step's global
+objectives/loss.py, each micro-batch returns its *share*, its sums divided by the step's global
 counts (`loss_share`), so accumulation and world size cannot change the gradient.
 
 Metrics carry TRL's names (`METRICS`); `metric_sums` gives per-micro-batch sums to add up over
@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sftune.train.loss import upcast
+from sftune.objectives.loss import upcast
 
 OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -218,7 +218,7 @@ def pair_logps(
 
 
 class TokenCrossEntropy:
-    """SFT: the token-weighted cross-entropy of the labels (train/loss.py); a step's count is
+    """SFT: the token-weighted cross-entropy of the labels (objectives/loss.py); a step's count is
     its trained tokens."""
 
     name = "sft"

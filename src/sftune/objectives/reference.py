@@ -209,8 +209,8 @@ def _resolved_source(name: str) -> Path:
 def _load_reference(cfg, module, info, tokenizer, device: torch.device):
     """--ref-model as a scoring module like the policy's (dtype, attention, head, 4-bit base)."""
     from sftune.models import load_model_and_tokenizer
-    from sftune.train import lora
     from sftune.train.module import CausalLMWithLoss
+    from sftune.transforms import lora
 
     load_dtype = "fp32" if cfg.model.dtype == "bf16-mixed" else cfg.model.dtype
     lm, ref_tokenizer, _ = load_model_and_tokenizer(

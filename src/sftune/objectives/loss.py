@@ -11,7 +11,7 @@ logits straight into its loss and its gradients, and frees it: the full (tokens 
 logits (8 GiB for 16k tokens of Llama 3's 128k vocabulary) never exist.
 
 `fused_linear_token_logprobs` is its per-token form for the preference objectives
-(train/objectives.py): log p(label) of every row, 0 where the label is -100. A pair's loss is
+(objectives/preference.py): log p(label) of every row, 0 where the label is -100. A pair's loss is
 not linear in its tokens' log-probs, so the gradient of a row is known only in backward; the
 forward keeps each row's log-sum-exp (N floats) and backward recomputes the logits chunk by
 chunk: one GEMM more than the cross-entropy, and still never all the logits at once.
