@@ -5,7 +5,6 @@ with the GPU's probes faked; `sftune train --plan-only` prints a plan and writes
 from __future__ import annotations
 
 import doctest
-import sys
 import types
 
 import pytest
@@ -229,12 +228,9 @@ def fake_gpu(monkeypatch):
     tiling.apply = lambda hf, chunk: flags.update(tile=chunk) or "tiling"
     tiling.default_chunk = lambda hidden, inter, seq: 512
     tiling.enabled = lambda hf: bool(flags["tile"])
-    monkeypatch.setitem(sys.modules, "sftune.transforms.offload", offload)
-    monkeypatch.setitem(sys.modules, "sftune.transforms.tiling", tiling)
-    import sftune.train
-
-    monkeypatch.setattr(sftune.train, "offload", offload, raising=False)
-    monkeypatch.setattr(sftune.train, "tiling", tiling, raising=False)
+    # The planner's module reads them as module attributes (imported at its top).
+    monkeypatch.setattr(module_mod, "offload", offload)
+    monkeypatch.setattr(module_mod, "tiling", tiling)
     monkeypatch.setattr(module_mod, "_fwd_bwd", fwd_bwd)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: state.update(peak=0))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: state["peak"])

@@ -151,12 +151,19 @@ def test_speed_knobs_reach_torch(monkeypatch):
     its chunk math exactly when the layers are compiled."""
     import torch._functorch.config as functorch_config
 
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
+    # Saved and set back by hand: monkeypatch's undo of a torch config module's attribute
+    # leaves it unreadable for the compiler (a later compile fails: "does not exist").
+    before = functorch_config.activation_memory_budget
     cfg = config_mod.from_flat(
         {"compile": "on", "activation_memory_budget": 0.8, "fused_loss": "on", "device": "cpu"}
     )
-    module = module_mod.build_module(cfg, build_tiny_model(32), torch.device("cpu"), World()).module
-    assert functorch_config.activation_memory_budget == 0.8
+    try:
+        module = module_mod.build_module(
+            cfg, build_tiny_model(32), torch.device("cpu"), World()
+        ).module
+        assert functorch_config.activation_memory_budget == 0.8
+    finally:
+        functorch_config.activation_memory_budget = before
     assert module.compiled_loss
     off = config_mod.from_flat({"compile": "off", "fused_loss": "on", "device": "cpu"})
     module = module_mod.build_module(off, build_tiny_model(32), torch.device("cpu"), World()).module

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from sftune.files import atomic_path
 from sftune.paths import cache_root
 from sftune.train import distributed
 from sftune.train.distributed import World
+from sftune.train.evaluate import rank_chunks
 from sftune.train.step import load_batch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -78,12 +78,8 @@ def reference_logps(
     each is scored once). Under FSDP every rank runs the same number of forwards."""
     was_training = module.training
     module.eval()
-    rows = list(range(world.rank, len(dataset), world.world_size))
-    forwards = torch.tensor([math.ceil(len(rows) / micro_batch_size)], device=device)
-    forwards = int(distributed.all_reduce_max(forwards).item())
     out = torch.zeros(dataset.num_pairs, 2, dtype=torch.float64, device=device)
-    for i in range(forwards):
-        chunk = rows[i * micro_batch_size : (i + 1) * micro_batch_size]
+    for chunk in rank_chunks(len(dataset), micro_batch_size, world, device):
         b = load_batch(dataset, chunk or [0], device, varlen=False)
         logps = objective.policy_logps(module, b)
         if chunk:

@@ -17,7 +17,7 @@ whose loss is weighted 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -35,6 +35,18 @@ class EvalInterrupted(Exception):
 def eval_items(num_items: int, max_sequences: int) -> int:
     """How many items a pass covers: all (max_sequences 0), or the first `max_sequences`."""
     return num_items if max_sequences <= 0 else min(num_items, max_sequences)
+
+
+def rank_chunks(num_items: int, micro_batch_size: int, world: World, device) -> Iterator[list]:
+    """This rank's items of a forward-only pass over the first `num_items` (rank r takes r,
+    r + W, ...), a micro-batch at a time. Every rank yields the same number of chunks (under
+    FSDP the ranks gather parameters together): a rank with fewer items gets empty ones, for
+    which the caller runs a padding forward and weights it 0."""
+    mine = list(range(world.rank, num_items, world.world_size))
+    forwards = torch.tensor([math.ceil(len(mine) / micro_batch_size)], device=device)
+    forwards = int(distributed.all_reduce_max(forwards).item())
+    for i in range(forwards):
+        yield mine[i * micro_batch_size : (i + 1) * micro_batch_size]
 
 
 @torch.no_grad()
@@ -59,15 +71,11 @@ def evaluate_pass(
     was_training = module.training
     module.eval()
     n = eval_items(len(dataset), max_sequences)
-    mine = list(range(world.rank, n, world.world_size))
-    forwards = torch.tensor([math.ceil(len(mine) / micro_batch_size)], device=device)
-    forwards = int(distributed.all_reduce_max(forwards).item())
     # The objective's sums (float64): loss, count, ...
     totals = torch.zeros(len(objective.EVAL), dtype=torch.float64, device=device)
-    for i in range(forwards):
+    for chunk in rank_chunks(n, micro_batch_size, world, device):
         if stop_requested is not None and stop_requested():
             raise EvalInterrupted
-        chunk = mine[i * micro_batch_size : (i + 1) * micro_batch_size]
         b = load_batch(dataset, chunk or [0], device, varlen)
         totals += objective.eval_sums(module, b) * (1.0 if chunk else 0.0)
         if on_batch is not None:
