@@ -230,7 +230,7 @@ class TokenCrossEntropy:
 
         return (batch["labels"] != IGNORE_INDEX).sum().reshape(1).double()
 
-    def counters(self, counts: torch.Tensor) -> tuple[int, int]:
+    def counters(self, counts: list[float]) -> tuple[int, int]:
         """(trained tokens, pairs) of a step, from its counts."""
         return int(counts[0]), 0
 
@@ -245,7 +245,8 @@ class TokenCrossEntropy:
         )
         return loss, loss.new_zeros(0)
 
-    def train_row(self, sums, counts) -> dict[str, float]:
+    def train_row(self, sums: list[float], counts: list[float]) -> dict[str, float]:
+        """The step's metrics from its (all-reduced) metric sums and counts: none for SFT."""
         return {}
 
     def eval_sums(self, module, batch) -> torch.Tensor:
@@ -295,7 +296,7 @@ class PairPreference:
         counts = [batch["pair_ids"].numel(), (side == 0).sum(), side.numel()]
         return torch.stack([torch.as_tensor(c, device=side.device) for c in counts]).double()
 
-    def counters(self, counts: torch.Tensor) -> tuple[int, int]:
+    def counters(self, counts: list[float]) -> tuple[int, int]:
         """(trained tokens: the scored response tokens, pairs) of a step, from its counts."""
         return int(counts[2]), int(counts[0])
 
@@ -329,9 +330,10 @@ class PairPreference:
         sums = torch.stack([v.double() for v in metric_sums(out).values()])
         return share * world_size, sums
 
-    def train_row(self, sums, counts) -> dict[str, float]:
-        pairs = max(float(counts[0]), 1.0)
-        return {name: float(v) / pairs for name, v in zip(METRICS, sums.tolist(), strict=True)}
+    def train_row(self, sums: list[float], counts: list[float]) -> dict[str, float]:
+        """TRL's `rewards/*` and `logps/*` of a step: its sums over its pairs."""
+        pairs = max(counts[0], 1.0)
+        return {name: v / pairs for name, v in zip(METRICS, sums, strict=True)}
 
     def eval_sums(self, module, batch) -> torch.Tensor:
         out, policy = self._pair_loss(module, batch)

@@ -242,18 +242,13 @@ def flush(r: Run, state: TrainState, window: Window, bar: ConsoleProgress) -> No
     width = window.widths[0]
     local = [0, *range(2 + width, stacked.shape[1])]
     stacked[:, local] = distributed.all_reduce_sum(stacked[:, local].contiguous())
-    first = state.step - len(stacked) + 1
+    values = stacked.tolist()  # the one host synchronisation
+    first = state.step - len(values) + 1
     # Every step of the window goes to metrics.jsonl so curves have full resolution.
     rows, counted = [], []
-    for step in stacked:
-        counts, sums = step[2 : 2 + width], step[2 + width :]
-        rows.append(
-            {
-                "train_loss": float(step[0]),
-                "grad_norm": float(step[1]),
-                **r.objective.train_row(sums, counts),
-            }
-        )
+    for loss, norm, *rest in values:
+        counts, sums = rest[:width], rest[width:]
+        rows.append({"train_loss": loss, "grad_norm": norm, **r.objective.train_row(sums, counts)})
         counted.append(r.objective.counters(counts))
     for k, row in enumerate(rows):
         if not all(math.isfinite(v) for v in row.values()):
