@@ -434,3 +434,23 @@ def test_conversational_pairs_from_a_yaml_config_train_as_chats(tmp_path, capsys
         capsys,
     )
     assert code == 0, out
+
+
+def test_eval_scores_held_out_pairs_as_training_did(workdir, pairs, tmp_path, capsys):
+    """`sftune eval --data pairs.jsonl` on final/: the objective, beta and reference from its
+    sftune.json, the same val_loss, reward accuracy and margin as the run's last validation."""
+    run = tmp_path / "run"
+    assert _run(dpo_args(workdir, pairs, run, "--max-steps", "2"), capsys)[0] == 0
+    last = _rows(run, "val_loss")[2]
+    code, out = _run(["eval", "--model", str(run / "final"), "--data", str(pairs[1])], capsys)
+    assert code == 0, out
+    line = out.strip().splitlines()[-1]
+    assert f"8 pairs | dpo (beta 0.1) against {workdir / 'model'}" in line
+    values = dict(part.rsplit(" ", 1) for part in line.split(" | ")[:3])
+    assert float(values["val_loss"]) == pytest.approx(last["val_loss"], abs=1e-4)
+    assert float(values["reward accuracy"]) == pytest.approx(
+        last["val_rewards/accuracies"], abs=1e-4
+    )
+    assert float(values["margin"]) == pytest.approx(last["val_rewards/margins"], abs=1e-4)
+    code, out = _run(["eval", "--model", str(workdir / "model"), "--data", str(pairs[1])], capsys)
+    assert code == 2 and "--ref-model: dpo scores pairs against a reference" in out

@@ -183,6 +183,25 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
         help="score only the first N packed sequences (default: all)",
     )
     loss.add_argument("--max-batches", help=argparse.SUPPRESS)  # refused: see run_eval
+    pairs = parser.add_argument_group(
+        "preference pairs (--data of prompt/chosen/rejected records: the objective's held-out "
+        "loss, reward accuracy and margin)"
+    )
+    pairs.add_argument(
+        "--objective",
+        choices=("dpo", "ipo", "simpo", "orpo"),
+        help="default: the one the model was tuned with (sftune.json), else dpo",
+    )
+    pairs.add_argument("--beta", type=float, help="default: the tuned run's, else 0.1")
+    pairs.add_argument(
+        "--ref-model", help="the reference (dpo, ipo); default: the model the run started from"
+    )
+    pairs.add_argument(
+        "--truncation",
+        default="refuse",
+        choices=("refuse", "keep-start", "keep-end"),
+        help="a pair longer than --seq-length: refuse (default), or cut as in training",
+    )
     tasks = parser.add_argument_group("task accuracy (--tasks, through lm-evaluation-harness)")
     tasks.add_argument(
         "--task-data",
@@ -233,6 +252,10 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     if args.max_sequences < 0 or (args.seq_length is not None and args.seq_length < 1):
         raise SftuneError("--max-sequences must be >= 0 and --seq-length >= 1")
+    from sftune.data.preference import looks_like_pairs
+
+    if looks_like_pairs(args.data) is not None:
+        return run_pair_eval(args)
     check_data(args.fields, args.data)
     from sftune.train.evaluate import evaluate_file
     from sftune.train.generate import tuned_settings
@@ -255,6 +278,48 @@ def run_eval(args: argparse.Namespace) -> int:
     print(
         f"loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | {count} tokens | "
         f"seq-length {seq_length} ({why}) | {args.data}"
+    )
+    return 0
+
+
+def run_pair_eval(args: argparse.Namespace) -> int:
+    """`sftune eval --data pairs.jsonl`: the preference objective's validation row, with the
+    objective, beta and reference the model was tuned with (sftune.json) unless given."""
+    from sftune.data.preference import parse_pair_fields
+    from sftune.train.evaluate import evaluate_pairs_file
+    from sftune.train.generate import tuned_settings
+
+    meta, _ = tuned = tuned_settings(args.model)
+    tuned_objective = meta.get("objective") if meta.get("objective") != "sft" else None
+    objective = args.objective or tuned_objective or "dpo"
+    pref = meta.get("preference") if isinstance(meta.get("preference"), dict) else {}
+    ref_model = args.ref_model or pref.get("ref_model")
+    beta = args.beta if args.beta is not None else pref.get("beta", 0.1)
+    if not (isinstance(beta, (int, float)) and 0 < beta <= 1000):
+        raise SftuneError(f"--beta must be in (0, 1000], got {beta}")
+    check_data(args.fields, args.data, objective=objective)
+    seq_length, why = eval_seq_length(args.seq_length, tuned)
+    row, pairs = evaluate_pairs_file(
+        args.model,
+        args.data,
+        objective=objective,
+        ref_model=ref_model,
+        beta=beta,
+        simpo_gamma=pref.get("simpo_gamma", 0.5),
+        nll_weight=pref.get("nll_weight", 0.0),
+        seq_length=seq_length,
+        batch_size=args.batch_size or 8,
+        fields=parse_pair_fields(args.fields),
+        truncation=args.truncation,
+        dtype=args.dtype,
+        device=args.device,
+        max_sequences=args.max_sequences,
+    )
+    against = f"against {ref_model}" if ref_model and objective in ("dpo", "ipo") else ""
+    print(
+        f"val_loss {row['val_loss']:.4f} | reward accuracy {row['val_rewards/accuracies']:.4f} | "
+        f"margin {row['val_rewards/margins']:.4f} | {pairs} pairs | {objective} (beta {beta:g}) "
+        f"{against} | seq-length {seq_length} ({why}) | {args.data}"
     )
     return 0
 

@@ -224,15 +224,21 @@ def pairs_at_lines(
     return out
 
 
+def looks_like_pairs(path: str | Path) -> int | None:
+    """The line of the first record of `path` when it is a preference pair (it has chosen or
+    rejected and no SFT key), else None."""
+    for line, obj in _iter_rows(Path(path)):
+        if isinstance(obj, dict) and {"chosen", "rejected"} & set(obj) and not _SFT_KEYS & set(obj):
+            return line
+        return None
+    return None
+
+
 def check_not_pairs(path: str | Path) -> None:
     """For the SFT reader: a `DataError` if the first record of `path` is a preference pair."""
-    path = Path(path)
-    for line, obj in _iter_rows(path):
-        if isinstance(obj, dict) and {"chosen", "rejected"} & set(obj) and not _SFT_KEYS & set(obj):
-            raise DataError(
-                path, "this file holds preference pairs: use --objective dpo", line=line
-            )
-        return
+    line = looks_like_pairs(path)
+    if line is not None:
+        raise DataError(path, "this file holds preference pairs: use --objective dpo", line=line)
 
 
 def pair_format(path: Path, line: int, obj: Any, keys: Mapping[str, str]) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from sftune.errors import DataError
+from sftune.errors import DataError, SftuneError
 from sftune.objectives.preference import TokenCrossEntropy
 from sftune.train import distributed
 from sftune.train.distributed import World
@@ -134,3 +134,61 @@ def evaluate_file(
             f"{seq_length} tokens (--train-on {dataset.train_on}): nothing to evaluate",
         )
     return loss, tokens
+
+
+def evaluate_pairs_file(
+    model: str,
+    data: str,
+    *,
+    objective: str,
+    ref_model: str | None,
+    beta: float,
+    simpo_gamma: float = 0.5,
+    nll_weight: float = 0.0,
+    seq_length: int,
+    batch_size: int,
+    fields: dict[str, str] | None = None,
+    truncation: str = "refuse",
+    dtype: str = "auto",
+    device: str = "auto",
+    max_sequences: int = 0,
+) -> tuple[dict[str, float], int]:
+    """`sftune eval --data pairs.jsonl`: the validation row of a preference objective (val_loss,
+    val_rewards/accuracies, val_rewards/margins) of a saved model on a file of pairs, scored
+    against `ref_model` as training scores its held-out pairs, and the number of pairs."""
+    from sftune.data.pair_dataset import PackedPairDataset
+    from sftune.models import quiet_libraries
+    from sftune.objectives.preference import PairPreference
+    from sftune.objectives.reference import check_same_tokenizer, reference_logps
+    from sftune.train.module import CausalLMWithLoss
+    from sftune.transforms.lora import load_for_inference
+
+    quiet_libraries(verbose=False)
+    dev = distributed.resolve_device(device, World())
+    lm, tokenizer, info = load_for_inference(model, device=dev, dtype=dtype)
+    dataset = PackedPairDataset(
+        tokenizer, data, seq_length, False, fields=fields, truncation=truncation, verbose=False
+    )
+    try:
+        scorer = PairPreference(
+            objective, info.attn_implementation, beta=beta, gamma=simpo_gamma, nll_weight=nll_weight
+        )
+    except ValueError as e:
+        raise SftuneError(f"{model}: {e}") from None
+    pass_args = dict(micro_batch_size=batch_size, device=dev)
+    if scorer.needs_reference:
+        if not ref_model:
+            raise SftuneError(
+                f"--ref-model: {objective} scores pairs against a reference, and {model} records "
+                "none (sftune.json): name the model it was tuned from"
+            )
+        ref, ref_tokenizer, _ = load_for_inference(ref_model, device=dev, dtype=dtype)
+        ref_tokenizer.chat_template = tokenizer.chat_template  # the policy's renders the text
+        check_same_tokenizer(ref_tokenizer, tokenizer, ref_model, model)
+        logps = reference_logps(CausalLMWithLoss(ref, fused=False), dataset, scorer, **pass_args)
+        dataset.set_reference(logps)
+        del ref
+    module = CausalLMWithLoss(lm, fused=False)
+    return evaluate_pass(
+        module, dataset, objective=scorer, max_sequences=max_sequences, **pass_args
+    )

@@ -51,6 +51,13 @@ def tuned_meta(cfg, prompt_format: str, data_format: str | None) -> dict[str, An
         meta["data_format"] = data_format
     meta["train_on"] = cfg.data.train_on
     meta["objective"] = cfg.loss.objective  # sft, or the preference objective (dpo, ...)
+    if cfg.loss.objective != "sft":  # what `sftune eval --data pairs.jsonl` scores with
+        meta["preference"] = {
+            "beta": cfg.loss.beta,
+            "simpo_gamma": cfg.loss.simpo_gamma,
+            "nll_weight": cfg.loss.nll_weight,
+            "ref_model": cfg.loss.ref_model or cfg.model.model,  # the reference it was tuned to
+        }
     if prompt_format == "chat" and cfg.data.system_prompt:
         meta["system_prompt"] = cfg.data.system_prompt  # what it was tuned with
     return meta
