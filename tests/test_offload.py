@@ -195,6 +195,8 @@ def test_apply_off_gives_back_what_the_layers_had():
     auto = config_mod.from_flat(dict(activation_offload="auto"))
     assert "auto: off" in offload.configure(auto, model, compiled=False)  # the planner's call
     assert offload.configure(config_mod.from_flat({}), model, compiled=False) is None
+    ignored = config_mod.from_flat(dict(activation_offload_keep=2))
+    assert "keep 2 ignored: activation offload is off" in offload.configure(ignored, model, False)
     assert not offload.enabled(model)
     note = offload.apply(model, True)
     assert offload.enabled(model) and "3 decoder layers" in note and "host memory" in note

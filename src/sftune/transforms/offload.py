@@ -273,12 +273,14 @@ def configure(cfg: RunConfig, hf_model: nn.Module, compiled: bool) -> str | None
     """--activation-offload on: offload the model's layers (compiled: they are torch.compile'd,
     in --compile-mode); a note for the build log, None when off. "auto" is the memory
     planner's to resolve; until it does, it means off."""
+    keep = cfg.model.activation_offload_keep
     if cfg.model.activation_offload == "off":
-        return None
+        return (
+            f"--activation-offload-keep {keep} ignored: activation offload is off" if keep else None
+        )
     if cfg.model.activation_offload == "auto":
         return "activation offload auto: off (not chosen by the memory planner)"
     mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
-    keep = cfg.model.activation_offload_keep
     return apply(hf_model, True, keep=keep, compile_layers=compiled, compile_mode=mode)
 
 
