@@ -88,6 +88,71 @@ def test_same_loss_and_gradients_as_plain_checkpointing_and_none(adapters):
     assert moved._pack(small) is small and moved._unpack(small) is small
 
 
+@pytest.mark.parametrize("keep", [0, 1, LAYERS], ids=["keep0", "keep1", "keepall"])
+def test_keeping_the_last_layers_changes_no_number_and_offloads_the_others(keep):
+    """--activation-offload-keep N: the same loss and gradients as plain checkpointing, bit for
+    bit; exactly the inputs of the first L - N layers went to the host (and came back), the
+    last N stayed (alive after forward, as plain checkpointing keeps them), and every
+    offloaded input was prefetched (the top one by the kept layers' backward)."""
+    reference = _loss_and_grads(_model("checkpointing", adapters=False))
+    model = _model("none", adapters=False)
+    note = offload.apply(model, True, keep=keep)
+    assert offload.enabled(model) and offload.kept(model) == keep
+    offloaded = LAYERS - keep
+    assert f"{offloaded * HIDDEN * 8 / 1024:,.1f} KiB of host memory per token" in note
+    for (loss, grads), (ref_loss, ref_grads) in zip(_loss_and_grads(model), reference, strict=True):
+        assert torch.equal(loss, ref_loss)
+        assert grads.keys() == ref_grads.keys() and grads
+        for name, grad in grads.items():
+            assert torch.equal(grad, ref_grads[name]), name
+    moved = offload.offloader(model)
+    assert moved.packed == moved.unpacked == 2 * offloaded
+    assert moved.packed_bytes == 2 * offloaded * BATCH * SEQ * HIDDEN * 8
+    assert moved.kept == 2 * keep
+    prefetched = offloaded if keep else offloaded - 1
+    assert moved.prefetched == 2 * prefetched
+    inputs: list[weakref.ref] = []
+    for layer in decoder_layers(model):
+        layer.register_forward_pre_hook(
+            lambda _m, args, kwargs: inputs.append(
+                weakref.ref(args[0] if args else kwargs["hidden_states"])
+            ),
+            with_kwargs=True,
+        )
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    assert [r() is not None for r in inputs] == [False] * offloaded + [True] * keep
+    loss.backward()
+    offload.apply(model, True)  # back to offloading all of them, on the same offloader
+    assert offload.kept(model) == 0 and offload.offloader(model) is moved
+    with pytest.raises(config_mod.ConfigError, match="only 3 decoder layers"):
+        offload.apply(model, True, keep=LAYERS + 1)
+
+
+def test_host_memory_arithmetic():
+    """The reserve is 10% + 8 GiB (at most half of what is available); the error names the
+    need, what is available and the smallest keep that fits; made-up numbers."""
+    gib = 2**30
+    assert offload.host_room(100 * gib) == 82 * gib
+    assert offload.host_room(4 * gib) == 2 * gib
+    # Llama 3 8B at 512K: 32 layers x 4 GiB (bf16, hidden 4,096) against 128 GiB available.
+    per_layer = 524288 * 4096 * 2
+    assert per_layer == 4 * gib
+    assert offload.smallest_keep(32, per_layer, offload.host_room(128 * gib)) == 6  # 26 fit
+    with pytest.raises(offload.SftuneError) as e:
+        offload.check_host_memory(32, 0, per_layer, 128 * gib)
+    msg = str(e.value)
+    assert "\n" not in msg and "need 128.0 GiB" in msg and "only 128.0 GiB is available" in msg
+    assert "use --activation-offload-keep 6 " in msg
+    note = offload.check_host_memory(32, 6, per_layer, 128 * gib)
+    assert "26 offloaded layer(s) need 104.0 GiB" in note and "128.0 GiB available" in note
+    # Two ranks on the host pin twice as much; one layer alone too much: no keep helps.
+    with pytest.raises(offload.SftuneError, match="keep 19 "):
+        offload.check_host_memory(32, 6, per_layer, 128 * gib, ranks=2)
+    with pytest.raises(offload.SftuneError, match="use --activation-offload off"):
+        offload.check_host_memory(32, 0, 200 * gib, 128 * gib)
+
+
 def test_offload_with_tiled_mlp_changes_no_number():
     """--tiled-mlp inside an offloaded layer: its tiles (a sum of weight gradients in another
     order: fp64 rounding) against the plain untiled model, and still only the layer inputs
@@ -130,6 +195,8 @@ def test_apply_off_gives_back_what_the_layers_had():
     auto = config_mod.from_flat(dict(activation_offload="auto"))
     assert "auto: off" in offload.configure(auto, model, compiled=False)  # the planner's call
     assert offload.configure(config_mod.from_flat({}), model, compiled=False) is None
+    ignored = config_mod.from_flat(dict(activation_offload_keep=2))
+    assert "keep 2 ignored: activation offload is off" in offload.configure(ignored, model, False)
     assert not offload.enabled(model)
     note = offload.apply(model, True)
     assert offload.enabled(model) and "3 decoder layers" in note and "host memory" in note
@@ -202,6 +269,29 @@ def test_train_with_offload_is_the_plain_run_and_resumes_exactly(workdir, tmp_pa
         assert_same_losses(losses(ref), losses(out))
         for k, w in weights(out).items():
             assert torch.equal(w, final[k]), (name, k)
+
+
+def test_too_little_host_memory_is_one_line_before_any_step(workdir, tmp_path, capsys, monkeypatch):
+    """With offload on and (made-up) 192 KiB of host memory available, the build stops with one
+    line naming the need, what is available and the keep that fits, before any step and
+    without writing the run directory; with that keep it trains (the numbers: the tests above)."""
+    monkeypatch.setattr(offload, "host_available", lambda: 192 * 1024)
+    out = tmp_path / "off"
+    args = _args(workdir, out, "--max-steps", "1", "--activation-offload", "on")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # 2 layers x micro-batch 4 x 32 tokens x hidden 64 x 8 bytes (64 KiB each) against half
+    # of 192 KiB (the reserve's cap on a small host): one layer's inputs fit.
+    assert len(err) == 1 and err[0].startswith("sftune: error: --activation-offload: the inputs")
+    assert "need 128.0 KiB of host memory (2 x micro-batch 4 x 32 tokens x 64 x 8" in err[0]
+    assert "only 192.0 KiB is available (96.0 KiB after" in err[0]
+    assert "use --activation-offload-keep 1 " in err[0]
+    assert not out.exists()
+    assert main([*args, "--activation-offload-keep", "1"]) == 0  # what the error said to use
+    printed = "".join(capsys.readouterr())
+    assert "the first 1 in host memory" in printed and "the last 1 kept on the device" in printed
+    assert "1 offloaded layer(s) need 64.0 KiB of host memory" in printed
+    assert sorted(losses(out)) == [1]
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from sftune.train import module as module_mod
 from sftune.train.module import CausalLMWithLoss
 from sftune.train.optim import build_optimizer
 from sftune.transforms import memplan
+from sftune.transforms import offload as real_offload
 from sftune.transforms.memplan import Candidate, Fit, NothingFits, candidates, decide, longest_fit
 from tiny import build_tiny_model
 from trainutil import train_args
@@ -195,7 +196,7 @@ def fake_gpu(monkeypatch):
     """plan_memory on the CPU: the peak of a pass is made up from the levers on the model
     (stand-in offload and tiling modules that only flag it), past the budget an OOM."""
     state = {"peak": 0}
-    flags = {"offload": False, "tile": 0, "before": False}
+    flags = {"offload": False, "tile": 0, "before": False, "keep": 0, "host": 1000 * GIB}
     gib = GIB
 
     def fwd_bwd(module, ids):
@@ -213,17 +214,22 @@ def fake_gpu(monkeypatch):
 
     offload = types.ModuleType("sftune.transforms.offload")
 
-    def apply_offload(hf, on, compile_layers=False):
+    def apply_offload(hf, on, keep=0, compile_layers=False):
         # As offload.apply: the layers checkpointed while on, their earlier state back after.
-        if on:
+        if on and not flags["offload"]:
             flags["before"] = hf.model.layers[0].gradient_checkpointing
         for layer in hf.model.layers:
             layer.gradient_checkpointing = True if on else flags["before"]
-        flags["offload"] = on
+        flags["offload"], flags["keep"] = on, keep if on else 0
         return "offload"
 
     offload.apply = apply_offload
     offload.enabled = lambda hf: flags["offload"]
+    offload.kept = lambda hf: flags["keep"]
+    # A layer input of 1/8 MiB per token (4 GiB at 32K); the host's memory as flags say.
+    offload.layer_input_bytes = lambda hf, mb, seq: mb * seq * 2**17
+    offload.host_available = lambda: flags["host"]
+    offload.host_room = real_offload.host_room
     tiling = types.ModuleType("sftune.transforms.tiling")
     tiling.apply = lambda hf, chunk: flags.update(tile=chunk) or "tiling"
     tiling.default_chunk = lambda hidden, inter, seq: 512
@@ -274,6 +280,43 @@ def test_plan_memory_applies_the_chosen_levers(fake_gpu):
     assert (plan.checkpointing, plan.offload, plan.tiled_chunk) == (False, False, 0)
     assert not fake_gpu.flags["offload"] and not fake_gpu.flags["tile"]
     assert not _checkpointed(fake_gpu.model)
+
+
+def test_plan_memory_with_offload_auto_keeps_what_the_gpu_holds(fake_gpu):
+    """Offload + tiling at 32K peaks at 4 GiB + 32K x 0.25 MiB = 12 GiB, 10.1 GiB under 92%
+    of 24 GiB: two inputs of 4 GiB, less one for the prefetch, so the last of the 2 layers
+    keeps its input; the host then holds the other's 4 GiB. With --activation-offload on the
+    planner leaves the keep given (0 here)."""
+    plan = fake_gpu.plan(32768, offload="auto", tiled_mlp="auto")
+    assert (plan.offload, plan.offload_keep, fake_gpu.flags["keep"]) == (True, 1, 1)
+    assert plan.resolved()["activation_offload_keep"] == 1
+    assert "keeps the last 1 of 2 layer inputs on the GPU" in plan.note
+    assert "4.0 GiB on the host" in plan.note and "1000.0 GiB available" in plan.note
+    fake_gpu.flags["keep"] = 0  # as build_module applies --activation-offload on, keep 0
+    plan = fake_gpu.plan(32768, offload="on", tiled_mlp="auto")
+    assert (plan.offload, plan.offload_keep) == (True, 0) and "keeps the last" not in plan.note
+    # A host with 6 GiB available (3 usable: no 4 GiB input fits) and a GPU that keeps one
+    # input: never more host memory than available, so a one-line error.
+    fake_gpu.flags["host"] = 6 * GIB
+    with pytest.raises(SftuneError) as e:
+        fake_gpu.plan(32768, offload="auto", tiled_mlp="auto")
+    assert "holds only 0 of the 2 layer inputs and the GPU's headroom only 1" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_choose_keep_from_made_up_measurements():
+    """Llama 3 8B at 512K: inputs of 4 GiB; the GPU's headroom and the host's room decide."""
+    per = 4 * GIB
+    assert memplan.choose_keep(32, per, 30 * GIB, 1000 * GIB).keep == 6  # 7 - 1 (prefetch)
+    assert memplan.choose_keep(32, per, 3 * GIB, 1000 * GIB).keep == 0  # no room: all out
+    assert memplan.choose_keep(32, per, 500 * GIB, 0).keep == 32  # everything stays
+    got = memplan.choose_keep(32, per, 30 * GIB, 107 * GIB)  # the host holds 26 (104 GiB)
+    assert (got.keep, got.host_bytes) == (6, 104 * GIB)
+    assert "last 6 of 32" in got.note and "104.0 GiB on the host" in got.note
+    got = memplan.choose_keep(32, per, 84 * GIB, 100 * GIB, ranks=2)  # 2 ranks: 8 GiB a layer
+    assert (got.keep, got.host_bytes) == (20, 12 * 8 * GIB)
+    with pytest.raises(NothingFits, match="holds only 13 of the 32 layer inputs"):
+        memplan.choose_keep(32, per, 30 * GIB, 107 * GIB, ranks=2)
 
 
 def test_plan_memory_plans_the_levers_for_a_given_micro_batch(fake_gpu):

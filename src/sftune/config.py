@@ -148,6 +148,13 @@ class ModelConfig:
         "on, off, auto (on where the run would not fit without it: resolved by the planner)",
         ("off", "on", "auto"),
     )
+    activation_offload_keep: int = _f(
+        0,
+        "with activation offload: the last N decoder layers keep their inputs on the GPU "
+        "(fewer copies, less host memory: each layer's input is micro-batch x seq x hidden); "
+        "the others are offloaded. With --activation-offload auto the planner chooses it",
+        ge=0,
+    )
 
 
 @dataclass
@@ -894,6 +901,7 @@ RESUME_MAY_CHANGE = frozenset(
         "micro_batch_size",
         "activation_checkpointing",
         "activation_offload",  # issue 26: offload
+        "activation_offload_keep",  # issue 26: offload (where the inputs wait, not a number)
         "activation_memory_budget",
         "max_memory_gib",
         "compile",

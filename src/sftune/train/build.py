@@ -556,6 +556,9 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
         micro, checkpointing = plan.micro_batch, plan.checkpointing
         planned = plan.resolved()
         notes.append(plan.note)
+    # issue 26: the offloaded inputs must fit the host's memory, checked before any step
+    if (note := offload.check_host(hf_model, micro, cfg.data.seq_length)) is not None:
+        notes.append(note)
     notes.append(
         checkpoint.check_disk_space(output_dir, built.module, optimizer, cfg, adapter is not None)
     )

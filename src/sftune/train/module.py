@@ -386,12 +386,14 @@ class MemoryPlan(NamedTuple):
     note: str
     offload: bool = False  # offloaded checkpoints (--activation-offload on)
     tiled_chunk: int = 0  # tokens per MLP tile; 0: the MLP is not tiled
+    offload_keep: int = 0  # the last layers whose inputs stay on the GPU (with offload)
 
     def resolved(self) -> dict:
         """The levers the plan resolves in the run's config (by flat name), besides the
         micro-batch and checkpointing."""
         return dict(
             activation_offload="on" if self.offload else "off",
+            activation_offload_keep=self.offload_keep,
             tiled_mlp="on" if self.tiled_chunk else "off",
             tiled_mlp_chunk=self.tiled_chunk,
         )
@@ -466,15 +468,41 @@ def switch_levers(hf_model, old: memplan.Candidate, new: memplan.Candidate, chun
     if new.tiling != old.tiling:
         tiling.apply(hf_model, chunk if new.tiling else 0)
     if new.offload != old.offload:
-        # As build_module applies it: over compiled layers, the offloaded checkpoint compiles
-        # each layer's forward inside it (in the default mode).
-        compiled = any(
-            getattr(layer, "_compiled_call_impl", None) is not None
-            for layer in distributed.decoder_layers(hf_model)
-        )
-        offload.apply(hf_model, new.offload, compile_layers=compiled)
+        offload.apply(hf_model, new.offload, compile_layers=_compiled_layers(hf_model))
     if not new.offload and (old.offload or new.checkpointing != old.checkpointing):
         set_checkpointing(hf_model, new.checkpointing)
+
+
+def _compiled_layers(hf_model) -> bool:
+    """As build_module applies offload: over compiled layers, the offloaded checkpoint
+    compiles each layer's forward inside it (in the default mode)."""
+    return any(
+        getattr(layer, "_compiled_call_impl", None) is not None
+        for layer in distributed.decoder_layers(hf_model)
+    )
+
+
+def plan_keep(
+    module, choice: memplan.Choice, seq_length: int, budget_bytes: int, choose: bool
+) -> tuple[int, str]:
+    """Offload chosen: how many last layers keep their inputs on the GPU, and a note. With
+    --activation-offload auto (`choose`), as many as the probe's headroom holds, and the
+    others within the host's memory (memplan.choose_keep), applied here; with on, the
+    --activation-offload-keep given (the build checks the host memory after the plan)."""
+    hf = module.lm
+    if not choose:
+        return offload.kept(hf), ""
+    layers = len(distributed.decoder_layers(hf))
+    per_layer = offload.layer_input_bytes(hf, choice.micro_batch, seq_length)
+    headroom = int(memplan.FIT_SHARE * budget_bytes) - choice.peak_bytes
+    available = distributed.broadcast_object(offload.host_available())
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    try:
+        keep = memplan.choose_keep(layers, per_layer, headroom, offload.host_room(available), ranks)
+    except memplan.NothingFits as e:
+        raise SftuneError(e.message) from None
+    offload.apply(hf, True, keep=keep.keep, compile_layers=_compiled_layers(hf))
+    return keep.keep, f"; {keep.note}; {available / 2**30:.1f} GiB available"
 
 
 def tile_chunk(hf_model, chunk: int, seq_length: int) -> int:
@@ -547,8 +575,12 @@ def plan_memory(
     note = choice.note + ("" if expandable_segments() else EXPANDABLE_OFF)
     if c.tiling:
         note += f"; MLP tiles of {chunk:,} tokens"
+    keep = 0
+    if c.offload:
+        keep, keep_note = plan_keep(module, choice, seq_length, budget_bytes, offload == "auto")
+        note += keep_note
     return MemoryPlan(
-        choice.micro_batch, c.checkpointing, note, c.offload, chunk if c.tiling else 0
+        choice.micro_batch, c.checkpointing, note, c.offload, chunk if c.tiling else 0, keep
     )
 
 

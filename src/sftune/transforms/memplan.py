@@ -62,6 +62,7 @@ class Choice(NamedTuple):
     candidate: Candidate
     micro_batch: int
     note: str
+    peak_bytes: int = 0  # the probe's peak at that micro-batch (choose_keep's headroom)
 
 
 class NothingFits(Exception):
@@ -165,7 +166,52 @@ def decide(
         f"memory plan within {gib:.1f} GiB at {seq_length:,} tokens: {cand.name}, micro-batch "
         f"{fit.micro_batch} ({how}; {why})"
     )
-    return Choice(cand, fit.micro_batch, note)
+    return Choice(cand, fit.micro_batch, note, fit.peak_bytes)
+
+
+# ----------------------------------------------------------------------------- offload: keep
+
+
+class Keep(NamedTuple):
+    keep: int  # the last layers whose inputs stay on the GPU
+    host_bytes: int  # what the others' inputs take on the host (all this host's ranks)
+    note: str
+
+
+def choose_keep(layers: int, per_layer: int, headroom: int, host_room: int, ranks: int = 1) -> Keep:
+    """With offload chosen: keep as many last layers' inputs on the GPU as its headroom holds,
+    and never fewer than the host's memory needs. Raises NothingFits where both cannot be.
+
+    The estimate, from the offload probe (every input offloaded): `headroom` is the budget's
+    fit share less that probe's peak. A kept input lives from its layer's forward to its
+    backward, across the peak (the loss and the start of backward), so each kept layer adds
+    one layer input (`per_layer` bytes: micro-batch x seq x hidden x dtype) to it; one more
+    is set aside for the highest offloaded input, which the kept layers' backward prefetches.
+    `host_room`: the host bytes offload may take (offload.host_room), shared by `ranks`.
+
+    >>> choose_keep(32, 4 * GIB, 30 * GIB, 107 * GIB).keep  # 7 inputs, less one: the prefetch
+    6
+    >>> choose_keep(32, 4 * GIB, 200 * GIB, 107 * GIB).keep  # all of them fit the GPU
+    32
+    """
+    gpu = layers if per_layer <= 0 else min(layers, max(0, headroom // per_layer - 1))
+    need = per_layer * ranks
+    host = max(0, layers - host_room // need) if need > 0 else 0
+    keep = gpu  # the host needs `host` kept: at most that many, or it cannot be done
+    host_bytes = (layers - keep) * need
+    room = f"GPU headroom {max(headroom, 0) / GIB:.1f} GiB, {per_layer / GIB:.2f} GiB per input"
+    if host > gpu:
+        raise NothingFits(
+            f"activation offload: the host's memory ({host_room / GIB:.1f} GiB for offloaded "
+            f"inputs) holds only {layers - host} of the {layers} layer inputs and the GPU's "
+            f"headroom only {gpu} of the rest ({room}); use a shorter --seq-length, a smaller "
+            "--micro-batch-size, or more GPUs"
+        )
+    note = (
+        f"activation offload keeps the last {keep} of {layers} layer inputs on the GPU ({room}), "
+        f"{host_bytes / GIB:.1f} GiB on the host ({host_room / GIB:.1f} GiB usable)"
+    )
+    return Keep(keep, host_bytes, note)
 
 
 # ----------------------------------------------------------------------------- nothing fits
