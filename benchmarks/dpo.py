@@ -445,19 +445,8 @@ def trl_instruments(cuda: bool, groups: list[list[int]] | None):
     import torch
     import trl
     from torch.utils.data import DataLoader
-    from transformers import TrainerCallback
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.start)
+    from trl_sft import step_timer  # the SFT comparison's timer: the same step times
 
     ref_s = [0.0]
 
@@ -477,7 +466,7 @@ def trl_instruments(cuda: bool, groups: list[list[int]] | None):
             loader = DataLoader(data, batch_sampler=groups, collate_fn=self.data_collator)
             return self.accelerator.prepare(loader)
 
-    return Timer(), Trainer, ref_s
+    return step_timer(cuda), Trainer, ref_s
 
 
 def trl_run(a, plan: dict, run: dict) -> dict:

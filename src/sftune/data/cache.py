@@ -104,14 +104,29 @@ def cache_key(
 
     `train_on` as `build_stream` takes it (a mode, `auto`, or the old `response_only` bool).
     """
+    return content_key(
+        CACHE_VERSION,
+        tokenizer,
+        path,
+        fields,
+        train_on=resolve_train_on(train_on, peek(path, fields)),
+        system_prompt=system_prompt or None,
+    )
+
+
+def content_key(
+    version: int, tokenizer: Any, path: Path, fields: Mapping[str, str] | None, **settings: Any
+) -> str:
+    """A hex key of what a file's tokens depend on: its bytes, the tokenizer, sftune's
+    templates, the field mapping, a cache `version` and the reader's own `settings` (JSON
+    values). The SFT stream's key and the preference pairs' (pair_dataset.py) are both this."""
     parts = {
-        "version": CACHE_VERSION,
+        "version": version,
         "file": file_digest(path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template_fingerprint(),
         "fields": sorted((fields or {}).items()),
-        "train_on": resolve_train_on(train_on, peek(path, fields)),
-        "system_prompt": system_prompt or None,
+        **settings,
     }
     return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()
 

@@ -61,9 +61,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftune.data.cache import file_digest, tokenizer_fingerprint
+from sftune.data.cache import content_key
 from sftune.data.packing import _SHUFFLE_STREAM, select_documents
-from sftune.data.pairs import TRUNCATION, pack_pairs, summary
+from sftune.data.pairs import check_layout, pack_pairs, summary
 from sftune.data.preference import (
     PAIR_FORMAT_NAMES,
     Pair,
@@ -76,7 +76,6 @@ from sftune.data.preference import (
     read_pairs,
     require_pairs,
 )
-from sftune.data.templates import template_fingerprint
 from sftune.errors import ConfigError, DataError, SftuneError
 from sftune.files import atomic_dir
 from sftune.paths import cache_root
@@ -115,15 +114,7 @@ class TokenizedPairs:
 
 def tokens_key(tokenizer: Any, path: Path, fields: Mapping | None, single_turn: bool) -> str:
     """The key of a file's cache entry: what changes the ids of its pairs."""
-    parts = {
-        "version": CACHE_VERSION,
-        "file": file_digest(path),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "template": template_fingerprint(),
-        "fields": sorted((fields or {}).items()),
-        "single_turn": bool(single_turn),
-    }
-    return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()
+    return content_key(CACHE_VERSION, tokenizer, path, fields, single_turn=bool(single_turn))
 
 
 def load_or_encode(
@@ -362,13 +353,8 @@ class PackedPairDataset(torch.utils.data.Dataset):
 
 
 def _check_arguments(tokenizer, path: Path, seq_length, truncation: str, fraction: float) -> None:
-    """Fail before any work on settings that cannot produce a dataset."""
-    if truncation not in TRUNCATION:
-        raise ConfigError(f"truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
-    if isinstance(seq_length, bool) or not isinstance(seq_length, (int, np.integer)):
-        raise ConfigError(f"seq_length must be an integer >= 3, got {seq_length!r}")
-    if seq_length < 3:  # one prompt token and one token of each response
-        raise ConfigError(f"seq_length must be an integer >= 3 for pairs, got {seq_length}")
+    """Fail before any work (tokenizing the file) on settings that cannot produce a dataset."""
+    check_layout(seq_length, truncation)
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"holdout_fraction must be in [0, 1), got {fraction}")
     if getattr(tokenizer, "eos_token_id", None) is None:

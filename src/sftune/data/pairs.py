@@ -209,12 +209,7 @@ def pack_pairs(
     its end-of-turn token, a tool message inside a response. Without them every response token
     is scored. A pair cut to fit must keep a scored token on each side.
     """
-    if truncation not in TRUNCATION:
-        raise ConfigError(f"truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
-    if isinstance(seq_length, bool) or not isinstance(seq_length, (int, np.integer)):
-        raise ConfigError(f"seq_length must be an integer >= 3, got {seq_length!r}")
-    if seq_length < 3:  # one prompt token and one token of each response
-        raise ConfigError(f"seq_length must be an integer >= 3 for pairs, got {seq_length}")
+    check_layout(seq_length, truncation)
     if not len(prompts) == len(chosen) == len(rejected):
         raise ValueError("prompts, chosen and rejected must have one entry per pair")
     masks = _response_masks(chosen, rejected, chosen_mask, rejected_mask)
@@ -258,6 +253,16 @@ def pack_pairs(
     )
     out.stats.update(stats)
     return out
+
+
+def check_layout(seq_length: Any, truncation: str) -> None:
+    """A row length and a truncation rule that can hold pairs (one-line ConfigErrors)."""
+    if truncation not in TRUNCATION:
+        raise ConfigError(f"truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
+    if isinstance(seq_length, bool) or not isinstance(seq_length, (int, np.integer)):
+        raise ConfigError(f"seq_length must be an integer >= 3, got {seq_length!r}")
+    if seq_length < 3:  # one prompt token and one token of each response
+        raise ConfigError(f"seq_length must be an integer >= 3 for pairs, got {seq_length}")
 
 
 def summary(stats: dict[str, int]) -> str:

@@ -126,8 +126,12 @@ def disabled_adapters(adapter):
 
 
 def check_same_tokenizer(ref_tokenizer, tokenizer, ref_model: str, model: str) -> None:
-    """--ref-model must tokenize as --model does: the log-probs are of the same token ids."""
+    """--ref-model must tokenize as --model does: the log-probs are of the same token ids.
+    Only the ids: the policy's tokenizer renders the text, so the reference's chat template is
+    set to the policy's first (in place)."""
     from sftune.data.cache import tokenizer_fingerprint
+
+    ref_tokenizer.chat_template = tokenizer.chat_template
 
     ours, theirs = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(ref_tokenizer)
     if ours != theirs:
@@ -217,8 +221,6 @@ def _load_reference(cfg, module, info, tokenizer, device: torch.device):
         quantization=lora.quantization_kwargs(cfg),
         rope_scaling=cfg.model.rope_scaling,  # the positions the policy is trained at
     )
-    # The policy's tokenizer renders the text; the reference must read the same ids.
-    ref_tokenizer.chat_template = tokenizer.chat_template
     check_same_tokenizer(ref_tokenizer, tokenizer, cfg.loss.ref_model, cfg.model.model)
     lm.requires_grad_(False)
     return CausalLMWithLoss(lm, fused=module.fused, autocast_dtype=module.autocast_dtype).eval()

@@ -265,19 +265,19 @@ def data_paths(cfg: RunConfig, world: World) -> tuple[str, str | None]:
     return train, cfg.data.val_data or val
 
 
-def data_kind(cfg: RunConfig, train_path: str, val_path: str | None) -> tuple[str, str]:
-    """(the format of the training file, the prompt format "alpaca" or "chat") for the
-    objective: preference pairs for dpo/ipo/simpo/orpo, SFT records for sft (each refused in
-    the other's place, with the flag that reads it)."""
+def check_data_kind(cfg: RunConfig, train_path: str, val_path: str | None) -> str:
+    """The prompt format, "alpaca" or "chat", of the objective's data: preference pairs for
+    dpo/ipo/simpo/orpo, SFT records for sft (each refused in the other's place, with the flag
+    that reads it)."""
     paths = [p for p in (train_path, val_path) if p]
     if cfg.loss.objective == "sft":
         for path in paths:
             check_not_pairs(path)
         fmt = peek(train_path, parse_fields(cfg.data.fields))
-        return fmt, "chat" if fmt in CHAT_FORMATS else "alpaca"
+        return "chat" if fmt in CHAT_FORMATS else "alpaca"
     fields = parse_pair_fields(cfg.data.fields)
     fmt, *_ = [require_pairs(path, fields) for path in paths]
-    return fmt, "chat" if fmt == CONVERSATIONAL else "alpaca"
+    return "chat" if fmt == CONVERSATIONAL else "alpaca"
 
 
 def build_datasets(
@@ -491,7 +491,7 @@ def _build(cfg, resumed, world, device, budget, output_dir, lock) -> Run:
     if resume_from is not None:  # before the model loads
         paths = {"train_data": train_path, "val_data": val_path}
         rundir.check_data(digests, resumed.trainer.get("data"), paths)
-    _, prompt_format = data_kind(cfg, train_path, val_path)
+    prompt_format = check_data_kind(cfg, train_path, val_path)
 
     lora.check_available(cfg, device, world.world_size)
     task_specs = build_task_specs(cfg)

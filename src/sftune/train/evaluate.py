@@ -183,7 +183,6 @@ def evaluate_pairs_file(
                 "none (sftune.json): name the model it was tuned from"
             )
         ref, ref_tokenizer, _ = load_for_inference(ref_model, device=dev, dtype=dtype)
-        ref_tokenizer.chat_template = tokenizer.chat_template  # the policy's renders the text
         check_same_tokenizer(ref_tokenizer, tokenizer, ref_model, model)
         logps = reference_logps(CausalLMWithLoss(ref, fused=False), dataset, scorer, **pass_args)
         dataset.set_reference(logps)
